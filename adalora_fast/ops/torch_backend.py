@@ -1,0 +1,185 @@
+"""The vectorised PyTorch backend: the CPU training path (and a fallback one can force on CUDA).
+
+Every function here has a reference in ``adalora_fast/reference.py`` and a test against it.
+
+* ``adapter_linear``: one autograd Function owns the whole adapted layer. ``E * scaling /
+  ranknum`` is folded into an r-vector ``e`` (no ``A*E`` tensor), the adapter term is added in
+  place into the base output (``addmm_``), and backward adds the adapter's dx in place into the
+  base dx. With dropout the keep mask is drawn from a seeded generator and regenerated in
+  backward: saved for backward are x, the [N, r] shrink output and the weights, nothing else of
+  size N x k or N x d. Passes over N x k: forward 1 (+2 with dropout), backward 2 (+2).
+* ``importance_update``: all layers at once on two flat fp32 buffers, ~10 flat ops plus two
+  ``torch.stack`` per (kind, shape) group, whatever the number of layers.
+* ``orth_penalty``: one batched Gram matrix per (kind, shape) group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layout import FlatLayout
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
+    """The bool keep mask this backend draws for ``seed`` (``dtype``: the adapter's dtype)."""
+    return _keep_float(shape, dtype, device, seed, p).bool()
+
+
+def _keep_float(shape, dtype, device, seed: int, p: float) -> torch.Tensor:
+    # The same seeded draw in forward and backward: same shape, dtype, device and generator state.
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
+
+
+class _AdapterLinear(torch.autograd.Function):
+    """out = x Wᵀ + b + ((dropout(x) Aᵀ) * e) Bᵀ for 2-D x [N, k].
+
+    x and weight share the base dtype; A [r, k], e [r], B [d, r] share the adapter dtype, in which
+    the adapter term is computed (x is cast for it, as PEFT casts x to lora_A's dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, e, B, p, seed, fan_in_fan_out):
+        w = weight.t() if fan_in_fan_out else weight  # [d, k]
+        out = F.linear(x, w, bias)
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        if p > 0.0:
+            xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, p).mul_(xa).mul_(1.0 / (1.0 - p))
+        t = xa @ A.t()  # [N, r]
+        u = t * e
+        if out.dtype == u.dtype:
+            out.addmm_(u, B.t())
+        else:
+            out += u @ B.t()
+        ctx.save_for_backward(x, t, weight, A, e, B)
+        ctx.p, ctx.seed, ctx.fifo = p, seed, fan_in_fan_out
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, t, weight, A, e, B = ctx.saved_tensors
+        p, seed, fifo = ctx.p, ctx.seed, ctx.fifo
+        need_x, need_w, need_b, need_A, need_e, need_B = ctx.needs_input_grad[:6]
+        w = weight.t() if fifo else weight  # [d, k]
+        ga = g if g.dtype == A.dtype else g.to(A.dtype)
+        gB = ga @ B  # [N, r]
+        dB = ga.t() @ (t * e) if need_B else None
+        de = (gB * t).sum(0) if need_e else None
+        ge = gB * e
+        dx = dA = dw = db = None
+        keep = None
+        if p > 0.0 and (need_A or need_x):
+            keep = _keep_float(x.shape, A.dtype, x.device, seed, p)
+        if need_A:
+            xa = x if x.dtype == A.dtype else x.to(A.dtype)
+            xd = xa * keep * (1.0 / (1.0 - p)) if keep is not None else xa
+            dA = ge.t() @ xd
+        if need_x:
+            dx = g @ w  # base term, [N, k]
+            if keep is not None:
+                dx += (ge @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+            elif dx.dtype == ge.dtype:
+                dx.addmm_(ge, A)
+            else:
+                dx += ge @ A
+        if need_w:
+            gw = g.t() @ x  # [d, k]
+            dw = gw.t() if fifo else gw
+        if need_b and ctx.has_bias:
+            db = g.sum(0)
+        return dx, dw, db, dA, de, dB, None, None, None
+
+
+def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, fan_in_fan_out):
+    """See ``ops.adapter_linear``; x is 2-D [N, k] here."""
+    e = E.view(-1) * (scaling / (ranknum + 1e-5))
+    return _AdapterLinear.apply(x, weight, bias, A, e.to(A.dtype), B, float(dropout_p), seed, fan_in_fan_out)
+
+
+def importance_update(
+    layout: FlatLayout,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    m1: torch.Tensor,
+    m2: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    want_scores: bool,
+) -> Optional[torch.Tensor]:
+    """Update the flat EMA state in place; return the [sum(r)] triplet scores if ``want_scores``.
+
+    Reads every parameter and gradient once (``torch.stack`` into two temporaries), then runs ~10
+    flat elementwise ops over all layers' state at once. At a masking step, one extra pass forms
+    the element scores and each (kind, shape) group is reduced with one ``mean``.
+    """
+    dev = m1.device
+    P = torch.empty(layout.numel, dtype=torch.float32, device=dev)
+    G = torch.empty(layout.numel, dtype=torch.float32, device=dev)
+    for grp in layout.groups:
+        if grp.numel == 0:
+            continue
+        view_shape = (len(grp.members),) + grp.shape
+        torch.stack([params[t].detach() for t in grp.members], out=P[grp.slice].view(view_shape))
+        torch.stack([grads[t] for t in grp.members], out=G[grp.slice].view(view_shape))
+    ipt = P.mul_(G).abs_()  # |p * grad|, written over P
+    torch.mul(ipt, 1 - beta1, out=G)
+    m1.mul_(beta1).add_(G)
+    torch.sub(ipt, m1, out=G).abs_().mul_(1 - beta2)
+    m2.mul_(beta2).add_(G)
+    if not want_scores:
+        return None
+    return triplet_scores(layout, m1, m2, out_buffer=P)
+
+
+def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor, out_buffer=None) -> torch.Tensor:
+    """[sum(r)] triplet scores E + mean_row(A) + mean_col(B) of the element scores m1 * m2."""
+    S = torch.mul(m1, m2, out=out_buffer) if out_buffer is not None else m1 * m2
+    dev = m1.device
+    parts = {k: torch.zeros(layout.total_rank, dtype=torch.float32, device=dev) for k in ("A", "B", "E")}
+    for grp in layout.groups:
+        if grp.numel == 0:
+            continue
+        block = S[grp.slice].view((len(grp.members),) + grp.shape)
+        if grp.kind == "A":
+            red = block.mean(dim=2)  # [L, r]
+        elif grp.kind == "B":
+            red = block.mean(dim=1)  # [L, r]
+        else:
+            red = block[..., 0]
+        parts[grp.kind].index_copy_(0, layout.group_positions(grp, dev), red.reshape(-1))
+    return parts["E"] + (parts["A"] + parts["B"])
+
+
+def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequence[int]) -> None:
+    """Zero every pruned ``lora_E`` entry in place (``keep``: [sum(r)] bool, layer order)."""
+    if not E_params:
+        return
+    with torch.no_grad():
+        factors = keep.to(E_params[0].dtype).view(-1, 1).split(list(ranks))
+        torch._foreach_mul_([p.data for p in E_params], list(factors))
+
+
+def orth_penalty(layout: FlatLayout, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over all A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F, one bmm per shape group."""
+    total = None
+    n = 0
+    for grp in layout.groups:
+        if grp.kind == "E":
+            continue
+        n += len(grp.members)
+        if grp.numel == 0:
+            continue
+        S = torch.stack([params[t] for t in grp.members])
+        cov = S @ S.mT if grp.kind == "A" else S.mT @ S  # [L, r, r]
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        s = torch.linalg.matrix_norm(cov - eye, ord="fro").sum()
+        total = s if total is None else total + s
+    if total is None:
+        dev = params[0].device if params else None
+        return torch.zeros((), device=dev)
+    return total / n
