@@ -1,1 +1,24 @@
-"""adalora_fast"""
+"""adalora_fast: PEFT's AdaLoRA, with fused kernels and a fast CPU path.
+
+    import adalora_fast as af
+    model = af.get_peft_model(base_model, af.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
+                                                           target_modules=["q_proj", "v_proj"]))
+"""
+
+from .allocator import RankAllocator, budget_schedule
+from .config import AdaLoraConfig
+from .layer import AdaLoraLinear
+from .model import AdaLoraModel, get_peft_model
+from .ops import backend_name
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLinear",
+    "AdaLoraModel",
+    "RankAllocator",
+    "backend_name",
+    "budget_schedule",
+    "get_peft_model",
+]
