@@ -11,9 +11,19 @@ from .layer import AdaLoraLinear
 from .model import AdaLoraModel, get_peft_model
 from .ops import backend_name
 
+
+def __getattr__(name):
+    # The Trainer callback imports transformers.TrainerCallback (and accelerate): load it on demand.
+    if name == "AdaLoraCallback":
+        from .trainer import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraLinear",
     "AdaLoraModel",
