@@ -20,11 +20,19 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ext
 from .layout import FlatLayout
 
 
 def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
-    """The bool keep mask this backend draws for ``seed`` (``dtype``: the adapter's dtype)."""
+    """The bool keep mask this backend uses for ``seed`` on a 2-D input of ``shape``.
+
+    ``dtype`` is the adapter's dtype: fp32 adapters on the CPU use the C++ kernel's hash mask when
+    it is available, everything else torch's seeded ``bernoulli_``.
+    """
+    device = torch.device(device)
+    if p > 0.0 and device.type == "cpu" and dtype == torch.float32 and cpu_ext.available():
+        return torch.ops.adalora_fast.dropout_keep_mask(int(shape[0]), int(shape[1]), int(seed), float(p))
     return _keep_float(shape, dtype, device, seed, p).bool()
 
 
@@ -47,16 +55,20 @@ class _AdapterLinear(torch.autograd.Function):
         w = weight.t() if fan_in_fan_out else weight  # [d, k]
         out = F.linear(x, w, bias)
         xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        if p > 0.0:
-            xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, p).mul_(xa).mul_(1.0 / (1.0 - p))
-        t = xa @ A.t()  # [N, r]
+        use_ext = cpu_ext.usable(x, A, p)
+        if use_ext:
+            t = torch.ops.adalora_fast.dropout_shrink(xa.contiguous(), A.contiguous(), seed, p)
+        else:
+            if p > 0.0:
+                xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, p).mul_(xa).mul_(1.0 / (1.0 - p))
+            t = xa @ A.t()  # [N, r]
         u = t * e
         if out.dtype == u.dtype:
             out.addmm_(u, B.t())
         else:
             out += u @ B.t()
         ctx.save_for_backward(x, t, weight, A, e, B)
-        ctx.p, ctx.seed, ctx.fifo = p, seed, fan_in_fan_out
+        ctx.p, ctx.seed, ctx.fifo, ctx.use_ext = p, seed, fan_in_fan_out, use_ext
         ctx.has_bias = bias is not None
         return out
 
@@ -71,28 +83,48 @@ class _AdapterLinear(torch.autograd.Function):
         dB = ga.t() @ (t * e) if need_B else None
         de = (gB * t).sum(0) if need_e else None
         ge = gB * e
-        dx = dA = dw = db = None
-        keep = None
-        if p > 0.0 and (need_A or need_x):
-            keep = _keep_float(x.shape, A.dtype, x.device, seed, p)
-        if need_A:
-            xa = x if x.dtype == A.dtype else x.to(A.dtype)
-            xd = xa * keep * (1.0 / (1.0 - p)) if keep is not None else xa
-            dA = ge.t() @ xd
-        if need_x:
-            dx = g @ w  # base term, [N, k]
-            if keep is not None:
-                dx += (ge @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-            elif dx.dtype == ge.dtype:
-                dx.addmm_(ge, A)
-            else:
-                dx += ge @ A
+        dw = db = None
+        base_dx = g @ w if need_x else None  # [N, k], base dtype
+        if ctx.use_ext:
+            dx, dA = _adapter_backward_ext(x, A, ge, base_dx, seed, p, need_A)
+        else:
+            dx, dA = _adapter_backward_torch(x, A, ge, base_dx, seed, p, need_A)
         if need_w:
             gw = g.t() @ x  # [d, k]
             dw = gw.t() if fifo else gw
         if need_b and ctx.has_bias:
             db = g.sum(0)
         return dx, dw, db, dA, de, dB, None, None, None
+
+
+def _adapter_backward_torch(x, A, ge, dx, seed, p, need_A):
+    """dA = geᵀ dropout(x) and dx += dropout'(ge A), the keep mask redrawn from the seed."""
+    keep = _keep_float(x.shape, A.dtype, x.device, seed, p) if p > 0.0 and (need_A or dx is not None) else None
+    dA = None
+    if need_A:
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        dA = ge.t() @ (xa * keep * (1.0 / (1.0 - p)) if keep is not None else xa)
+    if dx is not None:
+        if keep is not None:
+            dx += (ge @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+        elif dx.dtype == ge.dtype:
+            dx.addmm_(ge, A)
+        else:
+            dx += ge @ A
+    return dx, dA
+
+
+def _adapter_backward_ext(x, A, ge, dx, seed, p, need_A):
+    """The same with the C++ kernel: one pass over x (and dx), the mask rehashed, never stored."""
+    xa = x if x.dtype == A.dtype else x.to(A.dtype)
+    in_place = dx is not None and dx.dtype == torch.float32 and dx.is_contiguous()
+    lora_dx = dx if in_place else (torch.zeros(x.shape, dtype=torch.float32, device=x.device) if dx is not None else None)
+    dA = torch.ops.adalora_fast.dropout_shrink_backward(
+        xa.contiguous(), A.contiguous(), ge.contiguous(), lora_dx, seed, p, bool(need_A)
+    )
+    if dx is not None and not in_place:
+        dx += lora_dx
+    return dx, (dA if need_A else None)
 
 
 def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, fan_in_fan_out):

@@ -1,0 +1,85 @@
+"""The C++ CPU dropout kernel (csrc/) against the reference and against the pure-torch path."""
+
+import math
+
+import pytest
+import torch
+
+import adalora_fast.reference as ref
+from adalora_fast import ops
+from adalora_fast.ops import cpu_ext, torch_backend
+
+
+@pytest.fixture(scope="module")
+def ext():
+    assert cpu_ext.available(), f"the C++ CPU kernel did not build: {cpu_ext._state['error']}"
+    return torch.ops.adalora_fast
+
+
+def _layer(N, k, d, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, k, generator=g, requires_grad=True)
+    W, b = torch.randn(d, k, generator=g), torch.randn(d, generator=g)
+    A = torch.randn(r, k, generator=g, requires_grad=True)
+    E = torch.randn(r, 1, generator=g, requires_grad=True)
+    B = torch.randn(d, r, generator=g, requires_grad=True)
+    return x, W, b, A, E, B
+
+
+@pytest.mark.parametrize("use_ext", ["1", "0"], ids=["cpp", "torch"])
+@pytest.mark.parametrize("shape", [(1, 7, 5, 1), (37, 29, 23, 6), (64, 80, 48, 12)])
+def test_dropout_layer_matches_reference_with_its_own_mask(shape, use_ext, monkeypatch, ext):
+    monkeypatch.setenv("ADALORA_FAST_CPU_EXT", use_ext)
+    N, k, d, r = shape
+    x, W, b, A, E, B = _layer(N, k, d, r)
+    rn = torch.tensor([float(r)])
+    y = ops.adapter_linear(x, W, b, A, E, B, 4.0, rn, 0.25, True, False, seed=1234)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [t.grad.clone() for t in (x, A, E, B)]
+    for t in (x, A, E, B):
+        t.grad = None
+    keep = torch_backend.dropout_keep_mask(1234, (N, k), 0.25, "cpu")
+    yr = ref.adapter_linear(x, W, b, A, E, B, 4.0, rn, keep, 0.25)
+    yr.backward(gy)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    for name, a, t in zip("xAEB", got, (x, A, E, B)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-4, msg=f"d{name}")
+
+
+def test_keep_rate_within_3_sigma_and_seeds_differ(ext):
+    N, k, p = 512, 384, 0.1
+    m = ext.dropout_keep_mask(N, k, 7, p)
+    n = N * k
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(m.float().mean().item() - (1 - p)) < 3 * sigma
+    assert not torch.equal(m, ext.dropout_keep_mask(N, k, 8, p))
+    assert torch.equal(m, ext.dropout_keep_mask(N, k, 7, p))
+    # rows are not copies of one another (the row key decorrelates them)
+    assert not torch.equal(m[0], m[1])
+    # columns and rows both keep at the right rate (no striping)
+    assert (m.float().mean(0) - (1 - p)).abs().max() < 0.12
+    assert (m.float().mean(1) - (1 - p)).abs().max() < 0.12
+
+
+def test_ext_and_torch_paths_agree_in_distribution(monkeypatch, ext):
+    # Different mask streams, same law: the mean output over many seeds agrees with no dropout.
+    x, W, b, A, E, B = _layer(8, 64, 16, 4, seed=3)
+    rn = torch.tensor([4.0])
+    with torch.no_grad():
+        clean = ops.adapter_linear(x, W, b, A, E, B, 1.0, rn, 0.0, True, False)
+        for flag in ("1", "0"):
+            monkeypatch.setenv("ADALORA_FAST_CPU_EXT", flag)
+            runs = torch.stack([ops.adapter_linear(x, W, b, A, E, B, 1.0, rn, 0.2, True, False, seed=s)
+                                for s in range(300)])
+            err = (runs.mean(0) - clean).abs().max() / (clean - x @ W.T - b).abs().max()
+            assert err < 0.15, f"path {flag}: mean over seeds is off by {err:.3f} of the adapter term"
+
+
+def test_ext_rejects_bad_inputs(ext):
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.dropout_shrink(torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), 1, 0.1)
+    with pytest.raises(RuntimeError, match="A is"):
+        ext.dropout_shrink(torch.randn(4, 8), torch.randn(2, 9), 1, 0.1)
+    with pytest.raises(RuntimeError, match="p must"):
+        ext.dropout_shrink(torch.randn(4, 8), torch.randn(2, 8), 1, 1.0)
