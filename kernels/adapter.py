@@ -3,8 +3,8 @@
 Notation: x [N, k] (N tokens, base dtype), W [d, k] frozen, A [r, k], E [r, 1], B [d, r] (adapter
 dtype), s = scaling / (ranknum + 1e-5), e = E * s (an r-vector folded inside the kernels from E and
 the [1] ``ranknum`` tensor: no ``A*E`` tensor, no host read of ``ranknum``), p = dropout rate.
-The rank is padded inside the kernels to R_PAD in {16, 32, 64} with zeros (masked loads), so any
-r <= 64 (init_r = 6, 12, ...) runs on the tensor cores.
+The rank is padded inside the kernels to R_PAD in {16, 64} with zeros (masked loads), so any
+r <= 64 (init_r = 6, 12, 32 ...) runs on the tensor cores.
 
 Forward (``ops/triton_backend.py`` owns the autograd Function):
   1. out = x Wᵀ + b                                   cuBLAS (torch), 1 launch
@@ -59,7 +59,7 @@ DTYPE_PAIRS = (
     (torch.float16, torch.float16),
 )
 
-_INT_ARGS = ["N", "K", "D", "R", "thresh"]
+_INT_ARGS = ["N", "K", "D", "R", "thresh", "has_dropout", "need_dx"]
 
 
 def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
@@ -115,8 +115,8 @@ def _keep_mask_kernel(OUT, N, K, seed, thresh, BLOCK_N: tl.constexpr, BLOCK_K: t
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _shrink_kernel(
-    X, A, T, N, K, R, stride_xn, stride_xk, seed, thresh, inv_keep,
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X, A, T, N, K, R, stride_xn, stride_xk, seed, thresh, inv_keep, has_dropout,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """t[N, r] (fp32) = dropout(x)[N, k] @ A[r, k]ᵀ; grid (cdiv(N, BLOCK_N),).
@@ -143,12 +143,11 @@ def _shrink_kernel(
             a = a.to(tl.float32)
         else:
             x = x.to(A.dtype.element_ty)
-        if HAS_DROPOUT:
+        if has_dropout:  # runtime flag: one binary for p = 0 and p > 0
             keep = _keep_tile(seed, rows, k0, K, thresh, BLOCK_N, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
         acc = tl.dot(x, a, acc, input_precision=DOT_PREC)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
+    acc = acc * inv_keep
     tl.store(T + rows[:, None] * R + rr[None, :], acc, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
@@ -232,11 +231,11 @@ def _grad_rank_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _dA_dx_kernel(
-    X, GE, A, DX, DA, N, K, R, stride_xn, stride_xk, stride_dxn, seed, thresh, inv_keep,
-    HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, GE, A, DX, DA, N, K, R, stride_xn, stride_xk, stride_dxn, seed, thresh, inv_keep, has_dropout, need_dx,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ROW_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dA += geᵀ dropout(x) and (NEED_DX) dx += mask ⊙ (ge A) / (1-p) in place.
+    """dA += geᵀ dropout(x) and (need_dx) dx += mask ⊙ (ge A) / (1-p) in place.
 
     grid (cdiv(N, BLOCK_N·ROW_BLOCKS), cdiv(k, BLOCK_K)). One pass over x (mask regenerated from
     the seed), one RMW of dx (base dtype, contiguous), ge [N, r] re-read per column tile (L2),
@@ -262,12 +261,12 @@ def _dA_dx_kernel(
         ge = tl.load(GE + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         if not UPCAST:
             ge = ge.to(A.dtype.element_ty)
-        if HAS_DROPOUT:
+        if has_dropout:  # runtime flags: one binary for p = 0 / p > 0 and with / without dx
             keep = _keep_tile(seed, rows, col0, K, thresh, BLOCK_N, BLOCK_K)
-        if NEED_DX:
-            ta = tl.dot(ge, a, input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                ta = tl.where(keep, ta * inv_keep, 0.0)
+        else:
+            keep = tl.full((BLOCK_N, BLOCK_K), 1, tl.int1)
+        if need_dx:
+            ta = tl.where(keep, tl.dot(ge, a, input_precision=DOT_PREC) * inv_keep, 0.0)
             d_ptr = DX + rows[:, None] * stride_dxn + cols[None, :]
             dx = tl.load(d_ptr, mask=m, other=0.0).to(tl.float32)
             tl.store(d_ptr, (dx + ta).to(DX.dtype.element_ty), mask=m)
@@ -276,11 +275,9 @@ def _dA_dx_kernel(
             x = x.to(tl.float32)
         else:
             x = x.to(A.dtype.element_ty)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x, tl.zeros_like(x))
+        x = tl.where(keep, x, tl.zeros_like(x))
         daT = tl.dot(tl.trans(x), ge, daT, input_precision=DOT_PREC)
-    if HAS_DROPOUT:
-        daT = daT * inv_keep
+    daT = daT * inv_keep
     tl.atomic_add(DA + rr[None, :] * K + cols[:, None], daT, mask=r_ok[None, :] & col_ok[:, None])
 
 
@@ -312,8 +309,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed) -> torch.Tensor:
         _shrink_kernel, (triton.cdiv(n, BLOCK_N),),
         x, A, t, n, k, r, x.stride(0), x.stride(1),
         (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
-        1.0 / (1.0 - p),
-        HAS_DROPOUT=has_dp, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_common(A.dtype, r),
+        1.0 / (1.0 - p), int(has_dp),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_common(A.dtype, r),
     )
     return t
 
@@ -351,8 +348,8 @@ def dA_dx(x, ge, A, dx, dA, p: float, seed) -> None:
         _dA_dx_kernel, grid, x, ge, A, dx if dx is not None else x, dA, n, k, r,
         x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0,
         (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
-        1.0 / (1.0 - p),
-        HAS_DROPOUT=has_dp, NEED_DX=dx is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        1.0 / (1.0 - p), int(has_dp), int(dx is not None),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         ROW_BLOCKS=DA_ROW_BLOCKS, num_warps=NUM_WARPS, **_common(A.dtype, r),
     )
 
@@ -364,7 +361,8 @@ def dA_dx(x, ge, A, dx, dA, p: float, seed) -> None:
 def compile_variants():
     """Yield (name, jit fn, signature, constexprs, num_warps) for every config the launchers pick.
 
-    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, flags take both values. Integer
+    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS (dropout and need-dx are runtime
+    flags: one binary serves both values). Integer
     arguments get the specialisation a contiguous LLaMA-shaped launch gets (unit column strides
     become constexpr 1; other ints and pointers 16-divisible).
     """
@@ -379,14 +377,13 @@ def compile_variants():
         tag = f"{str(base)[6:]}/{str(adt)[6:]}"
         for rp in RANK_PADS:
             common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": dot_precision(adt)}
-            for dp in (False, True):
-                yield (f"shrink[{tag},R{rp},dropout={int(dp)}]", _shrink_kernel,
-                       {"X": p(base), "A": p(adt), "T": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-                        "stride_xn": "i32", "stride_xk": "constexpr", "seed": "i64", "thresh": "i32",
-                        "inv_keep": "fp32", "HAS_DROPOUT": "constexpr", "R_PAD": "constexpr",
-                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
-                        "DOT_PREC": "constexpr"},
-                       dict(common, stride_xk=1, HAS_DROPOUT=dp, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), NUM_WARPS)
+            yield (f"shrink[{tag},R{rp}]", _shrink_kernel,
+                   {"X": p(base), "A": p(adt), "T": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+                    "stride_xn": "i32", "stride_xk": "constexpr", "seed": "i64", "thresh": "i32",
+                    "inv_keep": "fp32", "has_dropout": "i32", "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
+                    "DOT_PREC": "constexpr"},
+                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), NUM_WARPS)
             yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
                    {"T": "*fp32", "E": p(adt), "RANKNUM": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
                     "D": "i32", "R": "i32", "stride_on": "i32", "scaling": "fp32", "R_PAD": "constexpr",
@@ -398,17 +395,15 @@ def compile_variants():
                     "stride_gd": "constexpr", "scaling": "fp32", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), NUM_WARPS)
-            for dp in (False, True):
-                for need_dx in (False, True):
-                    yield (f"dA_dx[{tag},R{rp},dropout={int(dp)},dx={int(need_dx)}]", _dA_dx_kernel,
-                           {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "N": "i32",
-                            "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
-                            "stride_dxn": "i32", "seed": "i64", "thresh": "i32", "inv_keep": "fp32",
-                            "HAS_DROPOUT": "constexpr", "NEED_DX": "constexpr", "R_PAD": "constexpr",
-                            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
-                            "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                           dict(common, stride_xk=1, HAS_DROPOUT=dp, NEED_DX=need_dx, BLOCK_N=BLOCK_N,
-                                BLOCK_K=BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS), NUM_WARPS)
+            yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,
+                   {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "N": "i32",
+                    "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
+                    "stride_dxn": "i32", "seed": "i64", "thresh": "i32", "inv_keep": "fp32",
+                    "has_dropout": "i32", "need_dx": "i32", "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
+                    "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
+                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N,
+                        BLOCK_K=BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS), NUM_WARPS)
 
 
 __all__ = ["DTYPE_PAIRS", "check_dtypes", "keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",

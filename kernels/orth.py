@@ -95,6 +95,9 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_PAD: tl.
     tl.store(GRAD + doff + off, dm, mask=mk)
 
 
+_table_cache: dict = {}
+
+
 def _to_device(vals, device) -> torch.Tensor:
     t = torch.tensor(vals, dtype=torch.int64)
     if torch.device(device).type == "cuda":
@@ -129,8 +132,14 @@ class _OrthPenalty(torch.autograd.Function):
             ctx.empty = True
             return loss
         ctx.empty = False
-        mtab = _to_device(vals, dev)
-        ttab = _to_device([v for t in tiles for v in t], dev)
+        key = (str(dev), tuple(vals))
+        tabs = _table_cache.get(key)
+        if tabs is None:  # pointer tables: built once per set of parameter addresses (no H2D copy per step)
+            if len(_table_cache) >= 8:
+                _table_cache.pop(next(iter(_table_cache)))
+            tabs = (_to_device(vals, dev), _to_device([v for t in tiles for v in t], dev))
+            _table_cache[key] = tabs
+        mtab, ttab = tabs
         gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
         norms = torch.empty(len(live), dtype=torch.float32, device=dev)
         _launch.launch(_orth_fwd_kernel, (len(live),), mtab, gram, norms, loss, 1.0 / n_total,

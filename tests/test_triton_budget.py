@@ -1,0 +1,141 @@
+"""What the Triton path saves for backward and how many kernels it launches (TRITON_INTERPRET=1).
+
+Launches are counted two ways: Triton launches through ``adalora_fast.kernels._launch.launch``
+(every kernel of the package goes through it), and every other device op with a
+TorchDispatchMode that records each ATen call that launches work (views, aliases and bare
+allocations excluded). The dispatch mode is switched off inside a Triton launch, so the
+interpreter's own host-side copies are not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from adalora_fast import ops
+from adalora_fast.kernels import _launch
+from adalora_fast.ops.layout import FlatLayout
+
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense",
+              "is_same_size", "size", "stride", "sym_size", "sym_stride", "numel", "dim"}
+
+
+class Counter(TorchDispatchMode):
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops: list = []
+        self.triton: list = []
+        real = _launch.launch
+
+        def counted(kernel, grid, *a, **kw):
+            self.triton.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+            with _disable_current_modes():
+                return real(kernel, grid, *a, **kw)
+
+        monkeypatch.setattr(_launch, "launch", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name in _NO_KERNEL):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def reset(self):
+        self.ops.clear()
+        self.triton.clear()
+
+    @property
+    def total(self):
+        return len(self.ops) + len(self.triton)
+
+
+def _layer(N=64, k=48, d=40, r=12, dtype=torch.float32):
+    x = torch.randn(N, k, dtype=dtype, requires_grad=True)
+    W, b = torch.randn(d, k, dtype=dtype), torch.randn(d, dtype=dtype)
+    A, E, B = (torch.randn(*s, requires_grad=True) for s in ((r, k), (r, 1), (d, r)))
+    return x, W, b, A, E, B, torch.tensor([float(r)])
+
+
+def test_saved_for_backward_nothing_of_size_Nk_but_x(use_backend):
+    use_backend("triton")
+    torch.manual_seed(0)
+    N, k, d, r = 64, 48, 40, 12
+    x, W, b, A, E, B, rk = _layer(N, k, d, r)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, dropout_p=0.1, training=True, seed=7)
+    big = [t for t in saved if t.numel() >= N * min(k, d)]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr() and big[0].shape == x.shape
+    total = sum(t.numel() * t.element_size() for t in saved)
+    x_bytes = x.numel() * x.element_size()
+    t_bytes = N * r * 4
+    weights = sum(t.numel() * t.element_size() for t in (W, A, E, B, rk))
+    assert total <= x_bytes + t_bytes + weights, (total, [tuple(t.shape) for t in saved])
+    out.sum().backward()  # what was saved is enough for backward
+    assert x.grad is not None and A.grad is not None
+
+
+def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
+    use_backend("triton")
+    torch.manual_seed(1)
+    for dtype, autocast in ((torch.float32, None), (torch.float32, torch.bfloat16)):
+        x, W, b, A, E, B, rk = _layer()
+        c = Counter(monkeypatch)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            # under autocast the dispatcher's casts of the inputs are not the layer's: take them out
+            xa, Wa, ba, Aa, Ea, Ba = (t.to(autocast) if autocast else t for t in (x, W, b, A, E, B))
+            with c:
+                out = ops.adapter_linear(xa, Wa, ba, Aa, Ea, Ba, 2.0, rk, dropout_p=0.1, training=True, seed=3)
+        assert c.total <= 3, (c.ops, c.triton)
+        assert c.triton == ["_shrink_kernel", "_expand_add_kernel"]
+        g = torch.randn_like(out)
+        c.reset()
+        with c:
+            torch.autograd.grad(out, (xa, Aa, Ea, Ba), g)
+        assert c.total <= 5, (c.ops, c.triton)
+        assert c.triton == ["_grad_rank_kernel", "_dA_dx_kernel"]
+
+
+def test_launches_importance_and_mask_all_layers(use_backend, monkeypatch):
+    use_backend("triton")
+    torch.manual_seed(2)
+    shapes = [(12, 40, 24)] * 5 + [(6, 24, 70)] * 3 + [(0, 16, 16)]
+    L = FlatLayout(shapes)
+    params, grads = [], []
+    for r, k, d in shapes:
+        params += [torch.randn(r, k), torch.randn(d, r), torch.randn(r, 1)]
+    grads = [torch.randn_like(p) for p in params]
+    m1, m2 = torch.zeros(L.numel), torch.zeros(L.numel)
+    ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True)  # builds the tables
+    c = Counter(monkeypatch)
+    with c:
+        scores = ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True)
+    with _disable_current_modes():
+        keep = ops.keep_mask_to_budget(scores, 10)  # the k-th value selection, not counted
+    with c:
+        ops.apply_mask(params[2::3], keep, L.ranks)
+    assert c.triton == ["_importance_kernel", "_apply_mask_kernel"]
+    assert c.total <= 3, (c.ops, c.triton)
+
+
+def test_launches_orth_penalty(use_backend, monkeypatch):
+    use_backend("triton")
+    torch.manual_seed(3)
+    shapes = [(12, 40, 24)] * 4 + [(6, 24, 70)] * 2
+    L = FlatLayout(shapes)
+    params = []
+    for r, k, d in shapes:
+        params += [torch.randn(r, k, requires_grad=True), torch.randn(d, r, requires_grad=True), torch.randn(r, 1)]
+    ops.orth_penalty(L, params)  # builds the pointer tables once
+    c = Counter(monkeypatch)
+    with c:
+        loss = ops.orth_penalty(L, params)
+        torch.autograd.grad(loss, [p for i, p in enumerate(params) if i % 3 != 2])
+    assert c.triton == ["_orth_fwd_kernel", "_orth_bwd_kernel"]
+    # + the zeroed scalar of the loss and autograd's ones_like seed of the backward
+    assert c.total <= 4, (c.ops, c.triton)
