@@ -257,3 +257,28 @@ def test_print_trainable_parameters_matches_peft(kind, capsys):
     pm.print_trainable_parameters()
     out_peft = capsys.readouterr().out
     assert out_ours.strip() and out_ours == out_peft
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trainable_bias_checkpoints_match_peft(bias, tmp_path):
+    """GPT-2's Conv1D layers have biases: with bias='all'/'lora_only' they are trained and saved."""
+    ours = _ours("gpt2", bias=bias)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    pm = _peft("gpt2", bias=bias)
+    assert trainable == {n for n, p in pm.base_model.named_parameters() if p.requires_grad}
+    _train_ours(ours, range(1, 4))
+    pm.base_model.load_state_dict(ours.state_dict())
+    pm.peft_config["default"].rank_pattern = {k: list(v) for k, v in ours.rank_pattern.items()}
+    expect = _logits(ours)
+    _assert_logits_equal(_logits(pm), expect)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    t_ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    t_peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert any(k.endswith("bias") for k in t_peft)
+    assert set(t_ours) == set(t_peft), f"only ours: {sorted(set(t_ours) - set(t_peft))}, only PEFT: {sorted(set(t_peft) - set(t_ours))}"
+    for k in t_peft:
+        torch.testing.assert_close(t_ours[k], t_peft[k], rtol=0, atol=0, msg=k)
+    # each side loads the other's checkpoint to the same logits
+    _assert_logits_equal(_logits(af.AdaLoraModel.from_pretrained(_gpt2(), str(tmp_path / "peft"))), expect)
+    _assert_logits_equal(_logits(peft.PeftModel.from_pretrained(_gpt2(), str(tmp_path / "ours"))), expect)
