@@ -109,6 +109,8 @@ def _ours_adapted(make, **cfg):
         (_llama, dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*")),
         (_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
         (_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0, layers_pattern="layers")),
+        # a full module name in target_modules is taken as is: PEFT applies layers_to_transform to suffixes only
+        (_llama, dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])),
         (_llama, dict()),  # default targets for model_type llama
         (_gpt2, dict(target_modules=["c_attn", "c_fc"])),
         (_gpt2, dict(target_modules="all-linear")),
