@@ -60,7 +60,9 @@ def _matches(config: AdaLoraConfig, key: str) -> bool:
     tm = config.target_modules
     if isinstance(tm, str):
         return re.fullmatch(tm, key) is not None
-    found = key in tm or any(key.endswith(f".{t}") for t in tm)
+    if key in tm:  # an exact name is taken as is; layers_to_transform filters suffix matches only (PEFT)
+        return True
+    found = any(key.endswith(f".{t}") for t in tm)
     if found and config.layers_to_transform is not None:
         idx = _layer_index(key, config.layers_pattern)
         wanted = config.layers_to_transform
@@ -293,7 +295,7 @@ class AdaLoraModel(nn.Module):
         if config.bias == "all":
             for n, p in self.model.named_parameters():
                 if n.endswith("bias"):
-                    out[_KEY_PREFIX + n.replace(".base_layer", "")] = p.detach()
+                    out[_KEY_PREFIX + n] = p.detach()
         return out
 
     def save_pretrained(self, save_directory: str, save_allocator_state: bool = False) -> None:
@@ -322,8 +324,13 @@ class AdaLoraModel(nn.Module):
         saved = AdaLoraConfig.from_dict(d)
         saved.save_pretrained(path)
         if save_allocator_state and self.rankallocator is not None:
-            sd = {k: v.detach().cpu().contiguous() for k, v in self.rankallocator.state_dict().items()}
-            save_file(sd, os.path.join(path, ALLOCATOR_STATE_NAME))
+            # The adapter file is resized by the rank pattern, but pruned triplets can come back at
+            # later masking steps: an exact resume needs the full-rank tensors, kept here.
+            sd = {f"allocator.{k}": v for k, v in self.rankallocator.state_dict().items()}
+            for name, m in self.adapted_layers():
+                for kind in ("lora_A", "lora_B", "lora_E"):
+                    sd[f"adapter.{name}.{kind}"] = getattr(m, kind)[a]
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(path, ALLOCATOR_STATE_NAME))
 
     @classmethod
     def from_pretrained(
@@ -343,6 +350,10 @@ class AdaLoraModel(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # fan_in_fan_out notes were given at training time
             self = cls(model, config, adapter_name)
         layers = dict(self.adapted_layers())
+        state_path = os.path.join(model_id, ALLOCATOR_STATE_NAME)
+        if is_trainable and os.path.isfile(state_path):
+            self._resume(state_path, layers, adapter_name)
+            return self
         if pattern:
             for key, keep in pattern.items():
                 mod = re.sub(rf"\.lora_E(\.{re.escape(adapter_name)})?$", "", key)
@@ -380,12 +391,27 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"{model_id!r} has tensors this model cannot take: {unexpected[:4]}")
         if is_trainable:
             self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
-            state = os.path.join(model_id, ALLOCATOR_STATE_NAME)
-            if os.path.isfile(state):
-                from safetensors.torch import load_file
-
-                self.rankallocator.load_state_dict(load_file(state))
         return self
+
+    def _resume(self, state_path: str, layers: dict, adapter_name: str) -> None:
+        """Restore full-rank adapters, importance state and mask written by ``save_allocator_state``."""
+        from safetensors.torch import load_file
+
+        sd = load_file(state_path)
+        with torch.no_grad():
+            for name, m in layers.items():
+                for kind in ("lora_A", "lora_B", "lora_E"):
+                    key = f"adapter.{name}.{kind}"
+                    if key not in sd:
+                        raise ValueError(f"{state_path!r} lacks {key!r}")
+                    p = getattr(m, kind)[adapter_name]
+                    if tuple(sd[key].shape) != tuple(p.shape):
+                        raise ValueError(f"{key}: saved shape {tuple(sd[key].shape)}, model shape {tuple(p.shape)}")
+                    p.copy_(sd[key].to(p.dtype))
+        self.rankallocator.refresh()
+        self.rankallocator.load_state_dict(
+            {k[len("allocator.") :]: v for k, v in sd.items() if k.startswith("allocator.")}
+        )
 
 
 def _find_param(model: nn.Module, name: str) -> Optional[torch.Tensor]:
