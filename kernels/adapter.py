@@ -285,8 +285,14 @@ def _dA_dx_kernel(
 # launchers (all launches go through _launch.launch)
 
 
+def num_warps(r_pad: int) -> int:
+    """4 warps (one warpgroup) at R_PAD 16; 8 at R_PAD 64, where 4 warps spill with fp32 tiles."""
+    return 4 if r_pad <= 16 else 8
+
+
 def _common(a_dtype: torch.dtype, r: int) -> dict:
-    return dict(R_PAD=pad_rank(r), UPCAST=INTERPRET, DOT_PREC=dot_precision(a_dtype))
+    rp = pad_rank(r)
+    return dict(R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=dot_precision(a_dtype), num_warps=num_warps(rp))
 
 
 def keep_mask(seed: int, n: int, k: int, p: float, device) -> torch.Tensor:
@@ -310,7 +316,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed) -> torch.Tensor:
         x, A, t, n, k, r, x.stride(0), x.stride(1),
         (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
         1.0 / (1.0 - p), int(has_dp),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_common(A.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_common(A.dtype, r),
     )
     return t
 
@@ -323,7 +329,7 @@ def expand_add(out: torch.Tensor, t: torch.Tensor, E: torch.Tensor, ranknum: tor
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, EXPAND_BLOCK_D))
     _launch.launch(
         _expand_add_kernel, grid, t, E, ranknum, B, out, n, d, r, out.stride(0), float(scaling),
-        BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, num_warps=NUM_WARPS, **_common(B.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, **_common(B.dtype, r),
     )
 
 
@@ -334,7 +340,7 @@ def grad_rank(g, t, E, ranknum, scaling, B, ge, dB, dE) -> None:
     _launch.launch(
         _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, E, ranknum, B, ge, dB, dE, n, d, r,
         g.stride(0), g.stride(1), float(scaling),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, **_common(B.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **_common(B.dtype, r),
     )
 
 
@@ -350,7 +356,7 @@ def dA_dx(x, ge, A, dx, dA, p: float, seed) -> None:
         (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
         1.0 / (1.0 - p), int(has_dp), int(dx is not None),
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        ROW_BLOCKS=DA_ROW_BLOCKS, num_warps=NUM_WARPS, **_common(A.dtype, r),
+        ROW_BLOCKS=DA_ROW_BLOCKS, **_common(A.dtype, r),
     )
 
 
@@ -383,18 +389,18 @@ def compile_variants():
                     "inv_keep": "fp32", "has_dropout": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
                     "DOT_PREC": "constexpr"},
-                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), NUM_WARPS)
+                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), num_warps(rp))
             yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
                    {"T": "*fp32", "E": p(adt), "RANKNUM": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
                     "D": "i32", "R": "i32", "stride_on": "i32", "scaling": "fp32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D), NUM_WARPS)
+                   dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D), num_warps(rp))
             yield (f"grad_rank[{tag},R{rp}]", _grad_rank_kernel,
                    {"G": p(base), "T": "*fp32", "E": p(adt), "RANKNUM": "*fp32", "B": p(adt), "GE": "*fp32",
                     "DB": "*fp32", "DE": "*fp32", "N": "i32", "D": "i32", "R": "i32", "stride_gn": "i32",
                     "stride_gd": "constexpr", "scaling": "fp32", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), NUM_WARPS)
+                   dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), num_warps(rp))
             yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,
                    {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "N": "i32",
                     "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
@@ -403,7 +409,7 @@ def compile_variants():
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
                     "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N,
-                        BLOCK_K=BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS), NUM_WARPS)
+                        BLOCK_K=BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS), num_warps(rp))
 
 
 __all__ = ["DTYPE_PAIRS", "check_dtypes", "keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",

@@ -37,7 +37,7 @@ from . import _launch
 from ._launch import TL_DTYPE
 
 TILE_R = 16  # triplet rows per program
-TILE_C = 256  # columns per program
+TILE_C = 128  # columns per program
 NUM_WARPS = 4
 MASK_BLOCK = 64
 _TENSOR_FIELDS = 8  # p_ptr, g_ptr, state_off, rows, cols, stride_r, stride_c, triplet_off
@@ -54,17 +54,19 @@ def _importance_kernel(
     row0 = tl.load(TILES + tile * 3 + 1)
     col0 = tl.load(TILES + tile * 3 + 2)
     rec = TENS + ti * 8
-    soff = tl.load(rec + 2)
-    nr = tl.load(rec + 3)
-    nc = tl.load(rec + 4)
-    sr = tl.load(rec + 5)
-    sc = tl.load(rec + 6)
-    rows = row0 + tl.arange(0, TILE_R)
-    cols = col0 + tl.arange(0, TILE_C)
+    soff = tl.load(rec + 2)  # int64 offset of the tensor in the flat state
+    nr = tl.load(rec + 3).to(tl.int32)
+    nc = tl.load(rec + 4).to(tl.int32)
+    sr = tl.load(rec + 5).to(tl.int32)
+    sc = tl.load(rec + 6).to(tl.int32)
+    rows = row0.to(tl.int32) + tl.arange(0, TILE_R)
+    cols = col0.to(tl.int32) + tl.arange(0, TILE_C)
     m = (rows[:, None] < nr) & (cols[None, :] < nc)
-    off = rows[:, None] * sr + cols[None, :] * sc  # int64 (table entries are int64)
-    m1 = tl.load(M1 + soff + off, mask=m, other=0.0)
-    m2 = tl.load(M2 + soff + off, mask=m, other=0.0)
+    off = rows[:, None] * sr + cols[None, :] * sc  # int32 within one tensor (numel < 2**31)
+    m1p = M1 + soff
+    m2p = M2 + soff
+    m1 = tl.load(m1p + off, mask=m, other=0.0)
+    m2 = tl.load(m2p + off, mask=m, other=0.0)
     if UPDATE:
         pp = tl.load(rec).to(tl.pointer_type(tl.float32))
         gp = tl.load(rec + 1).to(tl.pointer_type(tl.float32))
@@ -73,8 +75,8 @@ def _importance_kernel(
         ipt = tl.abs(pv * gv)
         m1 = beta1 * m1 + omb1 * ipt
         m2 = beta2 * m2 + omb2 * tl.abs(ipt - m1)
-        tl.store(M1 + soff + off, m1, mask=m)
-        tl.store(M2 + soff + off, m2, mask=m)
+        tl.store(m1p + off, m1, mask=m)
+        tl.store(m2p + off, m2, mask=m)
     if WANT_SCORES:
         trip = tl.load(rec + 7)
         part = tl.sum(tl.where(m, m1 * m2, 0.0), axis=1) / nc.to(tl.float32)

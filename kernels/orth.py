@@ -3,8 +3,9 @@
 loss = (1/n) Σ_M ‖G_M − I‖_F, G = A Aᵀ for A [r, k] and G = Bᵀ B for B [d, r] (not squared,
 PEFT's form); n counts every A and B (r = 0 matrices add 0, as in PEFT). Each matrix is seen as
 M [r, c] (A as is; B through its transpose: row stride 1, column stride r) so G = M Mᵀ for both.
-Rows are padded to R_PAD = 64 with zeros inside the kernels (the tensor-core tile M must be 64 for
-HGMMA); r <= 64 is supported.
+The Gram tile is [R_M = 64, R_N] with R_N = 16 or 64 (the padded largest rank): 64 rows because the
+HGMMA tile M is 64, only R_N columns so the padding wastes 4x, not 28x, of the FLOPs at r = 12;
+zeros fill the pad (masked loads). r <= 64 is supported.
 
 ``_orth_fwd_kernel``: one program per matrix: G = M Mᵀ over c in tiles of BLOCK_C, D = G − I,
 norm = ‖D‖_F; writes G (r×r, for backward) and the norm, and adds norm/n into the zeroed scalar
@@ -13,10 +14,11 @@ loss (fp32 atomic). Reads every A and B once.
 (0 where ‖D‖ = 0); reads M once, writes dM once into one flat fp32 buffer whose slices are the
 gradients. The upstream gradient is read from device memory (no host sync).
 
-LLaMA-7B (224 layers, r = 12, fp32 adapters, 15.0 M A/B elements = 60.2 MB): forward reads
-60.2 MB, 2·12·12·15.0 M·3 (tf32x3, 64-row padded: ×5.3 computed) FLOPs → 20 µs predicted;
-backward reads 60.2 MB and writes 60.2 MB → 40 µs predicted. PEFT's loop: 448 × (matmul, eye,
-sub, norm) forward + as many backward, ~2700 launches.
+LLaMA-7B (224 linears adapted, r = 12, fp32 adapters, 30.0 M A/B elements, 120 MB): forward
+reads 120 MB, 2·64·16·Σc = 5.1 GFLOP TF32 on the padded tile → 40 µs predicted (memory-bound);
+backward reads 120 MB and writes 120 MB → 80 µs predicted. PEFT's loop: 448 x (Gram, eye, sub,
+norm) forward and ~5 ops per matrix backward, ~4000 launches (see COST.md). Dots are TF32 on the
+GPU (see ``_launch.dot_precision``), exact fp32 in the interpreter.
 """
 
 from __future__ import annotations
@@ -28,20 +30,21 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import INTERPRET, dot_precision
+from ._launch import INTERPRET, RANK_PADS, dot_precision, pad_rank
 
-R_PAD = 64
+R_M = 64  # Gram rows padded to 64: the HGMMA tile M
 BLOCK_C = 64
 BWD_BLOCK_C = 128
 NUM_WARPS = 4
-MAX_RANK = R_PAD
+MAX_RANK = R_M
 # matrix table row: ptr, r, c, stride_r, stride_c, gram_off, grad_off, (pad)
 _F = 8
 
 
 @triton.jit
-def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_M: tl.constexpr, R_N: tl.constexpr,
+                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """G[:r, :r] = M Mᵀ as a [R_M=64, R_N] tile (rows padded to 64 for HGMMA, columns to R_N)."""
     i = tl.program_id(0)
     rec = MATS + i * 8
     mp = tl.load(rec).to(tl.pointer_type(tl.float32))
@@ -50,24 +53,27 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_PAD: tl.constexpr, BLOCK_
     sr = tl.load(rec + 3)
     sc = tl.load(rec + 4)
     goff = tl.load(rec + 5)
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < nr
-    G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    rm = tl.arange(0, R_M)
+    rn = tl.arange(0, R_N)
+    G = tl.zeros((R_M, R_N), dtype=tl.float32)
     for c0 in range(0, nc, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        m = tl.load(mp + rr[:, None] * sr + cols[None, :] * sc, mask=r_ok[:, None] & (cols[None, :] < nc), other=0.0)
-        G = tl.dot(m, tl.trans(m), G, input_precision=DOT_PREC)
-    gm = r_ok[:, None] & r_ok[None, :]
-    D = G - tl.where((rr[:, None] == rr[None, :]) & gm, 1.0, 0.0)
+        c_ok = cols[None, :] < nc
+        mm = tl.load(mp + rm[:, None] * sr + cols[None, :] * sc, mask=(rm[:, None] < nr) & c_ok, other=0.0)
+        mn = tl.load(mp + rn[:, None] * sr + cols[None, :] * sc, mask=(rn[:, None] < nr) & c_ok, other=0.0)
+        G = tl.dot(mm, tl.trans(mn), G, input_precision=DOT_PREC)
+    gm = (rm[:, None] < nr) & (rn[None, :] < nr)
+    D = G - tl.where((rm[:, None] == rn[None, :]) & gm, 1.0, 0.0)
     norm = tl.sqrt(tl.sum(tl.sum(D * D, axis=1), axis=0))
-    tl.store(GRAM + goff + rr[:, None] * nr + rr[None, :], G, mask=gm)
+    tl.store(GRAM + goff + rm[:, None] * nr + rn[None, :], G, mask=gm)
     tl.store(NORMS + i, norm)
     tl.atomic_add(LOSS, norm * inv_n)
 
 
 @triton.jit
-def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_PAD: tl.constexpr,
+def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.constexpr, R_N: tl.constexpr,
                      BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dM[:, tile] = coef · D M[:, tile], D = G − I as [R_M=64, R_N] (K = R_N)."""
     tile = tl.program_id(0)
     i = tl.load(TILES + tile * 2)
     c0 = tl.load(TILES + tile * 2 + 1)
@@ -79,20 +85,19 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_PAD: tl.
     sc = tl.load(rec + 4)
     goff = tl.load(rec + 5)
     doff = tl.load(rec + 6)
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < nr
-    gm = r_ok[:, None] & r_ok[None, :]
-    G = tl.load(GRAM + goff + rr[:, None] * nr + rr[None, :], mask=gm, other=0.0)
-    D = G - tl.where((rr[:, None] == rr[None, :]) & gm, 1.0, 0.0)
+    rm = tl.arange(0, R_M)
+    rn = tl.arange(0, R_N)
+    gm = (rm[:, None] < nr) & (rn[None, :] < nr)
+    G = tl.load(GRAM + goff + rm[:, None] * nr + rn[None, :], mask=gm, other=0.0)
+    D = G - tl.where((rm[:, None] == rn[None, :]) & gm, 1.0, 0.0)
     norm = tl.load(NORMS + i)
     coef = tl.load(GOUT).to(tl.float32) * two_inv_n / tl.where(norm > 0, norm, 1.0)
     coef = tl.where(norm > 0, coef, 0.0)
     cols = c0 + tl.arange(0, BLOCK_C)
-    mk = r_ok[:, None] & (cols[None, :] < nc)
-    off = rr[:, None] * sr + cols[None, :] * sc
-    m = tl.load(mp + off, mask=mk, other=0.0)
-    dm = tl.dot(D, m, input_precision=DOT_PREC) * coef
-    tl.store(GRAD + doff + off, dm, mask=mk)
+    c_ok = cols[None, :] < nc
+    mn = tl.load(mp + rn[:, None] * sr + cols[None, :] * sc, mask=(rn[:, None] < nr) & c_ok, other=0.0)
+    dm = tl.dot(D, mn, input_precision=DOT_PREC) * coef
+    tl.store(GRAD + doff + rm[:, None] * sr + cols[None, :] * sc, dm, mask=(rm[:, None] < nr) & c_ok)
 
 
 _table_cache: dict = {}
@@ -110,7 +115,7 @@ class _OrthPenalty(torch.autograd.Function):
     def forward(ctx, n_total, *mats):
         dev = mats[0].device
         work = [m.detach().float().contiguous() for m in mats]
-        vals, tiles, gram_n, grad_n = [], [], 0, 0
+        vals, tiles, gram_n, grad_n, max_r = [], [], 0, 0, 0
         live = []
         for j, (m, is_A) in enumerate(zip(work, [True, False] * (len(work) // 2))):
             rows, cols = (m.shape[0], m.shape[1]) if is_A else (m.shape[1], m.shape[0])
@@ -123,6 +128,7 @@ class _OrthPenalty(torch.autograd.Function):
                 tiles += [[idx, c0] for c0 in range(0, cols, BWD_BLOCK_C)]
                 live.append(j)
                 gram_n += rows * rows
+                max_r = max(max_r, rows)
             grad_n += m.numel()
         loss = torch.zeros((), dtype=torch.float32, device=dev)
         ctx.n_total, ctx.live, ctx.grad_n = n_total, live, grad_n
@@ -142,8 +148,9 @@ class _OrthPenalty(torch.autograd.Function):
         mtab, ttab = tabs
         gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
         norms = torch.empty(len(live), dtype=torch.float32, device=dev)
+        ctx.r_n = r_n = pad_rank(max_r)
         _launch.launch(_orth_fwd_kernel, (len(live),), mtab, gram, norms, loss, 1.0 / n_total,
-                       R_PAD=R_PAD, BLOCK_C=BLOCK_C, DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
+                       R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C, DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
         ctx.save_for_backward(mtab, ttab, gram, norms, *work)
         return loss
 
@@ -155,7 +162,7 @@ class _OrthPenalty(torch.autograd.Function):
         dev = gram.device
         grad = torch.empty(ctx.grad_n, dtype=torch.float32, device=dev)
         _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
-                       2.0 / ctx.n_total, R_PAD=R_PAD, BLOCK_C=BWD_BLOCK_C, DOT_PREC=dot_precision(torch.float32),
+                       2.0 / ctx.n_total, R_M=R_M, R_N=ctx.r_n, BLOCK_C=BWD_BLOCK_C, DOT_PREC=dot_precision(torch.float32),
                        num_warps=NUM_WARPS)
         out, off = [], 0
         for shp, w in zip(ctx.shapes, work):
@@ -179,14 +186,15 @@ def orth_penalty(layout, params: Sequence[torch.Tensor]) -> torch.Tensor:
 def compile_variants():
     """Every config the launchers pick (see ``adapter.compile_variants``)."""
     prec = dot_precision(torch.float32)
-    yield ("orth_fwd", _orth_fwd_kernel,
-           {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "LOSS": "*fp32", "inv_n": "fp32",
-            "R_PAD": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-           {"R_PAD": R_PAD, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
-    yield ("orth_bwd", _orth_bwd_kernel,
-           {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32", "GRAD": "*fp32",
-            "two_inv_n": "fp32", "R_PAD": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-           {"R_PAD": R_PAD, "BLOCK_C": BWD_BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
-
+    for rn in RANK_PADS:
+        yield (f"orth_fwd[R{rn}]", _orth_fwd_kernel,
+               {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "LOSS": "*fp32", "inv_n": "fp32",
+                "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
+               {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
+        yield (f"orth_bwd[R{rn}]", _orth_bwd_kernel,
+               {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32", "GRAD": "*fp32",
+                "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr",
+                "DOT_PREC": "constexpr"},
+               {"R_M": R_M, "R_N": rn, "BLOCK_C": BWD_BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
 
 __all__ = ["orth_penalty", "compile_variants", "INTERPRET"]

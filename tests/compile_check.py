@@ -78,11 +78,20 @@ def _compile_one(job):
     }
 
 
+def table(results) -> str:
+    lines = ["| config | arch | regs | spill (local) B | smem B | HGMMA | HMMA |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
+        lines.append(f"| {r['name']} | sm_{r['arch']} | {r['registers']} | {r['local']} | "
+                     f"{r['static_shared'] + r['dyn_shared']} | {r['hgmma']} | {r['hmma']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="write the results here (default stdout)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="substring filter on config names")
+    ap.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
     args = ap.parse_args(argv)
     for tool in (CUOBJDUMP, PTXAS):
         if not os.access(tool, os.X_OK):
@@ -94,7 +103,7 @@ def main(argv=None):
             results = list(ex.map(_compile_one, jobs))
     else:
         results = [_compile_one(j) for j in jobs]
-    text = json.dumps(results, indent=1)
+    text = table(results) if args.table else json.dumps(results, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)

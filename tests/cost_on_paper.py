@@ -1,0 +1,130 @@
+"""Cost on paper: bytes moved and FLOPs of our kernels and of PEFT's op sequence, H100 roofline.
+
+``python tests/cost_on_paper.py`` prints the tables of ``kernels/COST.md``. PREDICTED numbers, from
+counting bytes and FLOPs: nothing here was measured on a GPU. Roofline per op:
+time = max(bytes / 3.0 TB/s, FLOPs / peak), peak 790 TFLOP/s for bf16/fp16 operands and 395
+TFLOP/s for TF32. Launch overheads are not in the times; the launch
+counts are listed separately.
+"""
+
+from __future__ import annotations
+
+BW = 3.0e12
+PEAK = {"bf16": 790e12, "tf32": 395e12}
+N, R, RP = 8192, 12, 16  # tokens, rank, rank padded inside our kernels
+H = 2  # bytes of a bf16 activation / weight element
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (k, d)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def t_us(nbytes, flops, peak="bf16"):
+    return max(nbytes / BW, flops / PEAK[peak]) * 1e6
+
+
+def ours(k, d):
+    """[(phase, op, bytes, flops)] of our path for one adapted layer (bf16 autocast, p > 0)."""
+    return [
+        ("fwd", "x Wᵀ + b (cuBLAS)", H * (N * k + d * k + N * d + d), 2 * N * k * d),
+        ("fwd", "_shrink_kernel: t = dropout(x) Aᵀ", H * N * k + H * R * k + 4 * N * R, 2 * N * k * RP),
+        ("fwd", "_expand_add_kernel: out += (t⊙e) Bᵀ", 2 * H * N * d + 4 * N * R + H * d * R, 2 * N * d * RP),
+        ("bwd", "dx = g W (cuBLAS)", H * (N * d + d * k + N * k), 2 * N * k * d),
+        ("bwd", "memset fp32 dA|dB|dE accumulator", 4 * (R * k + d * R + R), 0),
+        ("bwd", "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
+         H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R, 4 * N * d * RP),
+        ("bwd", "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
+         H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 256) * R * k, 4 * N * k * RP),
+        ("bwd", "cast accumulator to bf16", 6 * (R * k + d * R + R), 0),
+    ]
+
+
+def peft(k, d):
+    """PEFT 0.21 ``SVDLinear.forward`` under bf16 autocast with lora_dropout > 0, and its autograd."""
+    Nd, Nk, Nr = N * d, N * k, N * R
+    return [
+        ("fwd", "base_layer(x) (cuBLAS)", H * (Nk + d * k + Nd + d), 2 * N * k * d),
+        ("fwd", "dropout(x): x_d + bool mask", H * Nk + H * Nk + Nk, 0),
+        ("fwd", "lora_A * lora_E, casts", 4 * 3 * R * k, 0),
+        ("fwd", "x_d @ (A*E)ᵀ", H * Nk + H * Nr, 2 * N * k * R),
+        ("fwd", "@ lora_Bᵀ", H * Nr + H * Nd, 2 * N * d * R),
+        ("fwd", "* scaling", 2 * H * Nd, 0),
+        ("fwd", "/ (ranknum + 1e-5) (promotes to fp32)", H * Nd + 4 * Nd, 0),
+        ("fwd", "result += (bf16 += fp32)", H * Nd + 4 * Nd + H * Nd, 0),
+        ("bwd", "dx = g W (cuBLAS)", H * (Nd + d * k + Nk), 2 * N * k * d),
+        ("bwd", "grad of the fp32 term: g → fp32", H * Nd + 4 * Nd, 0),
+        ("bwd", "DivBackward", 8 * Nd, 0),
+        ("bwd", "cast grad back to bf16", 4 * Nd + H * Nd, 0),
+        ("bwd", "MulBackward (scaling)", 2 * H * Nd, 0),
+        ("bwd", "MmBackward @Bᵀ: grad_u, dB", H * Nd + H * Nr + H * Nd + H * Nr, 4 * N * d * R),
+        ("bwd", "MmBackward @(A*E)ᵀ: grad_xd, d(A*E)", H * Nr + H * Nk + H * Nk + H * Nr, 4 * N * k * R),
+        ("bwd", "dropout backward: grad_xd ⊙ mask / (1-p)", H * Nk + Nk + H * Nk, 0),
+        ("bwd", "dx = dx_base + grad_x", 3 * H * Nk, 0),
+    ]
+
+
+def layer_tables():
+    out = []
+    for k, d in SHAPES:
+        out.append(f"\n### Adapted layer k={k} → d={d}, N={N}, r={R}, bf16 autocast, lora_dropout > 0\n")
+        for name, fn in (("ours", ours), ("PEFT", peft)):
+            rows = fn(k, d)
+            out.append(f"\n**{name}**\n\n| phase | op | MB moved | GFLOP | predicted µs |\n|---|---|---|---|---|")
+            tot = {"fwd": [0, 0, 0.0], "bwd": [0, 0, 0.0]}
+            adapter = {"fwd": 0.0, "bwd": 0.0}
+            for ph, op, b, f in rows:
+                tt = t_us(b, f)
+                out.append(f"| {ph} | {op} | {b / 1e6:.1f} | {f / 1e9:.2f} | {tt:.1f} |")
+                tot[ph][0] += b
+                tot[ph][1] += f
+                tot[ph][2] += tt
+                if "cuBLAS" not in op:
+                    adapter[ph] += tt
+            for ph in ("fwd", "bwd"):
+                b, f, tt = tot[ph]
+                out.append(f"| {ph} total | | {b / 1e6:.1f} | {f / 1e9:.2f} | {tt:.1f} (adapter part {adapter[ph]:.1f}) |")
+            out.append(f"| fwd+bwd | | | | {tot['fwd'][2] + tot['bwd'][2]:.1f} (adapter part "
+                       f"{adapter['fwd'] + adapter['bwd']:.1f}) |")
+    return "\n".join(out)
+
+
+def llama_layers():
+    """LLaMA-7B, every linear adapted: per block q,k,v,o 4096→4096, gate/up 4096→11008, down 11008→4096."""
+    return [(4096, 4096)] * 4 * 32 + [(4096, 11008)] * 2 * 32 + [(11008, 4096)] * 32
+
+
+def step_tables():
+    layers = llama_layers()
+    n_el = sum(R * k + d * R + R for k, d in layers)
+    n_mat_el = sum(R * k + d * R for k, d in layers)
+    n_t = 3 * len(layers)
+    cols = sum(k + d for k, d in layers)
+    rows = []
+    # importance update, every step
+    rows.append(("importance update (every step)", "ours: 1 launch + memset", 24 * n_el, 10 * n_el, "bf16", 2))
+    rows.append(("importance update (every step)", "PEFT: ~10 ops per tensor", 96 * n_el, 10 * n_el, "bf16", 10 * n_t))
+    # masking step (every deltaT steps), beyond the update above
+    rows.append(("masking (every ΔT steps)", "ours: scores in the same pass; sort-based selection; 1 mask launch",
+                 4 * 3 * sum(R for _ in layers), 0, "bf16", "1 + selection"))
+    rows.append(("masking (every ΔT steps)", "PEFT: element scores, means, cat, kthvalue, masked_fill, .item()",
+                 12 * n_el + 8 * n_el, 0, "bf16", 8 * len(layers) + 4 * n_t))
+    # orthogonal penalty: fp32 adapters, TF32 products on a [64, 16] tile
+    fl = 2 * 64 * RP * cols
+    rows.append(("orth penalty forward", "ours: 1 launch (+ memset)", 4 * n_mat_el, fl, "tf32", 2))
+    rows.append(("orth penalty forward", "PEFT: Gram, eye, sub, norm per matrix", 4 * n_mat_el,
+                 2 * R * R * cols, "tf32", 4 * 2 * len(layers)))
+    rows.append(("orth penalty backward", "ours: 1 launch", 8 * n_mat_el, fl, "tf32", 1))
+    rows.append(("orth penalty backward", "PEFT: norm/sub backward, 2 mm + add per matrix", 28 * n_mat_el,
+                 4 * R * R * cols, "tf32", 5 * 2 * len(layers)))
+    out = [f"\nLLaMA-7B, all 224 linears adapted, r = {R}: {n_el / 1e6:.1f} M adapter elements (fp32), "
+           f"{n_t} tensors.\n",
+           "| what | path | MB moved | GFLOP | predicted µs | launches |", "|---|---|---|---|---|---|"]
+    for what, path, b, f, peak, nl in rows:
+        out.append(f"| {what} | {path} | {b / 1e6:.1f} | {f / 1e9:.2f} | {t_us(b, f, peak):.1f} | {nl} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(layer_tables())
+    print(step_tables())
