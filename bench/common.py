@@ -1,0 +1,287 @@
+"""Shared pieces of the benchmark: device, timing (alternating contenders), models, memory hooks.
+
+Timing rule for every comparison: all contenders live in one process, each is warmed up, then
+the contenders are *alternated* (ABCABC...) for ``repeats`` rounds; one sample is ``inner``
+back-to-back calls (``inner`` chosen from the warm-up so a sample lasts ``min_sample_s``), and
+the figure reported is the median over the rounds of the time per call. On the CPU samples are
+taken with ``time.perf_counter``; on CUDA with CUDA events around the sample and a synchronize
+(the same alternation; ``triton.testing.do_bench`` cannot alternate contenders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONTENDERS = ("ours", "peft_adalora", "peft_lora")
+LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA"}
+
+
+# ---------------------------------------------------------------------------------- device
+def pick_device(name: Optional[str] = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_tag(device: torch.device) -> str:
+    """Short name for file names: ``cpu`` or the GPU's name (``cuda-nvidia-h100-80gb-hbm3``)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return device.type
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_info(device: torch.device) -> dict:
+    import adalora_fast as af
+
+    info = {
+        "device": device_tag(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "backend": af.backend_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cpu":
+        try:  # the optional C++ CPU kernel (fused dropout + shrink), when the package has one
+            from adalora_fast.ops import cpu_ext
+
+            info["cpu_ext"] = "yes" if cpu_ext.available() else "no (torch fallback)"
+        except ImportError:
+            info["cpu_ext"] = "absent"
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        info["peft"] = None
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def setup_threads(n: Optional[int] = None) -> int:
+    """Use every core the process may run on (2 on the reference machine), or ``n``."""
+    if n:
+        torch.set_num_threads(n)
+        return torch.get_num_threads()
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_sample(fn: Callable[[], object], inner: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
+    if device.type == "cuda":
+        _sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+@dataclass
+class Timing:
+    samples: Dict[str, List[float]] = field(default_factory=dict)  # seconds per call, per round
+    inner: Dict[str, int] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def spread(self, name: str) -> float:
+        """(max - min) / median over the rounds: how noisy the figure is."""
+        s = self.samples[name]
+        m = statistics.median(s)
+        return (max(s) - min(s)) / m if m > 0 else 0.0
+
+
+def alternate(
+    contenders: Dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int = 5,
+    warmup: int = 2,
+    min_sample_s: float = 0.05,
+    fixed_inner: Optional[int] = None,
+    tick: Optional[Callable[[], None]] = None,
+) -> Timing:
+    """Warm each contender up, then time them in turn (A B C A B C ...) for ``repeats`` rounds."""
+    res = Timing()
+    for name, fn in contenders.items():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        if fixed_inner is not None:
+            res.inner[name] = fixed_inner
+        else:
+            t = time_sample(fn, 1, device)
+            res.inner[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-7))))
+        res.samples[name] = []
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            res.samples[name].append(time_sample(fn, res.inner[name], device))
+        if tick is not None:
+            tick()
+    return res
+
+
+# ---------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    vocab: int = 4096
+    seq: int = 128
+    batch: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def describe(self) -> str:
+        return (
+            f"LlamaForCausalLM (random init) hidden={self.hidden} intermediate={self.intermediate} "
+            f"layers={self.layers} heads={self.heads} vocab={self.vocab}, batch={self.batch} x seq={self.seq}"
+        )
+
+
+def llama(shape: LlamaShape, device: torch.device, seed: int = 0):
+    """A randomly initialised LLaMA-style causal LM (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        vocab_size=shape.vocab,
+        max_position_embeddings=max(shape.seq, 16),
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).to(device)
+
+
+def projection_names(n_layers_adapted: int) -> list:
+    """Full module names of the first ``n`` projections of a LLaMA model, layer by layer."""
+    names = []
+    i = 0
+    while len(names) < n_layers_adapted:
+        for p in PROJECTIONS:
+            part = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            names.append(f"model.layers.{i}.{part}.{p}")
+        i += 1
+    return names[:n_layers_adapted]
+
+
+def schedule_kwargs(total_step: int = 10_000) -> dict:
+    """An AdaLoRA schedule whose middle phase (budget shrinking, a mask every 10 steps) is long."""
+    return dict(tinit=10, tfinal=1000, deltaT=10, total_step=total_step)
+
+
+MASK_STEP = 5000  # in the budget-shrinking phase, a multiple of deltaT: masks
+NOMASK_STEP = 5001  # same phase, not a multiple of deltaT: importance update only
+
+
+def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha: int = 32, causal_lm: bool = True):
+    """Wrap ``base`` with one contender's adapters. Returns (model, update_fn or None, adapted modules)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "ours":
+            import adalora_fast as af
+
+            cfg = af.AdaLoraConfig(
+                init_r=r, target_r=max(1, (2 * r) // 3), lora_alpha=lora_alpha, lora_dropout=dropout,
+                target_modules=targets, **schedule_kwargs(),
+            )
+            m = af.get_peft_model(base, cfg)
+            return m, m.update_and_allocate
+        import peft
+
+        task = {"task_type": "CAUSAL_LM"} if causal_lm else {}
+        if kind == "peft_adalora":
+            cfg = peft.AdaLoraConfig(
+                init_r=r, target_r=max(1, (2 * r) // 3), lora_alpha=lora_alpha, lora_dropout=dropout,
+                target_modules=targets, **schedule_kwargs(), **task,
+            )
+            m = peft.get_peft_model(base, cfg)
+            return m, m.base_model.update_and_allocate
+        if kind == "peft_lora":
+            cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets, **task)
+            return peft.get_peft_model(base, cfg), None
+    raise ValueError(kind)
+
+
+def adapter_params(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------- memory
+@contextlib.contextmanager
+def saved_bytes_counter(exclude: Optional[list] = None):
+    """Count the bytes autograd saves for backward inside the block: unique storages, parameters
+    (and anything in ``exclude``) left out, a tensor saved twice (x by the base matmul and by the
+    adapter) counted once. Yields a dict whose ``bytes`` is filled when the block exits."""
+    skip = {t.untyped_storage().data_ptr() for t in (exclude or [])}
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in skip:
+                seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    out = {"bytes": 0, "tensors": 0}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"] = sum(seen.values())
+    out["tensors"] = len(seen)
