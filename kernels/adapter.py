@@ -123,7 +123,8 @@ def _shrink_kernel(
 
     One pass over x (any strides); A re-read per row tile from L2; the dropped x lives only in
     registers. FLOPs 2·N·k·R_PAD (tensor cores). LLaMA-7B (N=8192, k=4096, r=12→16, bf16 x):
-    reads 67.1 MB, writes 0.4 MB, 1.1 GFLOP → 22.5 µs predicted (memory-bound); with dropout the
+    reads 67.2 MB, writes 0.4 MB, 1.1 GFLOP → 22.5 µs predicted (memory-bound; k=11008: 60.3 µs);
+    with dropout the
     Philox work (~17 int ops per element, ~0.57 G int ops) is of the same order as the memory
     time and overlaps it.
     """
@@ -160,8 +161,8 @@ def _expand_add_kernel(
     """out[N, d] += (t ⊙ e)[N, r] @ B[d, r]ᵀ in place; grid (cdiv(N, BLOCK_N), cdiv(d, BLOCK_D)).
 
     One read and one write of out (base dtype), t and B re-read per tile (L2). The product t ⊙ e
-    is formed per tile in the adapter dtype (fp32 accumulate). LLaMA-7B (N=8192, d=4096, bf16
-    out): 134 MB moved, 1.1 GFLOP → 44.8 µs predicted (d=11008: 361 MB, 120 µs).
+    is formed per tile in the adapter dtype (fp32 accumulate). LLaMA-7B (N=8192, d=4096, r=12,
+    bf16 out): 134.7 MB moved, 1.1 GFLOP → 44.9 µs predicted (d=11008: 361 MB, 120.5 µs).
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -195,8 +196,8 @@ def _grad_rank_kernel(
     grid (cdiv(N, BLOCK_N),); each program walks all of d for its rows. dB [d, r] and dE [r]
     accumulate with fp32 atomics into a zeroed buffer (cdiv(N, BLOCK_N) adds per element);
     ge [N, r] fp32 is written. g may have any strides (stride 0 from ``.sum()``).
-    LLaMA-7B (N=8192, d=4096, bf16 g): reads 67.1 MB, atomics 16.8 MB, 2.1 GFLOP → 28.2 µs
-    predicted (d=11008: 180 MB + 45 MB, 75.8 µs).
+    LLaMA-7B (N=8192, d=4096, r=12, bf16 g): reads 67.1 MB of g, 0.8 MB of t/ge, 25.2 MB of fp32
+    atomics (counted as traffic), 2.1 GFLOP → 93.1 MB, 31.0 µs predicted (d=11008: 249 MB, 82.9 µs).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,8 +241,8 @@ def _dA_dx_kernel(
     grid (cdiv(N, BLOCK_N·ROW_BLOCKS), cdiv(k, BLOCK_K)). One pass over x (mask regenerated from
     the seed), one RMW of dx (base dtype, contiguous), ge [N, r] re-read per column tile (L2),
     dA [r, k] accumulated with fp32 atomics (cdiv(N, BLOCK_N·ROW_BLOCKS) adds per element).
-    LLaMA-7B (N=8192, k=4096, bf16): 201 MB + 4.2 MB atomics, 2.1 GFLOP → 68.5 µs predicted
-    (k=11008: 541 MB, 184 µs).
+    LLaMA-7B (N=8192, k=4096, r=12, bf16): x 67.1 MB + dx 134.2 MB + ge 0.4 MB + 6.3 MB of fp32
+    atomics, 2.1 GFLOP → 208 MB, 69.3 µs predicted (k=11008: 558 MB, 186 µs).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -15,11 +15,10 @@ with m1, m2 fp32 updated in place in the allocator's flat buffers, and (WANT_SCO
 per-triplet score ``E + mean_row(A) + mean_col(B)`` accumulated into a zeroed [Σr] fp32 vector
 with fp32 atomics (one add per (tile, row)). UPDATE=False only reads m1, m2 (``triplet_scores``).
 
-Bytes per adapter element: read p, g, m1, m2 and write m1, m2 = 24 B (fp32), ~10 FLOPs.
-LLaMA-7B (224 adapted layers, r=12: 4096→4096 x 128 and 4096→11008 / 11008→4096 x 96,
-Σ numel = 30.1 M): 723 MB → 241 µs predicted, 1 launch (+1 memset of 10.8 KB of scores).
-PEFT's loop: ~11 ops per tensor x 672 tensors, ~29 full passes over the tensor size counting the
-``ipt`` copy (see COST.md), 672x3 extra launches.
+Bytes per adapter element: read p, g, m1, m2 and write m1, m2 = 24 B (fp32), ~10 FLOPs, one pass.
+LLaMA-7B (all 224 linears adapted, r=12: 30.0 M adapter elements): 720 MB → 240 µs predicted,
+1 launch (+1 memset of the 10.8 KB score vector). PEFT's loop: 10 elementwise ops per tensor
+(96 B per element, 2.88 GB → 960 µs predicted) and 6720 launches (see COST.md).
 
 ``_apply_mask_kernel``: E[i] = keep[i] ? E[i] : 0 for every layer, one program per layer;
 reads Σr bools, RMW of Σr values.

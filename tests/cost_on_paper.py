@@ -31,7 +31,7 @@ def ours(k, d):
         ("fwd", "_shrink_kernel: t = dropout(x) Aᵀ", H * N * k + H * R * k + 4 * N * R, 2 * N * k * RP),
         ("fwd", "_expand_add_kernel: out += (t⊙e) Bᵀ", 2 * H * N * d + 4 * N * R + H * d * R, 2 * N * d * RP),
         ("bwd", "dx = g W (cuBLAS)", H * (N * d + d * k + N * k), 2 * N * k * d),
-        ("bwd", "memset fp32 dA|dB|dE accumulator", 4 * (R * k + d * R + R), 0),
+        ("bwd", "memset fp32 dA/dB/dE accumulator", 4 * (R * k + d * R + R), 0),
         ("bwd", "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
          H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R, 4 * N * d * RP),
         ("bwd", "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
