@@ -6,7 +6,10 @@ import csv
 import os
 from typing import Optional
 
-COLUMNS = ["section", "case", "metric", "unit", "ours", "peft_adalora", "peft_lora", "x_adalora", "x_lora", "spread"]
+COLUMNS = [
+    "section", "case", "metric", "unit", "ours", "peft_adalora", "peft_lora", "x_adalora", "x_lora", "spread",
+    "ours_best", "peft_adalora_best", "peft_lora_best",
+]
 
 
 def _fmt(v, unit=None) -> str:
@@ -64,7 +67,7 @@ def write_csv(rows: list, path: str, meta: dict) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS}, )
 
 
 def _find(rows, section, metric, case_has="", unit=None):
