@@ -15,6 +15,17 @@ from adalora_fast.ops import reference_backend, torch_backend
 LAYOUT_SHAPES = [(4, 8, 6), (1, 5, 7), (4, 8, 6), (0, 8, 6), (3, 6, 9), (4, 8, 6), (0, 3, 2), (2, 7, 7)]
 
 
+@pytest.fixture(autouse=True, params=["ext", "no-ext"])
+def cpu_ext_mode(request, monkeypatch):
+    """Every test runs on the C++ allocator kernels and on the pure-torch ops."""
+    from adalora_fast.ops import cpu_ext
+
+    monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "1" if request.param == "ext" else "0")
+    if request.param == "ext":
+        assert cpu_ext.available(), f"C++ CPU kernels did not build: {cpu_ext._state['error']}"
+    return request.param
+
+
 def _params(shapes, gen):
     ps = []
     for r, k, d in shapes:

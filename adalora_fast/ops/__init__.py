@@ -80,6 +80,18 @@ def get_backend(device: torch.device):
     return importlib.import_module(f"{__name__}.{name}_backend")
 
 
+def _layer_backend(device: torch.device, rank: int):
+    """The backend for one adapted layer: the Triton kernels are compiled for r <= 64, so a larger
+    rank on CUDA runs the torch backend by default (same math); a forced triton raises instead."""
+    mod = get_backend(device)
+    if mod.__name__.endswith("triton_backend") and not os.environ.get(_ENV, "").strip():
+        from ..kernels import _launch
+
+        if rank > _launch.RANK_PADS[-1]:
+            return importlib.import_module(__name__ + ".torch_backend")
+    return mod
+
+
 def _new_seed() -> int:
     # Drawn from torch's default CPU generator: torch.manual_seed makes dropout reproducible,
     # and no device sync happens whatever device the activations live on.
@@ -118,11 +130,11 @@ def adapter_linear(
         cdt = torch.get_autocast_dtype(dev)
         args = [t.to(cdt) if t is not None else None for t in (x2, weight, bias, lora_A, lora_E, lora_B)]
         with torch.autocast(dev, enabled=False):
-            out = get_backend(x.device).adapter_linear(
-                *args[:3], *args[3:], scaling, ranknum, p, seed, fan_in_fan_out
+            out = _layer_backend(x.device, lora_A.shape[0]).adapter_linear(
+                *args, scaling, ranknum, p, seed, fan_in_fan_out
             )
     else:
-        out = get_backend(x.device).adapter_linear(
+        out = _layer_backend(x.device, lora_A.shape[0]).adapter_linear(
             x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, seed, fan_in_fan_out
         )
     return out.view(*lead, out.shape[-1])

@@ -1,13 +1,16 @@
-"""The C++ CPU kernel (``csrc/dropout_lora_cpu.cpp``): fused dropout + shrink and its backward.
+"""The C++ CPU kernels (``csrc/``): fused dropout + shrink and its backward
+(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass and the orthogonal
+penalty forward and backward (``allocator_cpu.cpp``).
 
 Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
-``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast.*``. It is used by the torch
-backend for fp32 adapters on the CPU with dropout > 0, where torch's ``bernoulli_`` (~6 ns per
+``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast.*``. The torch backend uses them
+for fp32 adapters on the CPU: the allocator ops always (exact PEFT arithmetic, one pass instead of
+~12), the dropout kernel with dropout > 0, where torch's ``bernoulli_`` (~6 ns per
 element, twice: forward and the regenerated mask in backward) would cost as much as the base
 matmul. Its keep mask comes from a counter hash, not torch's generator, so it differs from the
 pure-torch path's mask for the same seed (both are valid dropout, each is consistent between its
-own forward and backward). ``ADALORA_FAST_CPU_EXT=0`` disables it; if it cannot be built, a
-warning says why, once, and the pure-torch path runs.
+own forward and backward). ``ADALORA_FAST_CPU_EXT=0`` disables them; if they cannot be built, a
+warning says why, once, and the pure-torch paths run.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from typing import Optional
 import torch
 
 _state: dict = {"loaded": None, "error": None}
-_SOURCE = "dropout_lora_cpu.cpp"
+_SOURCES = ("dropout_lora_cpu.cpp", "allocator_cpu.cpp")
 
 
-def source_path() -> Optional[Path]:
+def source_dir() -> Optional[Path]:
     here = Path(__file__).resolve().parent.parent  # adalora_fast/
-    for cand in (here / "csrc" / _SOURCE, here.parent / "csrc" / _SOURCE):
-        if cand.is_file():
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if all((cand / s).is_file() for s in _SOURCES):
             return cand
     return None
 
@@ -46,29 +49,31 @@ def available() -> bool:
 
 
 def _load() -> bool:
-    src = source_path()
+    src = source_dir()
     if src is None:
-        _state["error"] = f"{_SOURCE} not found beside the package"
+        _state["error"] = f"{', '.join(_SOURCES)} not found beside the package"
     else:
         try:
             from torch.utils import cpp_extension
 
-            print("adalora_fast: building the CPU dropout kernel (once, ~30 s)...", file=sys.stderr, flush=True)
+            print("adalora_fast: building the C++ CPU kernels (once, ~40 s)...", file=sys.stderr, flush=True)
             cpp_extension.load(
                 name="adalora_fast_cpu",
-                sources=[str(src)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                sources=[str(src / s) for s in _SOURCES],
+                # no fused multiply-add: the allocator's EMA must round as PEFT's torch ops do
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=False,
             )
             torch.ops.adalora_fast.dropout_shrink  # noqa: B018  (raises if the ops did not register)
+            torch.ops.adalora_fast.importance_update  # noqa: B018
             return True
         except Exception as exc:  # a missing compiler or ninja: say so, run the torch path
             _state["error"] = f"{type(exc).__name__}: {exc}"
     warnings.warn(
-        f"adalora_fast: the C++ CPU dropout kernel is unavailable ({_state['error']}); dropout on the CPU "
-        "uses torch.bernoulli_ instead (slower, a different but equally valid mask stream). "
+        f"adalora_fast: the C++ CPU kernels are unavailable ({_state['error']}); the CPU path uses torch ops "
+        "instead (slower; dropout then draws from torch.bernoulli_, a different but equally valid mask stream). "
         "Set ADALORA_FAST_CPU_EXT=0 to silence this.",
         RuntimeWarning,
         stacklevel=3,
@@ -77,4 +82,10 @@ def _load() -> bool:
 
 
 def usable(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
+    """The dropout kernel applies: dropout on, CPU, fp32 adapters."""
     return p > 0.0 and x.device.type == "cpu" and A.dtype == torch.float32 and available()
+
+
+def usable_for(t: torch.Tensor) -> bool:
+    """The allocator kernels apply to this (representative) adapter tensor: CPU, fp32."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and available()

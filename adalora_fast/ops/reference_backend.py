@@ -26,6 +26,8 @@ def _views(layout: FlatLayout, buf: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores) -> Optional[torch.Tensor]:
+    if any(g is None for g in grads):  # check first: the loop below updates the state tensor by tensor
+        raise ValueError("importance_update: an adapter tensor has no gradient")
     with torch.no_grad():
         for t, (p, g) in enumerate(zip(params, grads)):
             v1, v2 = _views(layout, m1, t), _views(layout, m2, t)

@@ -149,6 +149,8 @@ def importance_update(
     flat elementwise ops over all layers' state at once. At a masking step, one extra pass forms
     the element scores and each (kind, shape) group is reduced with one ``mean``.
     """
+    if params and cpu_ext.usable_for(params[0]) and all(p.dtype == torch.float32 for p in params[1::3]):
+        return _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores)
     dev = m1.device
     P = torch.empty(layout.numel, dtype=torch.float32, device=dev)
     G = torch.empty(layout.numel, dtype=torch.float32, device=dev)
@@ -166,6 +168,20 @@ def importance_update(
     if not want_scores:
         return None
     return triplet_scores(layout, m1, m2, out_buffer=P)
+
+
+def _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores):
+    """The same in one C++ pass: p, grad, m1, m2 read once, m1, m2 written once, means reduced."""
+    meta = layout.__dict__.get("_cpu_meta")
+    if meta is None:
+        rows = [(layout.offsets[t], layout.triplet_offsets[t // 3]) for t in range(len(layout.tensor_shapes))]
+        meta = layout._cpu_meta = torch.tensor(rows, dtype=torch.int64).view(-1, 2)
+    parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
+    with torch.no_grad():  # the op has no autograd formula; no_grad lets it take the parameters as they are
+        torch.ops.adalora_fast.importance_update(list(params), list(grads), m1, m2, meta, float(beta1), float(beta2), parts)
+    if parts is None:
+        return None
+    return parts[2] + (parts[0] + parts[1])
 
 
 def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor, out_buffer=None) -> torch.Tensor:
@@ -196,8 +212,30 @@ def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequ
         torch._foreach_mul_([p.data for p in E_params], list(factors))
 
 
+class _OrthPenaltyCPU(torch.autograd.Function):
+    """mean_i ||D_i||_F over every A then every B, with the C++ kernels (one call each way)."""
+
+    @staticmethod
+    def forward(ctx, n_A, *mats):
+        norms, D = torch.ops.adalora_fast.orth_forward(list(mats), n_A)
+        ctx.save_for_backward(norms, D, *mats)
+        ctx.n_A = n_A
+        return norms.sum() / len(mats)
+
+    @staticmethod
+    def backward(ctx, g):
+        norms, D, *mats = ctx.saved_tensors
+        coef = float(g) / len(mats)  # g is a CPU scalar here: no device sync
+        grads = torch.ops.adalora_fast.orth_backward(mats, ctx.n_A, norms, D, coef)
+        return (None, *grads)
+
+
 def orth_penalty(layout: FlatLayout, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over all A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F, one bmm per shape group."""
+    """Mean over all A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F, one bmm per shape group
+    (one C++ call each way for fp32 CPU adapters)."""
+    mats = list(params[0::3]) + list(params[1::3])
+    if mats and cpu_ext.usable_for(mats[0]) and all(m.dtype == torch.float32 and m.is_contiguous() for m in mats):
+        return _OrthPenaltyCPU.apply(len(params[0::3]), *mats)
     total = None
     n = 0
     for grp in layout.groups:
