@@ -51,7 +51,10 @@ class _AdapterLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, e, B, p, seed, fan_in_fan_out):
+    def forward(ctx, x, weight, bias, A, E, B, ranknum, scaling, p, seed, fan_in_fan_out):
+        # e is folded here, not by autograd outside: that would save an r-vector and a scalar.
+        s = scaling / (ranknum + 1e-5)  # [1] tensor: no host read of ranknum
+        e = (E.view(-1) * s).to(A.dtype)
         w = weight.t() if fan_in_fan_out else weight  # [d, k]
         out = F.linear(x, w, bias)
         xa = x if x.dtype == A.dtype else x.to(A.dtype)
@@ -67,21 +70,24 @@ class _AdapterLinear(torch.autograd.Function):
             out.addmm_(u, B.t())
         else:
             out += u @ B.t()
-        ctx.save_for_backward(x, t, weight, A, e, B)
+        ctx.save_for_backward(x, t, weight, A, E, B, ranknum)
+        ctx.scaling = scaling
         ctx.p, ctx.seed, ctx.fifo, ctx.use_ext = p, seed, fan_in_fan_out, use_ext
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, t, weight, A, e, B = ctx.saved_tensors
+        x, t, weight, A, E, B, ranknum = ctx.saved_tensors
         p, seed, fifo = ctx.p, ctx.seed, ctx.fifo
-        need_x, need_w, need_b, need_A, need_e, need_B = ctx.needs_input_grad[:6]
+        need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
+        s = ctx.scaling / (ranknum + 1e-5)
+        e = (E.view(-1) * s).to(A.dtype)
         w = weight.t() if fifo else weight  # [d, k]
         ga = g if g.dtype == A.dtype else g.to(A.dtype)
         gB = ga @ B  # [N, r]
         dB = ga.t() @ (t * e) if need_B else None
-        de = (gB * t).sum(0) if need_e else None
+        dE = ((gB * t).sum(0) * s).view_as(E).to(E.dtype) if need_E else None
         ge = gB * e
         dw = db = None
         base_dx = g @ w if need_x else None  # [N, k], base dtype
@@ -94,7 +100,7 @@ class _AdapterLinear(torch.autograd.Function):
             dw = gw.t() if fifo else gw
         if need_b and ctx.has_bias:
             db = g.sum(0)
-        return dx, dw, db, dA, de, dB, None, None, None
+        return dx, dw, db, dA, dE, dB, None, None, None, None, None
 
 
 def _adapter_backward_torch(x, A, ge, dx, seed, p, need_A):
@@ -129,8 +135,11 @@ def _adapter_backward_ext(x, A, ge, dx, seed, p, need_A):
 
 def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, fan_in_fan_out):
     """See ``ops.adapter_linear``; x is 2-D [N, k] here."""
-    e = E.view(-1) * (scaling / (ranknum + 1e-5))
-    return _AdapterLinear.apply(x, weight, bias, A, e.to(A.dtype), B, float(dropout_p), seed, fan_in_fan_out)
+    if not torch.is_tensor(ranknum):
+        ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
+    return _AdapterLinear.apply(
+        x, weight, bias, A, E, B, ranknum.detach(), float(scaling), float(dropout_p), seed, fan_in_fan_out
+    )
 
 
 def importance_update(
