@@ -186,20 +186,17 @@ __attribute__((optimize("fp-contract=fast"))) std::vector<at::Tensor> orth_backw
     doff[i + 1] = doff[i] + r * r;
   }
   TORCH_CHECK(norms.numel() == M && D.numel() == doff[M], "norms/D do not match mats");
-  // One buffer, one strided view per matrix: 448 separate allocations cost more than the math.
-  std::vector<int64_t> goff(M + 1, 0);
-  for (int64_t i = 0; i < M; ++i) goff[i + 1] = goff[i] + mats[i].numel();
-  at::Tensor flat = at::empty({goff[M]}, at::kFloat);
+  // One uninitialised tensor per matrix (every element is written below). Small allocations come
+  // from the heap; a single multi-MB buffer would be fresh mmap'd pages, page-faulted every call.
   std::vector<at::Tensor> out(M);
-  for (int64_t i = 0; i < M; ++i)
-    out[i] = flat.as_strided(mats[i].sizes(), {mats[i].size(1), 1}, goff[i]);
+  for (int64_t i = 0; i < M; ++i) out[i] = at::empty_like(mats[i]);
   const float* np = norms.data_ptr<float>();
   const float* dp = D.data_ptr<float>();
   at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
     std::vector<float> buf, gbuf;
     for (int64_t i = b; i < e; ++i) {
       if (np[i] == 0.0f) {  // torch.norm's gradient at 0 is 0
-        std::fill(flat.data_ptr<float>() + goff[i], flat.data_ptr<float>() + goff[i + 1], 0.0f);
+        out[i].zero_();
         continue;
       }
       const bool is_A = i < n_A;
