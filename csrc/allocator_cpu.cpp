@@ -145,16 +145,23 @@ void check_mats(at::TensorList mats, int64_t n_A) {
   }
 }
 
-// mats: every lora_A then every lora_B. Returns (norms [M], D packed [sum r_i^2]) where
-// norms[i] = ||D_i||_F and D_i the Gram matrix minus identity (kept for backward).
-std::tuple<at::Tensor, at::Tensor> orth_forward(at::TensorList mats, int64_t n_A) {
-  check_mats(mats, n_A);
+// Where each matrix's r x r D_i starts in the packed D (r = rows of an A, columns of a B).
+std::vector<int64_t> gram_offsets(at::TensorList mats, int64_t n_A) {
   const int64_t M = static_cast<int64_t>(mats.size());
   std::vector<int64_t> doff(M + 1, 0);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = i < n_A ? mats[i].size(0) : mats[i].size(1);
     doff[i + 1] = doff[i] + r * r;
   }
+  return doff;
+}
+
+// mats: every lora_A then every lora_B. Returns (norms [M], D packed [sum r_i^2]) where
+// norms[i] = ||D_i||_F and D_i the Gram matrix minus identity (kept for backward).
+std::tuple<at::Tensor, at::Tensor> orth_forward(at::TensorList mats, int64_t n_A) {
+  check_mats(mats, n_A);
+  const int64_t M = static_cast<int64_t>(mats.size());
+  const std::vector<int64_t> doff = gram_offsets(mats, n_A);
   at::Tensor norms = at::empty({M}, at::kFloat);
   at::Tensor D = at::empty({doff[M]}, at::kFloat);
   float* np = norms.data_ptr<float>();
@@ -176,15 +183,11 @@ std::tuple<at::Tensor, at::Tensor> orth_forward(at::TensorList mats, int64_t n_A
 }
 
 // d(sum_i coef * ||D_i||_F) / d mats: A -> 2 coef/||D|| * D A, B -> 2 coef/||D|| * B D (0 where ||D|| = 0).
-__attribute__((optimize("fp-contract=fast"))) std::vector<at::Tensor> orth_backward(at::TensorList mats, int64_t n_A, const at::Tensor& norms, const at::Tensor& D,
-                                      double coef) {
+__attribute__((optimize("fp-contract=fast"))) std::vector<at::Tensor> orth_backward(
+    at::TensorList mats, int64_t n_A, const at::Tensor& norms, const at::Tensor& D, double coef) {
   check_mats(mats, n_A);
   const int64_t M = static_cast<int64_t>(mats.size());
-  std::vector<int64_t> doff(M + 1, 0);
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = i < n_A ? mats[i].size(0) : mats[i].size(1);
-    doff[i + 1] = doff[i] + r * r;
-  }
+  const std::vector<int64_t> doff = gram_offsets(mats, n_A);
   TORCH_CHECK(norms.numel() == M && D.numel() == doff[M], "norms/D do not match mats");
   // One uninitialised tensor per matrix (every element is written below). Small allocations come
   // from the heap; a single multi-MB buffer would be fresh mmap'd pages, page-faulted every call.
