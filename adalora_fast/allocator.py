@@ -92,6 +92,8 @@ class RankAllocator:
         )
 
     def _ensure_state(self, device) -> None:
+        if self.m1 is not None and self.m1.device != device:  # the model was moved after training began
+            self.m1, self.m2 = self.m1.to(device), self.m2.to(device)
         if self.m1 is None:
             self.m1 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
             self.m2 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
@@ -143,6 +145,8 @@ class RankAllocator:
             self.finalized = True
             self.reset_ipt()
             return self.target_bgt
+        if self._keep.device != E[0].device:
+            self._keep = self._keep.to(E[0].device)
         ops.apply_mask(E, self._keep, self.layout.ranks)
         return None
 
