@@ -1,16 +1,19 @@
 """The vectorised PyTorch backend: the CPU training path (and a fallback one can force on CUDA).
 
-Every function here has a reference in ``adalora_fast/reference.py`` and a test against it.
+Every function here has a reference in ``adalora_fast/reference.py`` and a test against it. For
+fp32 adapters on the CPU it calls the C++ kernels of ``csrc/`` (``cpu_ext.py``) where torch ops
+fall short, and its own torch ops otherwise (other dtypes, or ``ADALORA_FAST_CPU_EXT=0``).
 
 * ``adapter_linear``: one autograd Function owns the whole adapted layer. ``E * scaling /
-  ranknum`` is folded into an r-vector ``e`` (no ``A*E`` tensor), the adapter term is added in
-  place into the base output (``addmm_``), and backward adds the adapter's dx in place into the
-  base dx. With dropout the keep mask is drawn from a seeded generator and regenerated in
-  backward: saved for backward are x, the [N, r] shrink output and the weights, nothing else of
-  size N x k or N x d. Passes over N x k: forward 1 (+2 with dropout), backward 2 (+2).
-* ``importance_update``: all layers at once on two flat fp32 buffers, ~10 flat ops plus two
-  ``torch.stack`` per (kind, shape) group, whatever the number of layers.
-* ``orth_penalty``: one batched Gram matrix per (kind, shape) group.
+  ranknum`` is folded into an r-vector ``e`` inside it (no ``A*E`` tensor), the adapter term is
+  added in place into the base output (``addmm_``), and backward adds the adapter's dx in place
+  into the base dx. Saved for backward: x, the [N, r] shrink output and the parameters, nothing
+  else of size N x k or N x d. With dropout the keep mask is regenerated in backward from the
+  seed: by the C++ kernel (hashed mask fused into the shrink, one pass over x each way) or by a
+  seeded ``bernoulli_`` (two extra passes each way).
+* ``importance_update``: all layers at once on two flat fp32 buffers: one C++ pass, or ~10 flat
+  torch ops plus two ``torch.stack`` per (kind, shape) group, whatever the number of layers.
+* ``orth_penalty``: one C++ call each way, or one batched Gram matrix per (kind, shape) group.
 """
 
 from __future__ import annotations
