@@ -417,3 +417,19 @@ def test_update_and_allocate_rejects_bad_step():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="global_step"):
             model.update_and_allocate(bad)
+
+
+def test_importance_update_takes_non_contiguous_grads():
+    gen = torch.Generator().manual_seed(9)
+    layout = FlatLayout(LAYOUT_SHAPES)
+    params = _params(LAYOUT_SHAPES, gen)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    strided = [g.t().contiguous().t() if g.dim() == 2 and min(g.shape) > 1 else g for g in grads]
+    assert any(not g.is_contiguous() for g in strided)
+    out = []
+    for gs in (grads, strided):
+        m1, m2 = torch.zeros(layout.numel), torch.zeros(layout.numel)
+        s = ops.importance_update(layout, params, gs, m1, m2, 0.85, 0.85, want_scores=True)
+        out.append((m1, m2, s))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
