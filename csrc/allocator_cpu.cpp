@@ -1,13 +1,10 @@
-// AdaLoRA's allocator ops for the CPU, one call for every adapted layer, registered as torch ops:
+// AdaLoRA's importance update for the CPU, one call for every adapted layer, registered as
 //   torch.ops.adalora_fast.importance_update  (PEFT's update_ipt + the triplet-score reduction)
-//   torch.ops.adalora_fast.orth_forward / orth_backward  (the orthogonal regulariser)
 //
 // Why: with ~10 flat torch ops plus two torch.stack per (kind, shape) group, the importance update
 // of 224 layers is bound by op count and extra passes, not by bytes (a flat mul_ over the whole
 // state takes ~0.1 ms). Here each element is read once (p, grad, m1, m2) and written once (m1,
 // m2): 24 bytes and ~10 FLOPs per element, the [sum r] triplet means reduced in the same pass.
-// The penalty: per matrix one r x r Gram matrix and its Frobenius norm forward, one r x r times
-// r x k product backward; 4 r^2 k FLOPs per A (r^2 d per B), no stacking copies.
 //
 // Arithmetic follows PEFT's op order exactly (the file is built with -ffp-contract=off, so no
 // multiply-add is fused): m1 = b1*m1 + (1-b1)*ipt; m2 = b2*m2 + (1-b2)*|ipt - m1|, with b1 and
@@ -110,141 +107,13 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
   });
 }
 
-// Both kinds are handled as "rows" R [r, L]: R = A for lora_A [r, k], R = B^T for lora_B [d, r]
-// (copied transposed into a small buffer, so every inner loop runs over a contiguous row).
-// Then D = R R^T - I, and d||D||_F / dR = 2 D R / ||D||_F.
-const float* rows_of(const at::Tensor& m, bool is_A, std::vector<float>& buf) {
-  if (is_A) return m.data_ptr<float>();
-  const int64_t d = m.size(0), r = m.size(1);
-  buf.resize(d * r);
-  const float* src = m.data_ptr<float>();
-  for (int64_t q = 0; q < d; ++q)
-    for (int64_t j = 0; j < r; ++j) buf[j * d + q] = src[q * r + j];
-  return buf.data();
-}
-
-// The penalty has no PEFT rounding to reproduce bit for bit: let the compiler fuse multiply-adds.
-__attribute__((optimize("fp-contract=fast"))) void gram_minus_eye(const float* R, int64_t r, int64_t L, float* D) {
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = i; j < r; ++j) {
-      float acc = 0.0f;
-      const float* x = R + i * L;
-      const float* y = R + j * L;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t q = 0; q < L; ++q) acc += x[q] * y[q];
-      D[i * r + j] = D[j * r + i] = acc;
-    }
-  for (int64_t i = 0; i < r; ++i) D[i * r + i] -= 1.0f;
-}
-
-void check_mats(at::TensorList mats, int64_t n_A) {
-  TORCH_CHECK(n_A >= 0 && n_A <= static_cast<int64_t>(mats.size()), "n_A out of range");
-  for (size_t i = 0; i < mats.size(); ++i) {
-    check_f32(mats[i], "mats", static_cast<int64_t>(i));
-    TORCH_CHECK(mats[i].dim() == 2, "mats[", i, "] must be 2-D");
-  }
-}
-
-// Where each matrix's r x r D_i starts in the packed D (r = rows of an A, columns of a B).
-std::vector<int64_t> gram_offsets(at::TensorList mats, int64_t n_A) {
-  const int64_t M = static_cast<int64_t>(mats.size());
-  std::vector<int64_t> doff(M + 1, 0);
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = i < n_A ? mats[i].size(0) : mats[i].size(1);
-    doff[i + 1] = doff[i] + r * r;
-  }
-  return doff;
-}
-
-// mats: every lora_A then every lora_B. Returns (norms [M], D packed [sum r_i^2]) where
-// norms[i] = ||D_i||_F and D_i the Gram matrix minus identity (kept for backward).
-std::tuple<at::Tensor, at::Tensor> orth_forward(at::TensorList mats, int64_t n_A) {
-  check_mats(mats, n_A);
-  const int64_t M = static_cast<int64_t>(mats.size());
-  const std::vector<int64_t> doff = gram_offsets(mats, n_A);
-  at::Tensor norms = at::empty({M}, at::kFloat);
-  at::Tensor D = at::empty({doff[M]}, at::kFloat);
-  float* np = norms.data_ptr<float>();
-  float* dp = D.data_ptr<float>();
-  at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> buf;
-    for (int64_t i = b; i < e; ++i) {
-      const bool is_A = i < n_A;
-      float* Di = dp + doff[i];
-      const int64_t r = is_A ? mats[i].size(0) : mats[i].size(1);
-      const int64_t L = is_A ? mats[i].size(1) : mats[i].size(0);
-      gram_minus_eye(rows_of(mats[i], is_A, buf), r, L, Di);
-      double acc = 0.0;
-      for (int64_t q = doff[i]; q < doff[i + 1]; ++q) acc += static_cast<double>(dp[q]) * dp[q];
-      np[i] = static_cast<float>(std::sqrt(acc));
-    }
-  });
-  return {norms, D};
-}
-
-// d(sum_i coef * ||D_i||_F) / d mats: A -> 2 coef/||D|| * D A, B -> 2 coef/||D|| * B D (0 where ||D|| = 0).
-__attribute__((optimize("fp-contract=fast"))) std::vector<at::Tensor> orth_backward(
-    at::TensorList mats, int64_t n_A, const at::Tensor& norms, const at::Tensor& D, double coef) {
-  check_mats(mats, n_A);
-  const int64_t M = static_cast<int64_t>(mats.size());
-  const std::vector<int64_t> doff = gram_offsets(mats, n_A);
-  TORCH_CHECK(norms.numel() == M && D.numel() == doff[M], "norms/D do not match mats");
-  // One uninitialised tensor per matrix (every element is written below). Small allocations come
-  // from the heap; a single multi-MB buffer would be fresh mmap'd pages, page-faulted every call.
-  std::vector<at::Tensor> out(M);
-  for (int64_t i = 0; i < M; ++i) out[i] = at::empty_like(mats[i]);
-  const float* np = norms.data_ptr<float>();
-  const float* dp = D.data_ptr<float>();
-  at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> buf, gbuf;
-    for (int64_t i = b; i < e; ++i) {
-      if (np[i] == 0.0f) {  // torch.norm's gradient at 0 is 0
-        out[i].zero_();
-        continue;
-      }
-      const bool is_A = i < n_A;
-      const float c = static_cast<float>(2.0 * coef / np[i]);
-      const int64_t r = is_A ? mats[i].size(0) : mats[i].size(1);
-      const int64_t L = is_A ? mats[i].size(1) : mats[i].size(0);
-      const float* R = rows_of(mats[i], is_A, buf);
-      const float* Di = dp + doff[i];
-      float* g = out[i].data_ptr<float>();
-      float* gR = g;
-      if (!is_A) {
-        gbuf.resize(r * L);
-        gR = gbuf.data();
-      }
-      for (int64_t a = 0; a < r; ++a) {  // gR_a = c * sum_j D_aj R_j (r >= 1 here: ||D|| > 0)
-        float* dst = gR + a * L;
-        const float w0 = c * Di[a * r];
-#pragma omp simd
-        for (int64_t q = 0; q < L; ++q) dst[q] = w0 * R[q];
-        for (int64_t j = 1; j < r; ++j) {
-          const float w = c * Di[a * r + j];
-          const float* src = R + j * L;
-#pragma omp simd
-          for (int64_t q = 0; q < L; ++q) dst[q] += w * src[q];
-        }
-      }
-      if (!is_A)
-        for (int64_t q = 0; q < L; ++q)
-          for (int64_t j = 0; j < r; ++j) g[q * r + j] = gR[j * L + q];
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
   m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, "
         "float beta1, float beta2, Tensor(c!)? parts) -> ()");
-  m.def("orth_forward(Tensor[] mats, int n_A) -> (Tensor, Tensor)");
-  m.def("orth_backward(Tensor[] mats, int n_A, Tensor norms, Tensor D, float coef) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
   m.impl("importance_update", &importance_update);
-  m.impl("orth_forward", &orth_forward);
-  m.impl("orth_backward", &orth_backward);
 }

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (``csrc/``): fused dropout + shrink and its backward
-(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass and the orthogonal
-penalty forward and backward (``allocator_cpu.cpp``).
+(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass
+(``allocator_cpu.cpp``).
 
 Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
 ``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast.*``. The torch backend uses them

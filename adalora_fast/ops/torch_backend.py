@@ -224,44 +224,64 @@ def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequ
         torch._foreach_mul_([p.data for p in E_params], list(factors))
 
 
-class _OrthPenaltyCPU(torch.autograd.Function):
-    """mean_i ||D_i||_F over every A then every B, with the C++ kernels (one call each way)."""
+class _OrthPenalty(torch.autograd.Function):
+    """mean_i ||D_i||_F over every lora_A and lora_B, D = A Aᵀ - I or Bᵀ B - I, as ONE autograd node.
+
+    Per (kind, shape) group: one stack, one bmm and one norm forward; one bmm and one unbind
+    backward. Autograd on the same ops would add ~10 nodes per group plus StackBackward; the
+    per-parameter leaf work (one gradient per A and B) is what remains.
+    """
 
     @staticmethod
-    def forward(ctx, n_A, *mats):
-        norms, D = torch.ops.adalora_fast.orth_forward(list(mats), n_A)
-        ctx.save_for_backward(norms, D, *mats)
-        ctx.n_A = n_A
-        return norms.sum() / len(mats)
+    def forward(ctx, plan, *mats):
+        total = mats[0].new_zeros((), dtype=torch.float32)
+        saved = []
+        for kind, idx in plan:
+            S = torch.stack([mats[i] for i in idx])  # [L, r, k] (A) or [L, d, r] (B)
+            D = S @ S.mT if kind == "A" else S.mT @ S  # [L, r, r]
+            D.diagonal(dim1=1, dim2=2).sub_(1.0)
+            nrm = torch.linalg.matrix_norm(D)  # [L]
+            total = total + nrm.sum()
+            saved += [S, D, nrm]
+        ctx.plan = plan
+        ctx.save_for_backward(*saved)
+        return total / len(mats)
 
     @staticmethod
     def backward(ctx, g):
-        norms, D, *mats = ctx.saved_tensors
-        coef = float(g) / len(mats)  # g is a CPU scalar here: no device sync
-        grads = torch.ops.adalora_fast.orth_backward(mats, ctx.n_A, norms, D, coef)
+        saved = ctx.saved_tensors
+        n = sum(len(idx) for _, idx in ctx.plan)
+        grads = [None] * n
+        for j, (kind, idx) in enumerate(ctx.plan):
+            S, D, nrm = saved[3 * j : 3 * j + 3]
+            # d||D||/dD = D/||D|| (0 where ||D|| = 0, as torch.norm); D symmetric: dS = 2 c D S or 2 c S D
+            coef = torch.where(nrm > 0, (2.0 / n) * g / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
+            Dc = D * coef[:, None, None]
+            gS = Dc @ S if kind == "A" else S @ Dc
+            for i, gi in zip(idx, gS.unbind(0)):
+                grads[i] = gi
         return (None, *grads)
 
 
+def _orth_plan(layout: FlatLayout) -> list:
+    """[(kind, [positions in the A-then-B list])] per (kind, shape) group, cached on the layout."""
+    plan = layout.__dict__.get("_orth_plan")
+    if plan is None:
+        n_A = layout.n_layers
+        plan = []
+        for grp in layout.groups:
+            if grp.kind == "E":
+                continue
+            pos = [t // 3 + (0 if grp.kind == "A" else n_A) for t in grp.members]
+            plan.append((grp.kind, pos))
+        layout._orth_plan = plan
+    return plan
+
+
 def orth_penalty(layout: FlatLayout, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over all A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F, one bmm per shape group
-    (one C++ call each way for fp32 CPU adapters)."""
+    """Mean over all A and B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F: one autograd node, one
+    stack + bmm + norm per (kind, shape) group."""
     mats = list(params[0::3]) + list(params[1::3])
-    if mats and cpu_ext.usable_for(mats[0]) and all(m.dtype == torch.float32 and m.is_contiguous() for m in mats):
-        return _OrthPenaltyCPU.apply(len(params[0::3]), *mats)
-    total = None
-    n = 0
-    for grp in layout.groups:
-        if grp.kind == "E":
-            continue
-        n += len(grp.members)
-        if grp.numel == 0:
-            continue
-        S = torch.stack([params[t] for t in grp.members])
-        cov = S @ S.mT if grp.kind == "A" else S.mT @ S  # [L, r, r]
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        s = torch.linalg.matrix_norm(cov - eye, ord="fro").sum()
-        total = s if total is None else total + s
-    if total is None:
-        dev = params[0].device if params else None
-        return torch.zeros((), device=dev)
-    return total / n
+    if not mats:
+        return torch.zeros(())
+    return _OrthPenalty.apply(_orth_plan(layout), *mats)
