@@ -33,7 +33,6 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
     from tqdm import tqdm
 
     from . import cases, report

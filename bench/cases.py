@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import gc
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -173,7 +172,7 @@ def layer_memory_cases(plan: Plan, device, tick) -> list:
     h, i = plan.step_shape.hidden, plan.step_shape.intermediate
     for k, d, name in ((h, h, "q_proj"), (h, i, "up_proj"), (i, h, "down_proj")):
         for p in (0.0, 0.1):
-            vals, lora_x_copy = {}, None
+            vals = {}
             for kind in ("ours", "peft_adalora", "peft_lora"):
                 layer = _one_layer(kind, k, d, plan.r, p, device)
                 x = torch.randn(N, k, device=device, requires_grad=True)

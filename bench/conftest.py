@@ -8,7 +8,6 @@ alternating, median-and-ratio comparison use ``python -m bench``.
 import warnings
 
 import pytest
-import torch
 
 from .common import pick_device, setup_threads
 
