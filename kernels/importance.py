@@ -100,7 +100,6 @@ def _apply_mask_kernel(ETAB, KEEP, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # tables
 
-_tile_cache: dict = {}
 _ptr_cache: dict = {}
 _PTR_CACHE_MAX = 8
 
@@ -121,19 +120,18 @@ def _geometry(layout, t):
 
 
 def _tiles(layout, device) -> torch.Tensor:
-    key = (id(layout), str(device))
-    hit = _tile_cache.get(key)
-    if hit is not None and hit[0] is layout:
-        return hit[1]
-    rows = []
-    for t in range(len(layout.tensor_shapes)):
-        nr, nc, _, _ = _geometry(layout, t)
-        for r0 in range(0, nr, TILE_R):
-            for c0 in range(0, nc, TILE_C):
-                rows += [t, r0, c0]
-    tab = _to_device(rows, device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
-    _tile_cache[key] = (layout, tab)
-    return tab
+    """[n_tiles, 3] (tensor, first row, first column) work items, built once per layout and device."""
+
+    def build():
+        rows = []
+        for t in range(len(layout.tensor_shapes)):
+            nr, nc, _, _ = _geometry(layout, t)
+            for r0 in range(0, nr, TILE_R):
+                for c0 in range(0, nc, TILE_C):
+                    rows += [t, r0, c0]
+        return _to_device(rows, device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
+
+    return layout.cached(("importance_tiles", str(device)), build)
 
 
 def _tensor_table(layout, params, grads, device) -> torch.Tensor:

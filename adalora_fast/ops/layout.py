@@ -70,7 +70,15 @@ class FlatLayout:
             start += n * len(members)
         self.groups = groups
         self.numel = start
-        self._positions: dict = {}
+        self._cache: dict = {}
+
+    def cached(self, key, build):
+        """``build()`` once per ``key`` for this layout: the tables backends derive from it
+        (positions, pointer-table geometry, C++ metadata) live and die with the layout."""
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = build()
+        return hit
 
     def numel_of(self, t: int) -> int:
         a, b = self.tensor_shapes[t]
@@ -78,16 +86,15 @@ class FlatLayout:
 
     def group_positions(self, group: Group, device) -> torch.Tensor:
         """int64 positions in the [sum(r)] triplet vector of each row of ``group``'s reduced [L, r]."""
-        key = (group.start, group.kind, str(device))
-        pos = self._positions.get(key)
-        if pos is None:
+
+        def build():
             idx = []
             for layer in group.layers:
                 o = self.triplet_offsets[layer]
                 idx.extend(range(o, o + self.ranks[layer]))
-            pos = torch.tensor(idx, dtype=torch.int64, device=device)
-            self._positions[key] = pos
-        return pos
+            return torch.tensor(idx, dtype=torch.int64, device=device)
+
+        return self.cached(("positions", group.start, group.kind, str(device)), build)
 
     def check(self, params: Sequence[torch.Tensor]) -> None:
         """Raise if ``params`` (A, B, E per layer) do not have the shapes this layout was built for."""

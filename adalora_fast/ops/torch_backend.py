@@ -184,10 +184,13 @@ def importance_update(
 
 def _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores):
     """The same in one C++ pass: p, grad, m1, m2 read once, m1, m2 written once, means reduced."""
-    meta = layout.__dict__.get("_cpu_meta")
-    if meta is None:
-        rows = [(layout.offsets[t], layout.triplet_offsets[t // 3]) for t in range(len(layout.tensor_shapes))]
-        meta = layout._cpu_meta = torch.tensor(rows, dtype=torch.int64).view(-1, 2)
+    meta = layout.cached(
+        "cpu_meta",
+        lambda: torch.tensor(
+            [(layout.offsets[t], layout.triplet_offsets[t // 3]) for t in range(len(layout.tensor_shapes))],
+            dtype=torch.int64,
+        ).view(-1, 2),
+    )
     parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
     with torch.no_grad():  # the op has no autograd formula; no_grad lets it take the parameters as they are
         torch.ops.adalora_fast.importance_update(list(params), list(grads), m1, m2, meta, float(beta1), float(beta2), parts)
@@ -264,18 +267,17 @@ class _OrthPenalty(torch.autograd.Function):
 
 
 def _orth_plan(layout: FlatLayout) -> list:
-    """[(kind, [positions in the A-then-B list])] per (kind, shape) group, cached on the layout."""
-    plan = layout.__dict__.get("_orth_plan")
-    if plan is None:
+    """[(kind, [positions in the A-then-B list])] per (kind, shape) group of A or B."""
+
+    def build():
         n_A = layout.n_layers
-        plan = []
-        for grp in layout.groups:
-            if grp.kind == "E":
-                continue
-            pos = [t // 3 + (0 if grp.kind == "A" else n_A) for t in grp.members]
-            plan.append((grp.kind, pos))
-        layout._orth_plan = plan
-    return plan
+        return [
+            (grp.kind, [t // 3 + (0 if grp.kind == "A" else n_A) for t in grp.members])
+            for grp in layout.groups
+            if grp.kind != "E"
+        ]
+
+    return layout.cached("orth_plan", build)
 
 
 def orth_penalty(layout: FlatLayout, params: Sequence[torch.Tensor]) -> torch.Tensor:
