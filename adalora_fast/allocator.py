@@ -79,9 +79,6 @@ class RankAllocator:
     def refresh(self) -> None:
         self._params = None
 
-    def _grads(self, params) -> list:
-        return [p.grad for p in params]
-
     def _missing_grad_error(self, grads) -> RuntimeError:
         t = next(i for i, g in enumerate(grads) if g is None)
         kind = "ABE"[t % 3]
@@ -117,7 +114,7 @@ class RankAllocator:
                     f"global_step={global_step} comes after the final mask was fixed at step {final_start}; "
                     "the step counter must not go back"
                 )
-            grads = self._grads(params)
+            grads = [p.grad for p in params]
             fresh = self.m1 is None
             self._ensure_state(params[0].device)
             budget, mask_now = self.budget_schedule(global_step)

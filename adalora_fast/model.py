@@ -136,9 +136,7 @@ class AdaLoraModel(nn.Module):
             )
         warned = False
         for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            base = getattr(parent, child)
+            base = self.model.get_submodule(name)
             is_conv1d = Conv1D is not None and isinstance(base, Conv1D)
             if config.fan_in_fan_out != is_conv1d and not warned:
                 warnings.warn(
@@ -156,7 +154,13 @@ class AdaLoraModel(nn.Module):
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
             )
-            setattr(parent, child, new)
+            self._swap(name, new)
+
+    def _swap(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` at the dotted path ``name`` of the base model."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, module)
 
     def _set_trainable(self, config: AdaLoraConfig) -> None:
         for n, p in self.model.named_parameters():
@@ -240,22 +244,19 @@ class AdaLoraModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """Fold every adapter into its base weight and return the plain base model."""
-        for name, m in self.adapted_layers():
-            if not m.merged:
-                m.merge(safe_merge=safe_merge)
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, m.base_layer)
-        return self.model
+        return self._unload(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging; return the base model."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         for name, m in self.adapted_layers():
-            if m.merged:
+            if merge and not m.merged:
+                m.merge(safe_merge=safe_merge)
+            elif not merge and m.merged:
                 m.unmerge()
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, m.base_layer)
+            self._swap(name, m.base_layer)
         return self.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
