@@ -38,7 +38,16 @@ BWD_BLOCK_C = 128
 NUM_WARPS = 4
 MAX_RANK = R_M
 # matrix table row: ptr, r, c, stride_r, stride_c, gram_off, grad_off, (pad)
-_F = 8
+_F = tl.constexpr(8)  # int64 fields per matrix record (the host table below writes 8)
+
+
+@triton.jit
+def _matrix_record(MATS, i):
+    """Row i of the matrix table: (pointer, rows, cols, row stride, col stride, gram_off, grad_off)."""
+    rec = MATS + i * _F
+    mp = tl.load(rec).to(tl.pointer_type(tl.float32))
+    return (mp, tl.load(rec + 1), tl.load(rec + 2), tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5),
+            tl.load(rec + 6))
 
 
 @triton.jit
@@ -46,13 +55,7 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_M: tl.constexpr, R_N: tl.
                      BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
     """G[:r, :r] = M Mᵀ as a [R_M=64, R_N] tile (rows padded to 64 for HGMMA, columns to R_N)."""
     i = tl.program_id(0)
-    rec = MATS + i * 8
-    mp = tl.load(rec).to(tl.pointer_type(tl.float32))
-    nr = tl.load(rec + 1)
-    nc = tl.load(rec + 2)
-    sr = tl.load(rec + 3)
-    sc = tl.load(rec + 4)
-    goff = tl.load(rec + 5)
+    mp, nr, nc, sr, sc, goff, _ = _matrix_record(MATS, i)
     rm = tl.arange(0, R_M)
     rn = tl.arange(0, R_N)
     G = tl.zeros((R_M, R_N), dtype=tl.float32)
@@ -77,14 +80,7 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.co
     tile = tl.program_id(0)
     i = tl.load(TILES + tile * 2)
     c0 = tl.load(TILES + tile * 2 + 1)
-    rec = MATS + i * 8
-    mp = tl.load(rec).to(tl.pointer_type(tl.float32))
-    nr = tl.load(rec + 1)
-    nc = tl.load(rec + 2)
-    sr = tl.load(rec + 3)
-    sc = tl.load(rec + 4)
-    goff = tl.load(rec + 5)
-    doff = tl.load(rec + 6)
+    mp, nr, nc, sr, sc, goff, doff = _matrix_record(MATS, i)
     rm = tl.arange(0, R_M)
     rn = tl.arange(0, R_N)
     gm = (rm[:, None] < nr) & (rn[None, :] < nr)
