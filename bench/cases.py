@@ -25,6 +25,7 @@ from .common import (
     Timing,
     adapter_params,
     alternate,
+    layer_fwd_bwd,
     llama,
     make_contender,
     projection_names,
@@ -146,15 +147,7 @@ def layer_cases(plan: Plan, device, tick) -> list:
                 return lambda: layer(x)
 
             def fwd_bwd(layer):
-                ps = adapter_params(layer)
-
-                def f():
-                    x.grad = None
-                    for q in ps:
-                        q.grad = None
-                    layer(x).backward(g)
-
-                return f
+                return layer_fwd_bwd(layer, x, g)
 
             for metric, make in (("forward", fwd), ("forward+backward", fwd_bwd)):
                 t = alternate({n: make(m) for n, m in layers.items()}, device, plan.repeats, plan.warmup, plan.min_sample_s)

@@ -261,6 +261,20 @@ def adapter_params(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def layer_fwd_bwd(layer, x, g):
+    """A closure running one forward+backward of ``layer`` on ``x`` with output gradient ``g``,
+    gradients cleared first so each call does the same work (no accumulation into old grads)."""
+    ps = adapter_params(layer)
+
+    def step():
+        x.grad = None
+        for q in ps:
+            q.grad = None
+        layer(x).backward(g)
+
+    return step
+
+
 # ---------------------------------------------------------------------------------- memory
 @contextlib.contextmanager
 def saved_bytes_counter(exclude: Optional[list] = None):

@@ -128,6 +128,19 @@ def targets_table(ts: list) -> str:
     return "\n".join(lines)
 
 
+def _log_layers_axes(ax, xs, ylabel: str, title: str, legend_size: int) -> None:
+    """Log-log axes over the numbers of adapted layers, ticked at each measured count."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("adapted layers")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def plot(rows: list, curve: list, path: str, title: str) -> Optional[str]:
     import matplotlib
 
@@ -141,15 +154,7 @@ def plot(rows: list, curve: list, path: str, title: str) -> Optional[str]:
     for who, lab in (("ours", "adalora_fast"), ("peft", "PEFT AdaLoRA")):
         ax.plot(xs, [p[f"{who}_mask_ms"] for p in curve], "o-", label=f"{lab}, masking step", **style[who])
         ax.plot(xs, [p[f"{who}_nomask_ms"] for p in curve], "s--", label=f"{lab}, non-masking step", **style[who])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.set_xlabel("adapted layers")
-    ax.set_ylabel("update_and_allocate, ms (median)")
-    ax.set_title("update_and_allocate vs number of adapted layers")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _log_layers_axes(ax, xs, "update_and_allocate, ms (median)", "update_and_allocate vs number of adapted layers", 8)
 
     ax = axes[1]
     for who, lab in (("ours", "adalora_fast"), ("peft", "PEFT AdaLoRA")):
@@ -157,15 +162,7 @@ def plot(rows: list, curve: list, path: str, title: str) -> Optional[str]:
         ax.plot(xs, [1e3 * p[f"{who}_nomask_ms"] / p["layers"] for p in curve], "s--", label=f"{lab}, non-masking", **style[who])
         oc = [p for p in curve if f"{who}_orth_ms" in p]
         ax.plot([p["layers"] for p in oc], [1e3 * p[f"{who}_orth_ms"] / p["layers"] for p in oc], "^:", label=f"{lab}, orth penalty f+b", **style[who])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.set_xlabel("adapted layers")
-    ax.set_ylabel("µs per adapted layer")
-    ax.set_title("per-layer cost (flat = scales linearly)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _log_layers_axes(ax, xs, "µs per adapted layer", "per-layer cost (flat = scales linearly)", 7)
 
     ax = axes[2]
     steps = [r for r in rows if r["section"] == "train step" and r["metric"] == "throughput"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from .cases import _one_layer
-from .common import adapter_params
+from .common import adapter_params, layer_fwd_bwd
 
 N = 512
 SHAPES = [(512, 512), (512, 1376)]
@@ -31,13 +31,7 @@ def test_layer_forward_backward(benchmark, device, kind, k, d, p):
     x = torch.randn(N, k, device=device, requires_grad=True)
     g = torch.randn(N, d, device=device)
     ps = adapter_params(layer)
-
-    def step():
-        x.grad = None
-        for q in ps:
-            q.grad = None
-        layer(x).backward(g)
-
+    step = layer_fwd_bwd(layer, x, g)
     benchmark.group = f"layer forward+backward N={N} k={k} d={d} p={p}"
     benchmark.extra_info["contender"] = kind
     benchmark(step)
