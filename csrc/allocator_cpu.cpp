@@ -1,5 +1,7 @@
-// AdaLoRA's importance update for the CPU, one call for every adapted layer, registered as
-//   torch.ops.adalora_fast.importance_update  (PEFT's update_ipt + the triplet-score reduction)
+// AdaLoRA's allocator step for the CPU, one call each for every adapted layer, registered as
+//   torch.ops.adalora_fast.importance_update    (PEFT's update_ipt + the triplet-score reduction)
+//   torch.ops.adalora_fast.keep_mask_to_budget  (exact-k selection, O(n))
+//   torch.ops.adalora_fast.apply_mask           (zero the pruned lora_E entries)
 //
 // Why: with ~10 flat torch ops plus two torch.stack per (kind, shape) group, the importance update
 // of 224 layers is bound by op count and extra passes, not by bytes (a flat mul_ over the whole
@@ -14,7 +16,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -24,18 +30,21 @@ void check_f32(const at::Tensor& t, const char* what, int64_t i) {
               "] must be a contiguous float32 CPU tensor");
 }
 
-// params/grads: A_0, B_0, E_0, A_1, ... (A [r, k], B [d, r], E [r, 1]); meta [T, 2] int64 holds
-// each tensor's first element in m1/m2 and its layer's first position in the [sum r] scores.
-// parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B, E, of m1 * m2.
+// params/grads: A_0, B_0, E_0, A_1, ... (A [r, k], B [d, r], E [r, 1]); an empty grads list means
+// each parameter's own .grad (read here: no Python list of T gradients to build and convert).
+// meta [T, 2] int64 holds each tensor's first element in m1/m2 and its layer's first position in
+// the [sum r] scores. parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B,
+// E, of m1 * m2.
 void importance_update(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads_in, at::Tensor m1, at::Tensor m2,
                        const at::Tensor& meta, double beta1, double beta2, const c10::optional<at::Tensor>& parts) {
   const int64_t T = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads_in.size()) == T, "params and grads differ in length");
+  const bool own_grads = grads_in.size() == 0;
+  TORCH_CHECK(own_grads || static_cast<int64_t>(grads_in.size()) == T, "params and grads differ in length");
   // Missing gradients are reported by index (the caller turns that into a message with names);
   // a non-contiguous gradient is copied once here rather than checked in Python per tensor.
   std::vector<at::Tensor> grads(T);
   for (int64_t t = 0; t < T; ++t) {
-    const c10::optional<at::Tensor> g = grads_in.get(t);
+    const c10::optional<at::Tensor> g = own_grads ? c10::optional<at::Tensor>(params[t].grad()) : grads_in.get(t);
     TORCH_CHECK(g.has_value() && g->defined(), "missing gradient for adapter tensor ", t);
     grads[t] = g->contiguous();
   }
@@ -97,9 +106,14 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
       } else if (kind == 1) {  // B [d, r]: mean over each column
         const int64_t d = p.size(0), r = p.size(1);
         colsum.assign(r, 0.0);
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t j = 0; j < r; ++j) colsum[j] += static_cast<double>(a1[i * r + j] * a2[i * r + j]);
-        for (int64_t j = 0; j < r; ++j) sc[total_r + to + j] = static_cast<float>(colsum[j] / static_cast<double>(d));
+        double* cs = colsum.data();
+        for (int64_t i = 0; i < d; ++i) {
+          const float* x1 = a1 + i * r;
+          const float* x2 = a2 + i * r;
+#pragma omp simd
+          for (int64_t j = 0; j < r; ++j) cs[j] += static_cast<double>(x1[j] * x2[j]);
+        }
+        for (int64_t j = 0; j < r; ++j) sc[total_r + to + j] = static_cast<float>(cs[j] / static_cast<double>(d));
       } else {  // E [r, 1]
         for (int64_t i = 0; i < n; ++i) sc[2 * total_r + to + i] = a1[i] * a2[i];
       }
@@ -107,13 +121,73 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
   });
 }
 
+// reference.keep_mask_to_budget without the sort: exactly n_prune triplets pruned, the lowest
+// scores, ties (and NaNs, which sort last as in torch.sort) broken by position. The comparator is
+// a strict total order, so nth_element's first n_prune entries are the stable sort's first
+// n_prune: O(n) instead of a stable sort's O(n log n) (~1 ms at 12k triplets).
+at::Tensor keep_mask_to_budget(const at::Tensor& scores, int64_t n_prune) {
+  check_f32(scores, "scores", 0);
+  TORCH_CHECK(scores.dim() == 1, "scores must be 1-D");
+  const int64_t n = scores.numel();
+  TORCH_CHECK_VALUE(n_prune >= 0 && n_prune <= n, "n_prune=", n_prune, " must lie in [0, ", n, "]");
+  at::Tensor keep = at::ones({n}, scores.options().dtype(at::kBool));
+  if (n_prune == 0) return keep;
+  const float* s = scores.data_ptr<float>();
+  std::vector<int64_t> idx(n);
+  std::iota(idx.begin(), idx.end(), int64_t{0});
+  std::nth_element(idx.begin(), idx.begin() + (n_prune - 1), idx.end(), [s](int64_t a, int64_t b) {
+    const float x = s[a], y = s[b];
+    const bool nx = std::isnan(x), ny = std::isnan(y);
+    if (nx != ny) return ny;
+    if (!nx && x != y) return x < y;
+    return a < b;
+  });
+  bool* k = keep.data_ptr<bool>();
+  for (int64_t i = 0; i < n_prune; ++i) k[idx[i]] = false;
+  return keep;
+}
+
+// Zero the pruned entries of every lora_E (E_t [r_t, 1], the triplets in keep's layer order), as
+// PEFT's masked_fill_: one call instead of a split, a list of .data views and a foreach multiply
+// over every layer. Writes through raw pointers, so it bumps each E's version counter itself.
+void apply_mask(at::TensorList E, const at::Tensor& keep) {
+  TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.dim() == 1,
+              "keep must be a contiguous 1-D bool CPU tensor");
+  const bool* k = keep.data_ptr<bool>();
+  const int64_t n = keep.numel();
+  int64_t total = 0;
+  for (size_t t = 0; t < E.size(); ++t) {  // every check before any write
+    check_f32(E[t], "E", static_cast<int64_t>(t));
+    total += E[t].numel();
+  }
+  TORCH_CHECK(total == n, "keep has ", n, " entries, the E tensors' ranks add up to ", total);
+  int64_t off = 0;
+  for (size_t t = 0; t < E.size(); ++t) {
+    const int64_t r = E[t].numel();
+    float* e = E[t].data_ptr<float>();
+    bool changed = false;
+    for (int64_t i = 0; i < r; ++i) {
+      if (!k[off + i]) {
+        e[i] = 0.0f;
+        changed = true;
+      }
+    }
+    if (changed) torch::autograd::impl::bump_version(E[t]);
+    off += r;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
   m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, "
         "float beta1, float beta2, Tensor(c!)? parts) -> ()");
+  m.def("keep_mask_to_budget(Tensor scores, int n_prune) -> Tensor");
+  m.def("apply_mask(Tensor(a!)[] E, Tensor keep) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
   m.impl("importance_update", &importance_update);
+  m.impl("keep_mask_to_budget", &keep_mask_to_budget);
+  m.impl("apply_mask", &apply_mask);
 }

@@ -144,6 +144,22 @@ def test_keep_mask_equals_peft_rule_without_ties():
             ops.keep_mask_to_budget(scores, bad)
 
 
+def test_keep_mask_matches_stable_sort_with_ties_nan_and_signed_zero():
+    """The backend's selection (O(n) C++ with the extension) prunes exactly the set a stable sort's
+    first n_prune would: ties by position, NaN last, -0.0 equal to 0.0."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n = int(torch.randint(1, 300, (1,), generator=gen))
+        scores = torch.randint(0, 6, (n,), generator=gen).float() / 4  # many ties
+        if trial % 3 == 0:
+            scores[torch.rand(n, generator=gen) < 0.1] = float("nan")
+        if trial % 4 == 0:
+            scores[torch.rand(n, generator=gen) < 0.2] = -0.0
+        for n_prune in {0, 1, n // 3, n // 2, n - 1, n}:
+            got = ops.keep_mask_to_budget(scores, n_prune)
+            assert torch.equal(got, reference.keep_mask_to_budget(scores, n_prune)), (trial, n, n_prune)
+
+
 # ----------------------------------------------------------------------------- apply_mask
 def test_apply_mask_backends_agree():
     gen = torch.Generator().manual_seed(3)
@@ -166,6 +182,23 @@ def test_apply_mask_backends_agree():
     assert [id(p) for p in Ep] == ids
     for p, er in zip(Ep, Er):
         assert torch.equal(p.data, er)
+
+
+def test_apply_mask_bumps_versions_and_takes_mixed_dtypes():
+    """In place on the parameters, as PEFT's masked_fill_: the version counters move (autograd
+    then refuses a backward through a stale saved E), and a list mixing dtypes still works."""
+    ranks = [3, 2]
+    keep = torch.tensor([True, False, True, False, True])
+    E = [nn.Parameter(torch.ones(3, 1)), nn.Parameter(torch.ones(2, 1))]
+    versions = [p._version for p in E]
+    ops.apply_mask(E, keep, ranks)
+    assert all(p._version > v for p, v in zip(E, versions))
+    assert E[0].view(-1).tolist() == [1.0, 0.0, 1.0] and E[1].view(-1).tolist() == [0.0, 1.0]
+    mixed = [torch.ones(3, 1), torch.ones(2, 1, dtype=torch.float64)]
+    ops.apply_mask(mixed, keep, ranks)
+    assert mixed[0].view(-1).tolist() == [1.0, 0.0, 1.0] and mixed[1].view(-1).tolist() == [0.0, 1.0]
+    with pytest.raises(RuntimeError):
+        ops.apply_mask([torch.ones(3, 1), torch.ones(3, 1)], keep, [3, 3])
 
 
 # ----------------------------------------------------------------------------- orth_penalty
@@ -417,6 +450,33 @@ def test_update_and_allocate_rejects_bad_step():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="global_step"):
             model.update_and_allocate(bad)
+
+
+def test_importance_update_reads_param_grads_when_grads_is_none(use_backend):
+    """grads=None (what the allocator passes) means each parameter's .grad: same state and scores
+    as the explicit list, on every backend; a missing .grad raises and changes nothing."""
+    gen = torch.Generator().manual_seed(11)
+    layout = FlatLayout(LAYOUT_SHAPES)
+    params = [nn.Parameter(t) for t in _params(LAYOUT_SHAPES, gen)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    for b in ("torch", "reference"):
+        use_backend(b)
+        out = []
+        for grads in ([p.grad for p in params], None):
+            st = torch.Generator().manual_seed(1)
+            m1, m2 = torch.rand(layout.numel, generator=st), torch.rand(layout.numel, generator=st)
+            s = ops.importance_update(layout, params, grads, m1, m2, 0.85, 0.8, want_scores=True)
+            out.append((m1, m2, s))
+        for x, y in zip(*out):
+            assert torch.equal(x, y), b
+        params[4].grad = None
+        m1, m2 = torch.rand(layout.numel), torch.rand(layout.numel)
+        before = (m1.clone(), m2.clone())
+        with pytest.raises((RuntimeError, ValueError), match="gradient"):
+            ops.importance_update(layout, params, None, m1, m2, 0.85, 0.8, want_scores=False)
+        assert torch.equal(m1, before[0]) and torch.equal(m2, before[1]), b
+        params[4].grad = torch.randn(params[4].shape, generator=gen)
 
 
 def test_importance_update_takes_non_contiguous_grads():

@@ -143,7 +143,7 @@ def adapter_linear(
 def importance_update(
     layout: FlatLayout,
     params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
+    grads: Optional[Sequence[Optional[torch.Tensor]]],
     m1: torch.Tensor,
     m2: torch.Tensor,
     beta1: float,
@@ -152,8 +152,9 @@ def importance_update(
 ) -> Optional[torch.Tensor]:
     """PEFT's ``update_ipt`` for every adapter tensor at once, in place on the flat fp32 state.
 
-    ``params``/``grads``: A, B, E of every layer in ``layout`` order; m1, m2: [layout.numel]
-    fp32. Returns the [sum(r)] triplet scores ``E + mean_row(A) + mean_col(B)`` of the element
+    ``params``/``grads``: A, B, E of every layer in ``layout`` order (``grads=None``: each
+    parameter's ``.grad``, which the C++ kernel reads itself); m1, m2: [layout.numel] fp32.
+    A missing gradient raises before any state changes. Returns the [sum(r)] triplet scores ``E + mean_row(A) + mean_col(B)`` of the element
     scores ``m1 * m2`` when ``want_scores``, else None. No host sync.
     """
     return get_backend(m1.device).importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores)
@@ -166,7 +167,7 @@ def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor) -> to
 
 def keep_mask_to_budget(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Bool [sum(r)]: False for exactly ``n_prune`` lowest-scored triplets (stable on ties)."""
-    return _ref.keep_mask_to_budget(scores, n_prune)
+    return get_backend(scores.device).keep_mask_to_budget(scores, n_prune)
 
 
 def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequence[int]) -> None:

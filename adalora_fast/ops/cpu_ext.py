@@ -1,6 +1,6 @@
 """The C++ CPU kernels (``csrc/``): fused dropout + shrink and its backward
-(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass
-(``allocator_cpu.cpp``).
+(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass, the exact-k
+selection of the triplets to prune and the masking of every ``lora_E`` (``allocator_cpu.cpp``).
 
 Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
 ``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast.*``. The torch backend uses them
@@ -56,7 +56,11 @@ def _load() -> bool:
         try:
             from torch.utils import cpp_extension
 
-            print("adalora_fast: building the C++ CPU kernels (once, ~40 s)...", file=sys.stderr, flush=True)
+            print(
+                "adalora_fast: loading the C++ CPU kernels (compiled on first use, ~40 s, then cached)...",
+                file=sys.stderr,
+                flush=True,
+            )
             cpp_extension.load(
                 name="adalora_fast_cpu",
                 sources=[str(src / s) for s in _SOURCES],
@@ -68,6 +72,8 @@ def _load() -> bool:
             )
             torch.ops.adalora_fast.dropout_shrink  # noqa: B018  (raises if the ops did not register)
             torch.ops.adalora_fast.importance_update  # noqa: B018
+            torch.ops.adalora_fast.keep_mask_to_budget  # noqa: B018
+            torch.ops.adalora_fast.apply_mask  # noqa: B018
             return True
         except Exception as exc:  # a missing compiler or ninja: say so, run the torch path
             _state["error"] = f"{type(exc).__name__}: {exc}"

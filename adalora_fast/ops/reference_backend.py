@@ -26,6 +26,7 @@ def _views(layout: FlatLayout, buf: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores) -> Optional[torch.Tensor]:
+    grads = [p.grad for p in params] if grads is None else grads
     if any(g is None for g in grads):  # check first: the loop below updates the state tensor by tensor
         raise ValueError("importance_update: an adapter tensor has no gradient")
     with torch.no_grad():
@@ -47,6 +48,9 @@ def triplet_scores(layout: FlatLayout, m1, m2) -> torch.Tensor:
     if not out:
         return torch.zeros(0, device=m1.device)
     return torch.cat(out)
+
+
+keep_mask_to_budget = ref.keep_mask_to_budget
 
 
 def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequence[int]) -> None:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import reference as ref
 from . import cpu_ext
 from .layout import FlatLayout
 
@@ -148,7 +149,7 @@ def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, 
 def importance_update(
     layout: FlatLayout,
     params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
+    grads: Optional[Sequence[Optional[torch.Tensor]]],
     m1: torch.Tensor,
     m2: torch.Tensor,
     beta1: float,
@@ -163,6 +164,9 @@ def importance_update(
     """
     if params and cpu_ext.usable_for(params[0]) and all(p.dtype == torch.float32 for p in params[1::3]):
         return _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores)
+    grads = [p.grad for p in params] if grads is None else grads
+    if any(g is None for g in grads):  # before the stacks: a failed call leaves the state as it was
+        raise ValueError("importance_update: an adapter tensor has no gradient")
     dev = m1.device
     P = torch.empty(layout.numel, dtype=torch.float32, device=dev)
     G = torch.empty(layout.numel, dtype=torch.float32, device=dev)
@@ -183,7 +187,8 @@ def importance_update(
 
 
 def _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores):
-    """The same in one C++ pass: p, grad, m1, m2 read once, m1, m2 written once, means reduced."""
+    """The same in one C++ pass: p, grad, m1, m2 read once, m1, m2 written once, means reduced.
+    ``grads=None`` passes an empty list: the kernel reads each parameter's ``.grad`` itself."""
     meta = layout.cached(
         "cpu_meta",
         lambda: torch.tensor(
@@ -193,7 +198,9 @@ def _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_sco
     )
     parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
     with torch.no_grad():  # the op has no autograd formula; no_grad lets it take the parameters as they are
-        torch.ops.adalora_fast.importance_update(list(params), list(grads), m1, m2, meta, float(beta1), float(beta2), parts)
+        torch.ops.adalora_fast.importance_update(
+            list(params), [] if grads is None else list(grads), m1, m2, meta, float(beta1), float(beta2), parts
+        )
     if parts is None:
         return None
     return parts[2] + (parts[0] + parts[1])
@@ -218,13 +225,28 @@ def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor, out_b
     return parts["E"] + (parts["A"] + parts["B"])
 
 
+def keep_mask_to_budget(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """``reference.keep_mask_to_budget``: an O(n) C++ selection for fp32 CPU scores, else the sort."""
+    if cpu_ext.usable_for(scores) and scores.dim() == 1 and scores.is_contiguous():
+        return torch.ops.adalora_fast.keep_mask_to_budget(scores, int(n_prune))
+    return ref.keep_mask_to_budget(scores, n_prune)
+
+
 def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequence[int]) -> None:
-    """Zero every pruned ``lora_E`` entry in place (``keep``: [sum(r)] bool, layer order)."""
+    """Zero every pruned ``lora_E`` entry in place (``keep``: [sum(r)] bool, layer order): one
+    C++ call for fp32 CPU parameters, else a split and one foreach multiply."""
     if not E_params:
         return
+    if keep.device.type == "cpu" and cpu_ext.usable_for(E_params[0]):
+        try:  # the kernel checks every E before it writes any: on a refusal nothing has changed
+            with torch.no_grad():
+                torch.ops.adalora_fast.apply_mask(list(E_params), keep.contiguous())
+            return
+        except RuntimeError:  # an E of another dtype or layout: the foreach path below takes any
+            pass
     with torch.no_grad():
         factors = keep.to(E_params[0].dtype).view(-1, 1).split(list(ranks))
-        torch._foreach_mul_([p.data for p in E_params], list(factors))
+        torch._foreach_mul_(list(E_params), list(factors))  # on the parameters: their versions move
 
 
 class _OrthPenalty(torch.autograd.Function):

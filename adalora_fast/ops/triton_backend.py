@@ -24,6 +24,7 @@ from ..kernels import _launch as _kl  # noqa: F401  (re-exported for tests that 
 from ..kernels import adapter as _ka
 from ..kernels import importance as _ki
 from ..kernels import orth as _ko
+from ..reference import keep_mask_to_budget  # noqa: F401  (a torch.sort of sum(r) scores: one sort on the GPU)
 from .layout import FlatLayout
 
 
@@ -118,7 +119,7 @@ def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, 
 def importance_update(
     layout: FlatLayout,
     params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
+    grads: Optional[Sequence[Optional[torch.Tensor]]],
     m1: torch.Tensor,
     m2: torch.Tensor,
     beta1: float,
@@ -126,6 +127,7 @@ def importance_update(
     want_scores: bool,
 ) -> Optional[torch.Tensor]:
     """Update m1, m2 in place for every adapter tensor in one launch; scores reduced in the same pass."""
+    grads = [p.grad for p in params] if grads is None else grads
     for t, gr in enumerate(grads):
         if gr is None:
             raise ValueError(
