@@ -106,8 +106,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_sample(fn: Callable[[], object], inner: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
+def cache_flusher(device: torch.device) -> Callable[[], None]:
+    """A callable that evicts the caches: it reads and writes a buffer of twice the CPU's last-level
+    cache (sysfs; 64 MiB if unknown), or 256 MB on a GPU as ``triton.testing.do_bench`` does.
+
+    The allocator benchmark runs it, then an AdamW step, before each "in training order" call:
+    in training the forward and backward stream far more than the cache holds between two
+    ``update_and_allocate`` calls, and the optimizer step that comes just before touches p and g.
+    """
+    if device.type == "cuda":
+        nbytes = 256 * 2**20
+    else:
+        nbytes = 64 * 2**20
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+                txt = f.read().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1:], 1)
+            nbytes = max(nbytes, 2 * int(txt.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            pass
+    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+
+    def flush() -> None:
+        buf.add_(1.0)  # a read and a write of every line (a plain memset may bypass the cache)
+
+    return flush
+
+
+def time_sample(
+    fn: Callable[[], object], inner: int, device: torch.device, before: Optional[Callable[[], None]] = None
+) -> float:
+    """Seconds per call of ``fn`` over ``inner`` calls: back to back, or with ``before()`` (untimed)
+    before each call."""
+    if before is not None:
+        total = 0.0
+        for _ in range(inner):
+            before()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            total += time.perf_counter() - t0
+        return total / inner
     if device.type == "cuda":
         _sync(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -146,8 +186,11 @@ def alternate(
     min_sample_s: float = 0.05,
     fixed_inner: Optional[int] = None,
     tick: Optional[Callable[[], None]] = None,
+    before: Optional[Callable[[str], None]] = None,
 ) -> Timing:
-    """Warm each contender up, then time them in turn (A B C A B C ...) for ``repeats`` rounds."""
+    """Warm each contender up, then time them in turn (A B C A B C ...) for ``repeats`` rounds.
+    With ``before``, ``before(name)`` runs untimed before every call of contender ``name`` (at
+    most 10 calls per sample then)."""
     res = Timing()
     for name, fn in contenders.items():
         for _ in range(warmup):
@@ -157,11 +200,12 @@ def alternate(
             res.inner[name] = fixed_inner
         else:
             t = time_sample(fn, 1, device)
-            res.inner[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-7))))
+            res.inner[name] = max(1, min(10 if before else 1000, math.ceil(min_sample_s / max(t, 1e-7))))
         res.samples[name] = []
     for _ in range(repeats):
         for name, fn in contenders.items():
-            res.samples[name].append(time_sample(fn, res.inner[name], device))
+            prep = (lambda n=name: before(n)) if before is not None else None
+            res.samples[name].append(time_sample(fn, res.inner[name], device, prep))
         if tick is not None:
             tick()
     return res

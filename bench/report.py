@@ -90,7 +90,7 @@ def targets(rows: list, curve: list) -> list:
             v = r["ours"] / r["peft_lora"]
             add(f"train step p={p}: ours / PEFT LoRA time", v, "<= 1.00", v <= 1.0)
             add(f"train step p={p}: PEFT AdaLoRA / ours time", r["x_adalora"], ">= 1.15", r["x_adalora"] >= 1.15)
-    for label in ("masking step", "non-masking step"):
+    for label in ("masking step", "non-masking step", "masking step, in training order", "non-masking step, in training order"):
         r = _find(rows, "update_and_allocate", label, "224 layers", unit="ms")
         if r is not None:
             add(f"update_and_allocate, 224 layers, {label}: PEFT / ours", r["x_adalora"], ">= 20", r["x_adalora"] >= 20)
@@ -99,10 +99,12 @@ def targets(rows: list, curve: list) -> list:
         hi = max(by)
         ref = 224 if 224 in by and hi != 224 else min((n for n in by if n >= 56), default=min(by))
         if hi != ref:
-            for key in ("nomask", "mask"):
+            for key in ("nomask", "mask", "nomask_cold", "mask_cold"):
+                if f"ours_{key}_ms" not in by[ref]:
+                    continue
                 a = by[ref][f"ours_{key}_ms"] / ref
                 b = by[hi][f"ours_{key}_ms"] / hi
-                label = "masking" if key == "mask" else "non-masking"
+                label = ("masking" if key.startswith("mask") else "non-masking") + (", in training order" if key.endswith("cold") else "")
                 add(f"update_and_allocate per layer, {label}: {hi} / {ref} layers", b / a, "<= 1.25 (near-flat)", b / a <= 1.25)
     r = _find(rows, "orth_penalty", "forward+backward", "224 layers")
     if r is not None:
@@ -160,6 +162,9 @@ def plot(rows: list, curve: list, path: str, title: str) -> Optional[str]:
     for who, lab in (("ours", "adalora_fast"), ("peft", "PEFT AdaLoRA")):
         ax.plot(xs, [1e3 * p[f"{who}_mask_ms"] / p["layers"] for p in curve], "o-", label=f"{lab}, masking", **style[who])
         ax.plot(xs, [1e3 * p[f"{who}_nomask_ms"] / p["layers"] for p in curve], "s--", label=f"{lab}, non-masking", **style[who])
+        if who == "ours" and all("ours_mask_cold_ms" in p for p in curve):
+            ax.plot(xs, [1e3 * p["ours_mask_cold_ms"] / p["layers"] for p in curve], "o-", label=f"{lab}, masking, in training order", color="tab:cyan")
+            ax.plot(xs, [1e3 * p["ours_nomask_cold_ms"] / p["layers"] for p in curve], "s--", label=f"{lab}, non-masking, in training order", color="tab:cyan")
         oc = [p for p in curve if f"{who}_orth_ms" in p]
         ax.plot([p["layers"] for p in oc], [1e3 * p[f"{who}_orth_ms"] / p["layers"] for p in oc], "^:", label=f"{lab}, orth penalty f+b", **style[who])
     _log_layers_axes(ax, xs, "µs per adapted layer", "per-layer cost (flat = scales linearly)", 7)

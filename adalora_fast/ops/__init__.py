@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference as _ref
 from .layout import FlatLayout
 
 __all__ = [

@@ -11,9 +11,11 @@ fall short, and its own torch ops otherwise (other dtypes, or ``ADALORA_FAST_CPU
   else of size N x k or N x d. With dropout the keep mask is regenerated in backward from the
   seed: by the C++ kernel (hashed mask fused into the shrink, one pass over x each way) or by a
   seeded ``bernoulli_`` (two extra passes each way).
-* ``importance_update``: all layers at once on two flat fp32 buffers: one C++ pass, or ~10 flat
-  torch ops plus two ``torch.stack`` per (kind, shape) group, whatever the number of layers.
-* ``orth_penalty``: one C++ call each way, or one batched Gram matrix per (kind, shape) group.
+* ``importance_update``: all layers at once on two flat fp32 buffers: one C++ pass (which reads
+  each ``.grad`` itself), or ~10 flat torch ops plus two ``torch.stack`` per (kind, shape) group,
+  whatever the number of layers. ``keep_mask_to_budget`` and ``apply_mask``: one C++ call each
+  (an O(n) selection; a loop over the E tensors), or a stable sort and one foreach multiply.
+* ``orth_penalty``: one autograd node; one stack, bmm and norm per (kind, shape) group.
 """
 
 from __future__ import annotations
