@@ -149,7 +149,8 @@ at::Tensor keep_mask_to_budget(const at::Tensor& scores, int64_t n_prune) {
 
 // Zero the pruned entries of every lora_E (E_t [r_t, 1], the triplets in keep's layer order), as
 // PEFT's masked_fill_: one call instead of a split, a list of .data views and a foreach multiply
-// over every layer. Writes through raw pointers, so it bumps each E's version counter itself.
+// over every layer. Writes through raw pointers, so it bumps each E's version counter itself, as
+// an in-place torch op would.
 void apply_mask(at::TensorList E, const at::Tensor& keep) {
   TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.dim() == 1,
               "keep must be a contiguous 1-D bool CPU tensor");
@@ -165,14 +166,10 @@ void apply_mask(at::TensorList E, const at::Tensor& keep) {
   for (size_t t = 0; t < E.size(); ++t) {
     const int64_t r = E[t].numel();
     float* e = E[t].data_ptr<float>();
-    bool changed = false;
     for (int64_t i = 0; i < r; ++i) {
-      if (!k[off + i]) {
-        e[i] = 0.0f;
-        changed = true;
-      }
+      if (!k[off + i]) e[i] = 0.0f;
     }
-    if (changed) torch::autograd::impl::bump_version(E[t]);
+    torch::autograd::impl::bump_version(E[t]);
     off += r;
   }
 }

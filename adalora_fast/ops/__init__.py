@@ -153,8 +153,9 @@ def importance_update(
 
     ``params``/``grads``: A, B, E of every layer in ``layout`` order (``grads=None``: each
     parameter's ``.grad``, which the C++ kernel reads itself); m1, m2: [layout.numel] fp32.
-    A missing gradient raises before any state changes. Returns the [sum(r)] triplet scores ``E + mean_row(A) + mean_col(B)`` of the element
-    scores ``m1 * m2`` when ``want_scores``, else None. No host sync.
+    A missing gradient raises before any state changes. Returns the [sum(r)] triplet scores
+    ``E + mean_row(A) + mean_col(B)`` of the element scores ``m1 * m2`` when ``want_scores``,
+    else None. No host sync.
     """
     return get_backend(m1.device).importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores)
 
