@@ -32,6 +32,19 @@ class Group:
         return slice(self.start, self.start + self.numel)
 
 
+def grads_of(params: Sequence[torch.Tensor], grads) -> list:
+    """``grads`` as a list, or each parameter's ``.grad`` when ``grads`` is None. Raises ValueError
+    naming the first adapter tensor without a gradient, before a backend touches any state."""
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    for t, g in enumerate(grads):
+        if g is None:
+            raise ValueError(
+                f"importance_update: adapter tensor {t} (layer {t // 3}, lora_{KINDS[t % 3]}) has no gradient; "
+                "call it after backward() and before zero_grad()"
+            )
+    return grads
+
+
 class FlatLayout:
     """Offsets of every adapter tensor in the flat state, grouped by (kind, shape).
 

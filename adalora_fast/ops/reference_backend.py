@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as ref
-from .layout import FlatLayout
+from .layout import FlatLayout, grads_of
 from .torch_backend import dropout_keep_mask
 
 
@@ -26,9 +26,7 @@ def _views(layout: FlatLayout, buf: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores) -> Optional[torch.Tensor]:
-    grads = [p.grad for p in params] if grads is None else grads
-    if any(g is None for g in grads):  # check first: the loop below updates the state tensor by tensor
-        raise ValueError("importance_update: an adapter tensor has no gradient")
+    grads = grads_of(params, grads)  # checked first: the loop below updates the state tensor by tensor
     with torch.no_grad():
         for t, (p, g) in enumerate(zip(params, grads)):
             v1, v2 = _views(layout, m1, t), _views(layout, m2, t)

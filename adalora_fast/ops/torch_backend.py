@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from . import cpu_ext
-from .layout import FlatLayout
+from .layout import FlatLayout, grads_of
 
 
 def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
@@ -166,9 +166,7 @@ def importance_update(
     """
     if params and cpu_ext.usable_for(params[0]) and all(p.dtype == torch.float32 for p in params[1::3]):
         return _importance_update_ext(layout, params, grads, m1, m2, beta1, beta2, want_scores)
-    grads = [p.grad for p in params] if grads is None else grads
-    if any(g is None for g in grads):  # before the stacks: a failed call leaves the state as it was
-        raise ValueError("importance_update: an adapter tensor has no gradient")
+    grads = grads_of(params, grads)  # before the stacks: a failed call leaves the state as it was
     dev = m1.device
     P = torch.empty(layout.numel, dtype=torch.float32, device=dev)
     G = torch.empty(layout.numel, dtype=torch.float32, device=dev)

@@ -25,7 +25,7 @@ from ..kernels import adapter as _ka
 from ..kernels import importance as _ki
 from ..kernels import orth as _ko
 from ..reference import keep_mask_to_budget  # noqa: F401  (a torch.sort of sum(r) scores: one sort on the GPU)
-from .layout import FlatLayout
+from .layout import FlatLayout, grads_of
 
 
 def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
@@ -127,14 +127,7 @@ def importance_update(
     want_scores: bool,
 ) -> Optional[torch.Tensor]:
     """Update m1, m2 in place for every adapter tensor in one launch; scores reduced in the same pass."""
-    grads = [p.grad for p in params] if grads is None else grads
-    for t, gr in enumerate(grads):
-        if gr is None:
-            raise ValueError(
-                f"importance_update: adapter tensor {t} (layer {t // 3}) has no gradient; call it after "
-                "backward() and before zero_grad()"
-            )
-    return _ki.importance_update(layout, params, grads, m1, m2, float(beta1), float(beta2), bool(want_scores))
+    return _ki.importance_update(layout, params, grads_of(params, grads), m1, m2, float(beta1), float(beta2), bool(want_scores))
 
 
 def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
