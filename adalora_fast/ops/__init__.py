@@ -105,7 +105,7 @@ def adapter_linear(
     lora_E: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    ranknum: torch.Tensor,
+    ranknum,  # [1] tensor or a number
     dropout_p: float = 0.0,
     training: bool = True,
     fan_in_fan_out: bool = False,
@@ -122,6 +122,8 @@ def adapter_linear(
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = _new_seed()
+    if not torch.is_tensor(ranknum):
+        ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dev = x.device.type

@@ -140,9 +140,7 @@ def _adapter_backward_ext(x, A, ge, dx, seed, p, need_A):
 
 
 def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, fan_in_fan_out):
-    """See ``ops.adapter_linear``; x is 2-D [N, k] here."""
-    if not torch.is_tensor(ranknum):
-        ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
+    """See ``ops.adapter_linear``; x is 2-D [N, k] here, ranknum a [1] tensor."""
     return _AdapterLinear.apply(
         x, weight, bias, A, E, B, ranknum.detach(), float(scaling), float(dropout_p), seed, fan_in_fan_out
     )

@@ -98,7 +98,7 @@ class _AdapterLinear(torch.autograd.Function):
 
 
 def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, fan_in_fan_out):
-    """See ``ops.adapter_linear``; x is 2-D [N, k] here (any strides)."""
+    """See ``ops.adapter_linear``; x is 2-D [N, k] here (any strides), ranknum a [1] tensor."""
     _ka.check_dtypes(x.dtype, A.dtype)
     if weight.dtype != x.dtype:
         raise TypeError(f"triton backend: x ({x.dtype}) and weight ({weight.dtype}) must share the base dtype")
@@ -109,8 +109,6 @@ def adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, dropout_p, seed, 
     p = float(dropout_p)
     if p > 0.0 and seed is None:
         raise ValueError("triton backend: dropout_p > 0 needs a seed")
-    if not torch.is_tensor(ranknum):
-        ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
     return _AdapterLinear.apply(
         x, weight, bias, _contig(A), _contig(E), _contig(B), ranknum.detach(), float(scaling), p, seed, fan_in_fan_out
     )
