@@ -87,9 +87,9 @@ def _load() -> bool:
     return False
 
 
-def usable(x: torch.Tensor, A: torch.Tensor, p: float) -> bool:
-    """The dropout kernel applies: dropout on, CPU, fp32 adapters."""
-    return p > 0.0 and x.device.type == "cpu" and A.dtype == torch.float32 and available()
+def usable(device, dtype: torch.dtype, p: float) -> bool:
+    """The dropout kernel applies: dropout on, activations on the CPU, fp32 adapters."""
+    return p > 0.0 and torch.device(device).type == "cpu" and dtype == torch.float32 and available()
 
 
 def usable_for(t: torch.Tensor) -> bool:

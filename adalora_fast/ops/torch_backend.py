@@ -36,8 +36,7 @@ def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32) -
     ``dtype`` is the adapter's dtype: fp32 adapters on the CPU use the C++ kernel's hash mask when
     it is available, everything else torch's seeded ``bernoulli_``.
     """
-    device = torch.device(device)
-    if p > 0.0 and device.type == "cpu" and dtype == torch.float32 and cpu_ext.available():
+    if cpu_ext.usable(device, dtype, p):
         return torch.ops.adalora_fast.dropout_keep_mask(int(shape[0]), int(shape[1]), int(seed), float(p))
     return _keep_float(shape, dtype, device, seed, p).bool()
 
@@ -64,7 +63,7 @@ class _AdapterLinear(torch.autograd.Function):
         w = weight.t() if fan_in_fan_out else weight  # [d, k]
         out = F.linear(x, w, bias)
         xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        use_ext = cpu_ext.usable(x, A, p)
+        use_ext = cpu_ext.usable(x.device, A.dtype, p)
         if use_ext:
             t = torch.ops.adalora_fast.dropout_shrink(xa.contiguous(), A.contiguous(), seed, p)
         else:
