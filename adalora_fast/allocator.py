@@ -145,13 +145,13 @@ class RankAllocator:
             return self.target_bgt
         if self._keep.device != E[0].device:
             self._keep = self._keep.to(E[0].device)
-        ops.apply_mask(E, self._keep, self.layout.ranks)
+        ops.apply_mask(E, self._keep)
         return None
 
     def _mask(self, E, scores, budget: int) -> None:
         n_prune = max(0, self.init_bgt - budget)
         keep = ops.keep_mask_to_budget(scores, n_prune)
-        ops.apply_mask(E, keep, self.layout.ranks)
+        ops.apply_mask(E, keep)
         self._keep = keep
 
     # ------------------------------------------------------------------ reporting and resume

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops.layout import RANKNUM_EPS
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -146,11 +147,11 @@ class AdaLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """B (A*E) * scaling / (ranknum + 1e-5), laid out like the base weight."""
+        """B (A*E) * scaling / (ranknum + RANKNUM_EPS), laid out like the base weight."""
         delta = (
             self.lora_B[adapter] @ (self.lora_A[adapter] * self.lora_E[adapter])
             * self.scaling[adapter]
-            / (self.ranknum[adapter] + 1e-5)
+            / (self.ranknum[adapter] + RANKNUM_EPS)
         )
         return delta.t() if self.fan_in_fan_out else delta
 

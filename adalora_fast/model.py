@@ -22,6 +22,7 @@ from . import ops
 from .allocator import RankAllocator
 from .config import DEFAULT_TARGET_MODULES, AdaLoraConfig
 from .layer import AdaLoraLinear, Conv1D, is_adaptable
+from .ops.layout import split_kinds
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -191,12 +192,12 @@ class AdaLoraModel(nn.Module):
         """Mean over every lora_A and lora_B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F (PEFT's regulariser)."""
         alloc = self.rankallocator
         if alloc is not None:
-            return ops.orth_penalty(alloc.layout, alloc.params())
-        layers = [m for _, m in self.adapted_layers()]
-        a = self.trainable_adapter_name
-        layout = ops.FlatLayout([(m.r[a], m.in_features, m.out_features) for m in layers])
-        params = [p for m in layers for p in (m.lora_A[a], m.lora_B[a], m.lora_E[a])]
-        return ops.orth_penalty(layout, params)
+            lora_A, lora_B, _ = split_kinds(alloc.params())
+        else:
+            a = self.trainable_adapter_name
+            layers = [m for _, m in self.adapted_layers()]
+            lora_A, lora_B = [m.lora_A[a] for m in layers], [m.lora_B[a] for m in layers]
+        return ops.orth_penalty(lora_A, lora_B)
 
     def __getattr__(self, name: str):
         try:

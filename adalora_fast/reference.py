@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every op, written to mirror PEFT's AdaLoRA math line by line.
 
-This module is the oracle the backends (``ops/torch_backend.py``, ``ops/triton_backend.py``) are
-tested against; it is also the ``ADALORA_FAST_BACKEND=reference`` path. It is deliberately slow
+This module is the oracle every implementation of every op in ``ops/`` is tested against (one
+function per op); ``ADALORA_FAST_BACKEND=reference`` runs it for tests, never as a production path. It is deliberately slow
 and plain: one tensor at a time, in PEFT's operation order (``peft/tuners/adalora/layer.py`` and
 ``model.py``, peft 0.21.x). Each function says which PEFT lines it mirrors.
 """
@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops.layout import RANKNUM_EPS
+
 
 def adapter_linear(
     x: torch.Tensor,
@@ -23,9 +25,9 @@ def adapter_linear(
     lora_B: torch.Tensor,
     scaling: float,
     ranknum,
-    keep_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
+    keep_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``SVDLinear.forward``: ``base(x) + (dropout(x) @ (A*E).T @ B.T) * scaling / (ranknum + 1e-5)``.
 
@@ -39,7 +41,7 @@ def adapter_linear(
     x = x.to(lora_A.dtype) if x.dtype != lora_A.dtype else x
     if keep_mask is not None:
         x = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
-    result += (x @ (lora_A * lora_E).T @ lora_B.T) * scaling / (ranknum + 1e-5)
+    result += (x @ (lora_A * lora_E).T @ lora_B.T) * scaling / (ranknum + RANKNUM_EPS)
     return result
 
 
@@ -88,6 +90,14 @@ def keep_mask_to_budget(all_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
         order = torch.sort(all_scores, stable=True).indices
         keep[order[:n_prune]] = False
     return keep
+
+
+def apply_mask(lora_Es: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
+    """``mask_to_budget``'s masking: ``lora_E.masked_fill_(~is_dict[name], 0.0)`` per layer, in place
+    (``keep``: [sum(r)] bool, the layers' triplets in order)."""
+    with torch.no_grad():
+        for p, k in zip(lora_Es, keep.split([e.shape[0] for e in lora_Es])):
+            p.masked_fill_(~k.view(-1, 1), 0.0)
 
 
 def orth_penalty(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> torch.Tensor:

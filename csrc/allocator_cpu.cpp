@@ -1,7 +1,7 @@
 // AdaLoRA's allocator step for the CPU, one call each for every adapted layer, registered as
-//   torch.ops.adalora_fast.importance_update    (PEFT's update_ipt + the triplet-score reduction)
-//   torch.ops.adalora_fast.keep_mask_to_budget  (exact-k selection, O(n))
-//   torch.ops.adalora_fast.apply_mask           (zero the pruned lora_E entries)
+//   torch.ops.adalora_fast_cpu.importance_update    (PEFT's update_ipt + the triplet-score reduction)
+//   torch.ops.adalora_fast_cpu.keep_mask_to_budget  (exact-k selection, O(n))
+//   torch.ops.adalora_fast_cpu.apply_mask           (zero the pruned lora_E entries)
 //
 // Why: with ~10 flat torch ops plus two torch.stack per (kind, shape) group, the importance update
 // of 224 layers is bound by op count and extra passes, not by bytes (a flat mul_ over the whole
@@ -32,8 +32,8 @@ void check_f32(const at::Tensor& t, const char* what, int64_t i) {
 
 // params/grads: A_0, B_0, E_0, A_1, ... (A [r, k], B [d, r], E [r, 1]); an empty grads list means
 // each parameter's own .grad (read here: no Python list of T gradients to build and convert).
-// meta [T, 2] int64 holds each tensor's first element in m1/m2 and its layer's first position in
-// the [sum r] scores. parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B,
+// meta [T, 3] int64 holds each tensor's first element in m1/m2, its layer's first position in
+// the [sum r] scores and its kind (0 = A, 1 = B, 2 = E: the caller's layout says which is which). parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B,
 // E, of m1 * m2.
 void importance_update(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads_in, at::Tensor m1, at::Tensor m2,
                        const at::Tensor& meta, double beta1, double beta2, const c10::optional<at::Tensor>& parts) {
@@ -48,9 +48,8 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
     TORCH_CHECK(g.has_value() && g->defined(), "missing gradient for adapter tensor ", t);
     grads[t] = g->contiguous();
   }
-  TORCH_CHECK(T % 3 == 0, "expected A, B, E per layer");
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.size(0) == T && meta.size(1) == 2,
-              "meta must be a contiguous int64 [T, 2] tensor");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.size(0) == T && meta.size(1) == 3,
+              "meta must be a contiguous int64 [T, 3] tensor");
   check_f32(m1, "m1", 0);
   check_f32(m2, "m2", 0);
   for (int64_t t = 0; t < T; ++t) {
@@ -78,7 +77,7 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
     for (int64_t t = tb; t < te; ++t) {
       const at::Tensor& p = params[t];
       const int64_t n = p.numel();
-      const int64_t off = mp[2 * t];
+      const int64_t off = mp[3 * t];
       TORCH_CHECK(off >= 0 && off + n <= state_numel, "state offset out of range for tensor ", t);
       const float* pp = p.data_ptr<float>();
       const float* gp = grads[t].data_ptr<float>();
@@ -93,8 +92,8 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
         a2[i] = b2 * a2[i] + c2 * std::fabs(ipt - e1);
       }
       if (!scores || n == 0) continue;
-      const int kind = static_cast<int>(t % 3);
-      const int64_t to = mp[2 * t + 1];
+      const int64_t to = mp[3 * t + 1];
+      const int64_t kind = mp[3 * t + 2];
       if (kind == 0) {  // A [r, k]: mean over each row
         const int64_t r = p.size(0), k = p.size(1);
         for (int64_t i = 0; i < r; ++i) {
@@ -176,14 +175,14 @@ void apply_mask(at::TensorList E, const at::Tensor& keep) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
+TORCH_LIBRARY_FRAGMENT(adalora_fast_cpu, m) {
   m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, "
         "float beta1, float beta2, Tensor(c!)? parts) -> ()");
   m.def("keep_mask_to_budget(Tensor scores, int n_prune) -> Tensor");
   m.def("apply_mask(Tensor(a!)[] E, Tensor keep) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(adalora_fast_cpu, CPU, m) {
   m.impl("importance_update", &importance_update);
   m.impl("keep_mask_to_budget", &keep_mask_to_budget);
   m.impl("apply_mask", &apply_mask);

@@ -1,5 +1,5 @@
 // Fused dropout + adapter shrink for the CPU, forward and backward, registered as torch ops
-// (torch.ops.adalora_fast.dropout_shrink / dropout_shrink_backward).
+// (torch.ops.adalora_fast_cpu.dropout_shrink / dropout_shrink_backward).
 //
 // Why: on the CPU, torch's bernoulli_ costs ~6-7 ns per element (as much as the base layer's
 // matmul per element at hidden sizes of a few hundred), and regenerating the mask in backward
@@ -170,17 +170,17 @@ at::Tensor keep_mask(int64_t N, int64_t k, int64_t seed, double p) {
 
 }  // namespace
 
-TORCH_LIBRARY(adalora_fast, m) {
+TORCH_LIBRARY(adalora_fast_cpu, m) {
   m.def("dropout_shrink(Tensor x, Tensor A, int seed, float p) -> Tensor");
   m.def("dropout_shrink_backward(Tensor x, Tensor A, Tensor ge, Tensor(a!)? dx, int seed, float p, bool need_dA) -> Tensor");
   m.def("dropout_keep_mask(int N, int k, int seed, float p) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(adalora_fast_cpu, CPU, m) {
   m.impl("dropout_shrink", &dropout_shrink);
   m.impl("dropout_shrink_backward", &dropout_shrink_backward);
 }
 
-TORCH_LIBRARY_IMPL(adalora_fast, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(adalora_fast_cpu, CompositeExplicitAutograd, m) {
   m.impl("dropout_keep_mask", &keep_mask);
 }

@@ -1,12 +1,13 @@
 """Triton kernels of one adapted layer: shrink, expand-add, and the two backward kernels.
 
 Notation: x [N, k] (N tokens, base dtype), W [d, k] frozen, A [r, k], E [r, 1], B [d, r] (adapter
-dtype), s = scaling / (ranknum + 1e-5), e = E * s (an r-vector folded inside the kernels from E and
-the [1] ``ranknum`` tensor: no ``A*E`` tensor, no host read of ``ranknum``), p = dropout rate.
+dtype), s = scaling / (ranknum + eps) (a [1] fp32 device tensor the caller forms, ``ops/linear.py``),
+e = E * s (an r-vector folded inside the kernels from E and s: no ``A*E`` tensor, no host read of
+``ranknum``), p = dropout rate.
 The rank is padded inside the kernels to R_PAD in {16, 64} with zeros (masked loads), so any
 r <= 64 (init_r = 6, 12, 32 ...) runs on the tensor cores.
 
-Forward (``ops/triton_backend.py`` owns the autograd Function):
+Forward (the op ``adalora_fast::adapter_linear`` in ``ops/linear.py`` owns autograd):
   1. out = x Wᵀ + b                                   cuBLAS (torch), 1 launch
   2. t = dropout(x) Aᵀ            [N, r] fp32        ``_shrink_kernel``, 1 launch, 1 pass over x
   3. out += (t ⊙ e) Bᵀ            in place           ``_expand_add_kernel``, 1 launch, 1 RMW of out
@@ -92,11 +93,10 @@ def _keep_tile(seed, rows, col0, K, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _fold_e(E, RANKNUM, scaling, rr, R):
-    """e = E * scaling / (ranknum + 1e-5) as an fp32 [R_PAD] vector, 0 in the pad."""
-    rk = tl.load(RANKNUM).to(tl.float32)
+def _fold_e(E, S, rr, R):
+    """e = E * s as an fp32 [R_PAD] vector, 0 in the pad."""
     ev = tl.load(E + rr, mask=rr < R, other=0.0).to(tl.float32)
-    return ev * (scaling / (rk + 1e-5))
+    return ev * tl.load(S)
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
@@ -154,7 +154,7 @@ def _shrink_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _expand_add_kernel(
-    T, E, RANKNUM, B, OUT, N, D, R, stride_on, scaling,
+    T, E, S, B, OUT, N, D, R, stride_on,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -172,7 +172,7 @@ def _expand_add_kernel(
     row_ok = rows < N
     col_ok = cols < D
     t = tl.load(T + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
-    u = t * _fold_e(E, RANKNUM, scaling, rr, R)[None, :]
+    u = t * _fold_e(E, S, rr, R)[None, :]
     b = tl.load(B + cols[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & col_ok[None, :], other=0.0)
     if UPCAST:
         b = b.to(tl.float32)
@@ -187,7 +187,7 @@ def _expand_add_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _grad_rank_kernel(
-    G, T, E, RANKNUM, B, GE, DB, DE, N, D, R, stride_gn, stride_gd, scaling,
+    G, T, E, S, B, GE, DB, DE, N, D, R, stride_gn, stride_gd,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -205,7 +205,7 @@ def _grad_rank_kernel(
     row_ok = rows < N
     r_ok = rr < R
     t = tl.load(T + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    e = _fold_e(E, RANKNUM, scaling, rr, R)
+    e = _fold_e(E, S, rr, R)
     u = t * e[None, :]
     if not UPCAST:
         u = u.to(B.dtype.element_ty)
@@ -224,8 +224,7 @@ def _grad_rank_kernel(
         gB = tl.dot(g, b, gB, input_precision=DOT_PREC)
         db = tl.dot(tl.trans(g), u, input_precision=DOT_PREC)
         tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :])
-    rk = tl.load(RANKNUM).to(tl.float32)
-    de = tl.sum(gB * t, axis=0) * (scaling / (rk + 1e-5))
+    de = tl.sum(gB * t, axis=0) * tl.load(S)
     tl.atomic_add(DE + rr, de, mask=r_ok)
     tl.store(GE + rows[:, None] * R + rr[None, :], gB * e[None, :], mask=row_ok[:, None] & r_ok[None, :])
 
@@ -322,25 +321,24 @@ def shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed) -> torch.Tensor:
     return t
 
 
-def expand_add(out: torch.Tensor, t: torch.Tensor, E: torch.Tensor, ranknum: torch.Tensor, scaling: float,
-               B: torch.Tensor) -> None:
-    """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place."""
+def expand_add(out: torch.Tensor, t: torch.Tensor, E: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> None:
+    """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·s (s: [1] fp32 on out's device)."""
     n, d = out.shape
     r = B.shape[1]
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, EXPAND_BLOCK_D))
     _launch.launch(
-        _expand_add_kernel, grid, t, E, ranknum, B, out, n, d, r, out.stride(0), float(scaling),
+        _expand_add_kernel, grid, t, E, s, B, out, n, d, r, out.stride(0),
         BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, **_common(B.dtype, r),
     )
 
 
-def grad_rank(g, t, E, ranknum, scaling, B, ge, dB, dE) -> None:
+def grad_rank(g, t, E, s, B, ge, dB, dE) -> None:
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e); dE [r] += s Σ (g B) ⊙ t (fp32 atomics)."""
     n, d = g.shape
     r = B.shape[1]
     _launch.launch(
-        _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, E, ranknum, B, ge, dB, dE, n, d, r,
-        g.stride(0), g.stride(1), float(scaling),
+        _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, E, s, B, ge, dB, dE, n, d, r,
+        g.stride(0), g.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **_common(B.dtype, r),
     )
 
@@ -392,14 +390,14 @@ def compile_variants():
                     "DOT_PREC": "constexpr"},
                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), num_warps(rp))
             yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
-                   {"T": "*fp32", "E": p(adt), "RANKNUM": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
-                    "D": "i32", "R": "i32", "stride_on": "i32", "scaling": "fp32", "R_PAD": "constexpr",
+                   {"T": "*fp32", "E": p(adt), "S": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
+                    "D": "i32", "R": "i32", "stride_on": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D), num_warps(rp))
             yield (f"grad_rank[{tag},R{rp}]", _grad_rank_kernel,
-                   {"G": p(base), "T": "*fp32", "E": p(adt), "RANKNUM": "*fp32", "B": p(adt), "GE": "*fp32",
+                   {"G": p(base), "T": "*fp32", "E": p(adt), "S": "*fp32", "B": p(adt), "GE": "*fp32",
                     "DB": "*fp32", "DE": "*fp32", "N": "i32", "D": "i32", "R": "i32", "stride_gn": "i32",
-                    "stride_gd": "constexpr", "scaling": "fp32", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
+                    "stride_gd": "constexpr", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), num_warps(rp))
             yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,

@@ -98,118 +98,53 @@ def _apply_mask_kernel(ETAB, KEEP, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# tables
-
-_ptr_cache: dict = {}
-_PTR_CACHE_MAX = 8
+# launchers: tensors and ints only (the caller builds the tables, see adalora_fast/ops/importance.py)
 
 
-def _to_device(vals, device) -> torch.Tensor:
+def to_device_table(vals, device) -> torch.Tensor:
+    """An int64 table on ``device`` (pinned, non-blocking host-to-device copy on CUDA)."""
     t = torch.tensor(vals, dtype=torch.int64)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
-def _geometry(layout, t):
-    """(rows, cols, stride_r, stride_c) of tensor t seen as [triplets, columns]."""
-    a, b = layout.tensor_shapes[t]
-    if t % 3 == 1:  # B [d, r] seen through its transpose
-        return b, a, 1, b
-    return a, b, b, 1  # A [r, k], E [r, 1]
+def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
+               scores: torch.Tensor, beta1: float, beta2: float, update: bool, want_scores: bool) -> None:
+    """One launch over every tile of ``tiles`` ([n_tiles, 3] int64: tensor, first row, first column).
 
-
-def _tiles(layout, device) -> torch.Tensor:
-    """[n_tiles, 3] (tensor, first row, first column) work items, built once per layout and device."""
-
-    def build():
-        rows = []
-        for t in range(len(layout.tensor_shapes)):
-            nr, nc, _, _ = _geometry(layout, t)
-            for r0 in range(0, nr, TILE_R):
-                for c0 in range(0, nc, TILE_C):
-                    rows += [t, r0, c0]
-        return _to_device(rows, device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
-
-    return layout.cached(("importance_tiles", str(device)), build)
-
-
-def _tensor_table(layout, params, grads, device) -> torch.Tensor:
-    vals = []
-    for t in range(len(layout.tensor_shapes)):
-        nr, nc, sr, sc = _geometry(layout, t)
-        vals += [params[t].data_ptr() if params is not None else 0, grads[t].data_ptr() if grads is not None else 0,
-                 layout.offsets[t], nr, nc, sr, sc, layout.triplet_offsets[t // 3]]
-    key = (str(device), tuple(vals))
-    tab = _ptr_cache.get(key)
-    if tab is None:
-        if len(_ptr_cache) >= _PTR_CACHE_MAX:
-            _ptr_cache.pop(next(iter(_ptr_cache)))
-        tab = _to_device(vals, device)
-        _ptr_cache[key] = tab
-    return tab
-
-
-def _fp32_contig(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.dtype != torch.float32:
-        t = t.float()
-    return t if t.is_contiguous() else t.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers
-
-
-def _run(layout, params, grads, m1, m2, beta1, beta2, update: bool, want: bool):
-    dev = m1.device
-    scores = torch.zeros(layout.total_rank, dtype=torch.float32, device=dev) if want else None
-    tiles = _tiles(layout, dev)
+    ``tens``: [T, 8] int64 records (p address, g address, state offset, rows, cols, row stride,
+    column stride, first triplet); p and g fp32 contiguous, alive until the launch returns. m1, m2:
+    the flat fp32 state, updated in place when ``update``; ``scores``: zeroed [Σr] fp32, accumulated
+    into when ``want_scores`` (pass m1 otherwise, it is not touched).
+    """
+    if m1.dtype != torch.float32 or m2.dtype != torch.float32 or not (m1.is_contiguous() and m2.is_contiguous()):
+        raise TypeError("importance: m1 and m2 must be contiguous fp32 buffers")
     n_tiles = tiles.numel() // 3
     if n_tiles == 0:
-        return scores
-    keepalive = None
-    if update:
-        layout.check(params)
-        params = [_fp32_contig(p) for p in params]
-        grads = [_fp32_contig(g) for g in grads]
-        keepalive = (params, grads)  # fp32 copies (if any) must outlive the launch
-    tens = _tensor_table(layout, params if update else None, grads if update else None, dev)
-    _launch.launch(
-        _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores if want else m1, float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2),
-        UPDATE=update, WANT_SCORES=want, TILE_R=TILE_R, TILE_C=TILE_C, num_warps=NUM_WARPS,
-    )
-    del keepalive
-    return scores
-
-
-def importance_update(layout, params, grads, m1, m2, beta1: float, beta2: float, want_scores: bool):
-    """In-place EMA update of m1, m2 for all tensors; [Σr] scores (fp32) if ``want_scores``."""
-    if m1.dtype != torch.float32 or m2.dtype != torch.float32 or not (m1.is_contiguous() and m2.is_contiguous()):
-        raise TypeError("importance_update: m1 and m2 must be contiguous fp32 buffers")
-    return _run(layout, params, grads, m1, m2, beta1, beta2, True, want_scores)
-
-
-def triplet_scores(layout, m1, m2) -> torch.Tensor:
-    """[Σr] fp32 triplet scores of the current state, no update."""
-    return _run(layout, None, None, m1, m2, 0.0, 0.0, False, True)
-
-
-def apply_mask(E_params: Sequence[torch.Tensor], keep: torch.Tensor, ranks: Sequence[int]) -> None:
-    """E_i *= keep (in place, no host sync): one launch per distinct E dtype (normally one)."""
-    if not E_params:
         return
+    _launch.launch(
+        _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores, float(beta1), 1.0 - float(beta1), float(beta2),
+        1.0 - float(beta2), UPDATE=bool(update), WANT_SCORES=bool(want_scores), TILE_R=TILE_R, TILE_C=TILE_C,
+        num_warps=NUM_WARPS,
+    )
+
+
+def apply_mask(lora_E: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
+    """E_i *= keep (in place, no host sync; E_i contiguous [r_i, 1], keep [Σr] bool in list order):
+    one launch per distinct E dtype (normally one)."""
     keep = keep.contiguous()
     by_dtype: dict = {}
     acc = 0
-    for e, r in zip(E_params, ranks):
+    for e in lora_E:
+        r = e.shape[0]
         if r > 0:
             if not e.is_contiguous():
                 raise ValueError("apply_mask: lora_E tensors must be contiguous")
             by_dtype.setdefault(e.dtype, []).extend([e.data_ptr(), int(r), acc])
         acc += int(r)
     for dt, vals in by_dtype.items():
-        tab = _to_device(vals, keep.device)
+        tab = to_device_table(vals, keep.device)
         _launch.launch(_apply_mask_kernel, (len(vals) // 3,), tab, keep, DTYPE=TL_DTYPE[dt], BLOCK=MASK_BLOCK,
                        num_warps=1)
 

@@ -106,77 +106,75 @@ def _to_device(vals, device) -> torch.Tensor:
     return t.to(device)
 
 
-class _OrthPenalty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, n_total, *mats):
-        dev = mats[0].device
-        work = [m.detach().float().contiguous() for m in mats]
-        vals, tiles, gram_n, grad_n, max_r = [], [], 0, 0, 0
-        live = []
-        for j, (m, is_A) in enumerate(zip(work, [True, False] * (len(work) // 2))):
-            rows, cols = (m.shape[0], m.shape[1]) if is_A else (m.shape[1], m.shape[0])
-            if rows > MAX_RANK:
-                raise NotImplementedError(f"orth_penalty: rank {rows} > {MAX_RANK} is not supported by the Triton kernels")
-            sr, sc = (cols, 1) if is_A else (1, rows)
-            if rows > 0 and cols > 0:
-                idx = len(live)
-                vals += [m.data_ptr(), rows, cols, sr, sc, gram_n, grad_n, 0]
-                tiles += [[idx, c0] for c0 in range(0, cols, BWD_BLOCK_C)]
-                live.append(j)
-                gram_n += rows * rows
-                max_r = max(max_r, rows)
-            grad_n += m.numel()
-        loss = torch.zeros((), dtype=torch.float32, device=dev)
-        ctx.n_total, ctx.live, ctx.grad_n = n_total, live, grad_n
-        ctx.shapes = [m.shape for m in mats]
-        if not live:
-            ctx.save_for_backward()
-            ctx.empty = True
-            return loss
-        ctx.empty = False
-        key = (str(dev), tuple(vals))
-        tabs = _table_cache.get(key)
-        if tabs is None:  # pointer tables: built once per set of parameter addresses (no H2D copy per step)
-            if len(_table_cache) >= 8:
-                _table_cache.pop(next(iter(_table_cache)))
-            tabs = (_to_device(vals, dev), _to_device([v for t in tiles for v in t], dev))
-            _table_cache[key] = tabs
-        mtab, ttab = tabs
-        gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
-        norms = torch.empty(len(live), dtype=torch.float32, device=dev)
-        ctx.r_n = r_n = pad_rank(max_r)
-        _launch.launch(_orth_fwd_kernel, (len(live),), mtab, gram, norms, loss, 1.0 / n_total,
-                       R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C, DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
-        ctx.save_for_backward(mtab, ttab, gram, norms, *work)
-        return loss
+def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor]):
+    """(matrix table, tile table, Gram elements, gradient elements, largest rank) of fp32 contiguous
+    matrices; the tables are cached per set of addresses (no host-to-device copy per step)."""
+    vals, tiles, gram_n, grad_n, max_r = [], [], 0, 0, 0
+    n_live = 0
+    for m, is_A in [(a, True) for a in work_A] + [(b, False) for b in work_B]:
+        rows, cols = (m.shape[0], m.shape[1]) if is_A else (m.shape[1], m.shape[0])
+        if rows > MAX_RANK:
+            raise NotImplementedError(f"orth_penalty: rank {rows} > {MAX_RANK} is not supported by the Triton kernels")
+        sr, sc = (cols, 1) if is_A else (1, rows)
+        if rows > 0 and cols > 0:
+            vals += [m.data_ptr(), rows, cols, sr, sc, gram_n, grad_n, 0]
+            tiles += [[n_live, c0] for c0 in range(0, cols, BWD_BLOCK_C)]
+            n_live += 1
+            gram_n += rows * rows
+            max_r = max(max_r, rows)
+        grad_n += m.numel()
+    dev = (list(work_A) + list(work_B))[0].device
+    key = (str(dev), tuple(vals))
+    tabs = _table_cache.get(key)
+    if tabs is None and n_live:
+        if len(_table_cache) >= 8:
+            _table_cache.pop(next(iter(_table_cache)))
+        tabs = (_to_device(vals, dev), _to_device([v for t in tiles for v in t], dev))
+        _table_cache[key] = tabs
+    return tabs, n_live, gram_n, grad_n, max_r
 
-    @staticmethod
-    def backward(ctx, gout):
-        if ctx.empty:
-            return (None,) + tuple(None for _ in ctx.shapes)
-        mtab, ttab, gram, norms, *work = ctx.saved_tensors
-        dev = gram.device
-        grad = torch.empty(ctx.grad_n, dtype=torch.float32, device=dev)
-        _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
-                       2.0 / ctx.n_total, R_M=R_M, R_N=ctx.r_n, BLOCK_C=BWD_BLOCK_C, DOT_PREC=dot_precision(torch.float32),
+
+def _fp32(ms: Sequence[torch.Tensor]) -> list:
+    return [m.detach().float().contiguous() for m in ms]
+
+
+def forward(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]):
+    """(loss [] fp32, gram [Σr²] fp32, norms [n_nonempty] fp32) for lora_A [r_i, k_i], lora_B [d_i, r_i]:
+    one launch (+ 1 memset of the scalar). ``gram``/``norms`` are what :func:`backward` needs."""
+    work_A, work_B = _fp32(lora_A), _fp32(lora_B)
+    n_total = len(work_A) + len(work_B)
+    tabs, n_live, gram_n, _, max_r = _tables(work_A, work_B)
+    dev = (work_A + work_B)[0].device
+    loss = torch.zeros((), dtype=torch.float32, device=dev)
+    gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
+    norms = torch.empty(n_live, dtype=torch.float32, device=dev)
+    if n_live:
+        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms, loss, 1.0 / n_total,
+                       R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=BLOCK_C, DOT_PREC=dot_precision(torch.float32),
                        num_warps=NUM_WARPS)
-        out, off = [], 0
-        for shp, w in zip(ctx.shapes, work):
-            n = w.numel()
-            out.append(grad[off:off + n].view(shp) if n else torch.zeros(shp, dtype=torch.float32, device=dev))
-            off += n
-        return (None,) + tuple(out)
+    return loss, gram, norms
 
 
-def orth_penalty(layout, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Differentiable fp32 scalar: mean over all A, B of ‖AAᵀ−I‖_F, ‖BᵀB−I‖_F."""
-    layout.check(params)
-    mats = []
-    for i in range(layout.n_layers):
-        mats += [params[3 * i], params[3 * i + 1]]
-    if not mats:
-        return torch.zeros(())
-    return _OrthPenalty.apply(len(mats), *mats)
+def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
+             gram: torch.Tensor, norms: torch.Tensor) -> list:
+    """d loss / d M for every lora_A then every lora_B (fp32, one flat buffer's views): one launch."""
+    work_A, work_B = _fp32(lora_A), _fp32(lora_B)
+    work = work_A + work_B
+    n_total = len(work)
+    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B)
+    dev = work[0].device
+    grad = torch.empty(grad_n, dtype=torch.float32, device=dev)
+    if n_live:
+        mtab, ttab = tabs
+        _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
+                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=BWD_BLOCK_C,
+                       DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
+    out, off = [], 0
+    for w in work:
+        n = w.numel()
+        out.append(grad[off:off + n].view(w.shape) if n else torch.zeros(w.shape, dtype=torch.float32, device=dev))
+        off += n
+    return out
 
 
 def compile_variants():
@@ -193,4 +191,4 @@ def compile_variants():
                 "DOT_PREC": "constexpr"},
                {"R_M": R_M, "R_N": rn, "BLOCK_C": BWD_BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
 
-__all__ = ["orth_penalty", "compile_variants", "INTERPRET"]
+__all__ = ["forward", "backward", "compile_variants", "INTERPRET"]

@@ -3,7 +3,7 @@
 selection of the triplets to prune and the masking of every ``lora_E`` (``allocator_cpu.cpp``).
 
 Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
-``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast.*``. The torch backend uses them
+``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast_cpu.*`` (the kernels the registered ``adalora_fast::*`` ops call). The torch backend uses them
 for fp32 adapters on the CPU: the allocator ops always (exact PEFT arithmetic, one pass instead of
 ~12), the dropout kernel with dropout > 0, where torch's ``bernoulli_`` (~6 ns per
 element, twice: forward and the regenerated mask in backward) would cost as much as the base
@@ -70,10 +70,10 @@ def _load() -> bool:
                 is_python_module=False,
                 verbose=False,
             )
-            torch.ops.adalora_fast.dropout_shrink  # noqa: B018  (raises if the ops did not register)
-            torch.ops.adalora_fast.importance_update  # noqa: B018
-            torch.ops.adalora_fast.keep_mask_to_budget  # noqa: B018
-            torch.ops.adalora_fast.apply_mask  # noqa: B018
+            torch.ops.adalora_fast_cpu.dropout_shrink  # noqa: B018  (raises if the ops did not register)
+            torch.ops.adalora_fast_cpu.importance_update  # noqa: B018
+            torch.ops.adalora_fast_cpu.keep_mask_to_budget  # noqa: B018
+            torch.ops.adalora_fast_cpu.apply_mask  # noqa: B018
             return True
         except Exception as exc:  # a missing compiler or ninja: say so, run the torch path
             _state["error"] = f"{type(exc).__name__}: {exc}"

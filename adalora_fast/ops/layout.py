@@ -1,28 +1,90 @@
-"""FlatLayout: where every adapter tensor's importance state lives in the allocator's flat buffers.
+"""What every op module shares: the adapter-tensor index convention, the ranknum epsilon, the
+missing-gradient error, the choice of implementation, and FlatLayout (where every adapter tensor's
+importance state lives in the allocator's flat buffers).
 
 The allocator owns two flat fp32 buffers (EMA sensitivity ``m1`` and uncertainty ``m2``) that
 hold the state of every A, B and E of every adapted layer. Tensors are ordered by *group*: all
 tensors of one kind ("A", "B" or "E") and one shape are contiguous, so a group is a dense
 [L, *shape] block. The torch backend reduces a whole group with one op; the triton backend walks
 the per-tensor offsets with pointer tables. Tensors are numbered per layer: layer i has A at
-index 3i ([r, k]), B at 3i+1 ([d, r]), E at 3i+2 ([r, 1]).
+index 3i ([r, k]), B at 3i+1 ([d, r]), E at 3i+2 ([r, 1]) (:func:`tensor_index`, the one place
+that says so).
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 KINDS = ("A", "B", "E")
+KIND_A, KIND_B, KIND_E = 0, 1, 2
+RANKNUM_EPS = 1e-5  # PEFT's ``scaling / (ranknum + 1e-5)``
+
+IMPLS = ("reference", "torch", "triton")
+_ENV = "ADALORA_FAST_BACKEND"
+
+
+def tensor_index(layer: int, kind: int) -> int:
+    """Position of layer ``layer``'s A (kind 0), B (1) or E (2) in every per-tensor list."""
+    return 3 * layer + kind
+
+
+def layer_and_kind(t: int) -> tuple[int, int]:
+    """Inverse of :func:`tensor_index`."""
+    return divmod(t, 3)
+
+
+def split_kinds(params: Sequence[torch.Tensor]) -> tuple[list, list, list]:
+    """(every A, every B, every E) of a per-tensor list in :func:`tensor_index` order."""
+    return list(params[KIND_A::3]), list(params[KIND_B::3]), list(params[KIND_E::3])
+
+
+def forced_impl() -> str:
+    """``ADALORA_FAST_BACKEND`` ('' when unset). Read by the op implementations when they run, which is
+    never inside a traced region (a registered op is opaque to ``torch.compile``)."""
+    forced = os.environ.get(_ENV, "").strip().lower()
+    if forced and forced not in IMPLS:
+        raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(IMPLS)}")
+    return forced
+
+
+def impl_for(device: torch.device) -> str:
+    """Which implementation an op runs on ``device``: the forced one, else 'triton' on CUDA, else 'torch'.
+
+    A forced 'triton' on a non-CUDA device needs Triton's interpreter (``TRITON_INTERPRET=1`` before
+    triton is imported) and raises otherwise: never a silent fallback.
+    """
+    forced = forced_impl()
+    name = forced or ("triton" if device.type == "cuda" else "torch")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            f"{_ENV}=triton on {device.type} tensors needs TRITON_INTERPRET=1 in the environment before "
+            "triton is imported (Triton's CPU interpreter); on a GPU use CUDA tensors"
+        )
+    return name
+
+
+def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> ValueError:
+    """The one error for an adapter tensor without a gradient (``names``: module names by layer)."""
+    layer, kind = layer_and_kind(t)
+    where = f"{names[layer]}.lora_{KINDS[kind]}" + (f".{adapter}" if adapter else "") if names else (
+        f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]})"
+    )
+    return ValueError(
+        f"importance_update: {where} has no gradient; call update_and_allocate after loss.backward() "
+        "(and optimizer.step()) and before optimizer.zero_grad()"
+    )
 
 
 @dataclass(frozen=True)
 class Group:
     kind: str  # "A", "B" or "E"
     shape: tuple  # shape of one member
-    members: tuple  # tensor indices (3 * layer + kind offset)
+    members: tuple  # tensor indices (tensor_index(layer, kind))
     layers: tuple  # layer index of each member
     start: int  # first element in the flat state
     numel: int  # L * prod(shape)
@@ -38,10 +100,7 @@ def grads_of(params: Sequence[torch.Tensor], grads) -> list:
     grads = [p.grad for p in params] if grads is None else list(grads)
     for t, g in enumerate(grads):
         if g is None:
-            raise ValueError(
-                f"importance_update: adapter tensor {t} (layer {t // 3}, lora_{KINDS[t % 3]}) has no gradient; "
-                "call it after backward() and before zero_grad()"
-            )
+            raise missing_grad_error(t)
     return grads
 
 
@@ -51,6 +110,9 @@ class FlatLayout:
     ``shapes`` is one (r, k, d) per adapted layer (r may be 0). ``offsets[t]`` is the first
     element of tensor t in the flat buffers, ``triplet_offsets[i]`` the first position of layer
     i's triplets in the flat [sum(r)] score vector (layer order).
+
+    The registered ops take tensors and ints only: ``meta`` is this layout as an int64 [L, 3]
+    tensor of (r, k, d), and :meth:`of_meta` gives the layout back (cached while ``meta`` lives).
     """
 
     def __init__(self, shapes: Sequence[tuple[int, int, int]]):
@@ -65,11 +127,11 @@ class FlatLayout:
             acc += r
         tensor_shapes = []
         for r, k, d in self.shapes:
-            tensor_shapes += [(r, k), (d, r), (r, 1)]
+            tensor_shapes += [(r, k), (d, r), (r, 1)]  # tensor_index order: A, B, E
         self.tensor_shapes = tensor_shapes
         order: dict = {}
         for t, shp in enumerate(tensor_shapes):
-            order.setdefault((KINDS[t % 3], shp), []).append(t)
+            order.setdefault((KINDS[layer_and_kind(t)[1]], shp), []).append(t)
         self.offsets = [0] * len(tensor_shapes)
         groups = []
         start = 0
@@ -79,14 +141,23 @@ class FlatLayout:
                 n *= v
             for j, t in enumerate(members):
                 self.offsets[t] = start + j * n
-            groups.append(Group(kind, shp, tuple(members), tuple(t // 3 for t in members), start, n * len(members)))
+            layers = tuple(layer_and_kind(t)[0] for t in members)
+            groups.append(Group(kind, shp, tuple(members), layers, start, n * len(members)))
             start += n * len(members)
         self.groups = groups
         self.numel = start
         self._cache: dict = {}
+        self.meta = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
+        _BY_META[self.meta] = self
+
+    @staticmethod
+    def of_meta(meta: torch.Tensor) -> "FlatLayout":
+        """The layout ``meta`` was made from (rebuilt from its values if that layout is gone)."""
+        hit = _BY_META.get(meta)
+        return hit if hit is not None else FlatLayout([tuple(row) for row in meta.tolist()])
 
     def cached(self, key, build):
-        """``build()`` once per ``key`` for this layout: the tables backends derive from it
+        """``build()`` once per ``key`` for this layout: the tables implementations derive from it
         (positions, pointer-table geometry, C++ metadata) live and die with the layout."""
         hit = self._cache.get(key)
         if hit is None:
@@ -96,6 +167,9 @@ class FlatLayout:
     def numel_of(self, t: int) -> int:
         a, b = self.tensor_shapes[t]
         return a * b
+
+    def kind_of(self, t: int) -> int:
+        return layer_and_kind(t)[1]
 
     def group_positions(self, group: Group, device) -> torch.Tensor:
         """int64 positions in the [sum(r)] triplet vector of each row of ``group``'s reduced [L, r]."""
@@ -115,7 +189,12 @@ class FlatLayout:
             raise ValueError(f"expected {len(self.tensor_shapes)} adapter tensors, got {len(params)}")
         for t, (p, shp) in enumerate(zip(params, self.tensor_shapes)):
             if tuple(p.shape) != shp:
+                layer, kind = layer_and_kind(t)
                 raise ValueError(
-                    f"adapter tensor {t} (layer {t // 3}, lora_{KINDS[t % 3]}) has shape {tuple(p.shape)}, "
+                    f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]}) has shape {tuple(p.shape)}, "
                     f"the allocator's layout expects {shp}; rebuild the allocator after resizing"
                 )
+
+
+# meta tensor -> its layout; entries go when the meta tensor (owned by its layout) is collected.
+_BY_META: "weakref.WeakKeyDictionary[torch.Tensor, FlatLayout]" = weakref.WeakKeyDictionary()

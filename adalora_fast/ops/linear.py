@@ -1,0 +1,375 @@
+"""The adapted layer as registered operators: ``adalora_fast::adapter_linear`` and its backward.
+
+    out = x Wᵀ + b + ((dropout(x) Aᵀ) ⊙ e) Bᵀ,   e = E · scaling / (ranknum + RANKNUM_EPS)
+
+One op owns the whole layer (base matmul, bias, dropout, adapter), forward and backward, so the
+adapter's dx is added in place into the base dx and nothing of size N×k but x is saved.
+
+Schema (one argument order and one set of names at every level, the kernels' included)::
+
+    adapter_linear(x [N, k], weight [d, k] ([k, d] if fan_in_fan_out), bias [d]?, lora_A [r, k],
+                   lora_E [r, 1], lora_B [d, r], scaling, ranknum [1], dropout_p, fan_in_fan_out,
+                   seed [1] int64?) -> (out [N, d] base dtype, t [N, r] fp32, seed [1] int64 CPU)
+
+``t = dropout(x) Aᵀ`` and the seed are saved for backward. With ``seed=None`` and dropout on, the
+op draws its seed from torch's default CPU generator inside the op (so ``torch.manual_seed``
+makes dropout reproducible, eagerly and compiled alike, without a graph break or a recompile).
+
+Implementations by device (PyTorch's dispatcher picks; ``ADALORA_FAST_BACKEND`` forces one):
+
+* CPU, "torch": torch ops; fp32 adapters with dropout use the C++ kernel ``dropout_shrink``
+  (``csrc/dropout_lora_cpu.cpp``: the keep mask hashed from the seed, fused into the shrink, one
+  pass over x each way), other dtypes a seeded ``bernoulli_`` (two more passes each way).
+* CUDA, "triton": ``kernels/adapter.py``: shrink with in-kernel Philox dropout, expand-add in
+  place; backward one pass over g and one over x (ranks above 64 run the torch implementation:
+  the same math). On CPU tensors it runs under Triton's interpreter when forced.
+* "reference" (forced, tests only): ``reference.adapter_linear``, its gradients by autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_ext
+from .layout import RANKNUM_EPS, forced_impl, impl_for
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+# ---------------------------------------------------------------------------------- dropout masks
+def keep_mask(seed: int, shape, p: float, device, dtype=torch.float32, impl: Optional[str] = None) -> torch.Tensor:
+    """The bool keep mask implementation ``impl`` (default: the one that runs on ``device``) draws for
+    ``seed`` on a 2-D input of ``shape`` [N, k] with adapters of ``dtype``: Triton's Philox stream,
+    the C++ kernel's hash (fp32 CPU with the extension), or torch's seeded ``bernoulli_``."""
+    impl = impl or impl_for(torch.device(device))
+    if impl == "triton":
+        from ..kernels import adapter as _ka
+
+        return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device)
+    if cpu_ext.usable(device, dtype, p):
+        return torch.ops.adalora_fast_cpu.dropout_keep_mask(int(shape[0]), int(shape[1]), int(seed), float(p))
+    return _keep_float(shape, dtype, device, seed, p).bool()
+
+
+def _keep_float(shape, dtype, device, seed: int, p: float) -> torch.Tensor:
+    # The same seeded draw in forward and backward: same shape, dtype, device and generator state.
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
+
+
+def _scale(scaling, ranknum) -> torch.Tensor:
+    """s = scaling/(ranknum+eps), a [1] tensor on ranknum's device (no host read of ranknum)."""
+    return scaling / (ranknum + RANKNUM_EPS)
+
+
+def _fold_e(lora_E, scaling, ranknum, dtype):
+    """(s, e = E·s as an r-vector in ``dtype``): never an A*E tensor."""
+    s = _scale(scaling, ranknum)
+    return s, (lora_E.view(-1) * s).to(dtype)
+
+
+# ---------------------------------------------------------------------------------- torch (CPU)
+def _forward_torch(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
+    w = weight.t() if fifo else weight  # [d, k]
+    out = F.linear(x, w, bias)
+    _, e = _fold_e(E, scaling, ranknum, A.dtype)
+    xa = x if x.dtype == A.dtype else x.to(A.dtype)
+    if cpu_ext.usable(x.device, A.dtype, p):
+        t = torch.ops.adalora_fast_cpu.dropout_shrink(xa.contiguous(), A.contiguous(), seed, p)
+    else:
+        if p > 0.0:
+            xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, p).mul_(xa).mul_(1.0 / (1.0 - p))
+        t = xa @ A.t()  # [N, r]
+    u = t * e
+    if out.dtype == u.dtype:
+        out.addmm_(u, B.t())
+    else:
+        out += u @ B.t()
+    return out, t.float()
+
+
+def _backward_torch(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
+    s, e = _fold_e(E, scaling, ranknum, A.dtype)
+    t = t.to(A.dtype)
+    w = weight.t() if fifo else weight  # [d, k]
+    ga = g if g.dtype == A.dtype else g.to(A.dtype)
+    gB = ga @ B  # [N, r]
+    dB = dE = dA = None
+    if need_lora:
+        dB = ga.t() @ (t * e)
+        dE = ((gB * t).sum(0) * s).view_as(E).to(E.dtype)
+    ge = gB * e
+    dx = g @ w if need_x else None  # [N, k], base dtype
+    if cpu_ext.usable(x.device, A.dtype, p):
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        in_place = dx is not None and dx.dtype == torch.float32 and dx.is_contiguous()
+        lora_dx = dx if in_place else (torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None)
+        dA = torch.ops.adalora_fast_cpu.dropout_shrink_backward(
+            xa.contiguous(), A.contiguous(), ge.contiguous(), lora_dx, seed, p, bool(need_lora)
+        )
+        if need_x and not in_place:
+            dx += lora_dx
+        return dx, (dA if need_lora else None), dE, dB
+    keep = _keep_float(x.shape, A.dtype, x.device, seed, p) if p > 0.0 else None
+    if need_lora:
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        dA = ge.t() @ (xa * keep * (1.0 / (1.0 - p)) if keep is not None else xa)
+    if dx is not None:
+        if keep is not None:
+            dx += (ge @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+        elif dx.dtype == ge.dtype:
+            dx.addmm_(ge, A)
+        else:
+            dx += ge @ A
+    return dx, dA, dE, dB
+
+
+# ---------------------------------------------------------------------------------- triton (CUDA)
+def _forward_triton(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
+    from ..kernels import adapter as _ka
+
+    _ka.check_dtypes(x.dtype, A.dtype)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"adapter_linear (triton): x ({x.dtype}) and weight ({weight.dtype}) must share the base dtype")
+    if not (A.dtype == E.dtype == B.dtype):
+        raise TypeError(f"adapter_linear (triton): lora_A/E/B dtypes differ ({A.dtype}, {E.dtype}, {B.dtype})")
+    w = weight.t() if fifo else weight
+    out = F.linear(x, w, bias)  # contiguous [N, d], base dtype
+    n, r = x.shape[0], A.shape[0]
+    if r == 0 or n == 0:
+        return out, out.new_zeros((n, r), dtype=torch.float32)
+    t = _ka.shrink(x, A.contiguous(), p, seed)
+    _ka.expand_add(out, t, E.contiguous(), _scale(scaling, ranknum).float().contiguous(), B.contiguous())
+    return out, t
+
+
+def _backward_triton(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
+    from ..kernels import adapter as _ka
+
+    w = weight.t() if fifo else weight  # [d, k]
+    n, k = x.shape
+    r, d = A.shape[0], B.shape[0]
+    dx = g @ w if need_x else None  # base term (cuBLAS), [N, k] contiguous
+    if r == 0 or n == 0:
+        zeros = need_lora
+        return dx, torch.zeros_like(A) if zeros else None, torch.zeros_like(E) if zeros else None, (
+            torch.zeros_like(B) if zeros else None
+        )
+    acc = torch.zeros(r * k + d * r + r, dtype=torch.float32, device=x.device)
+    dA32, dB32, dE32 = acc[: r * k].view(r, k), acc[r * k : r * k + d * r].view(d, r), acc[r * k + d * r :]
+    ge = torch.empty((n, r), dtype=torch.float32, device=x.device)
+    A, E, B = A.contiguous(), E.contiguous(), B.contiguous()
+    _ka.grad_rank(g, t, E, _scale(scaling, ranknum).float().contiguous(), B, ge, dB32, dE32)
+    _ka.dA_dx(x, ge, A, dx, dA32, p, seed)
+    if not need_lora:
+        return dx, None, None, None
+    if A.dtype != torch.float32:
+        acc = acc.to(A.dtype)
+        dA32, dB32, dE32 = acc[: r * k].view(r, k), acc[r * k : r * k + d * r].view(d, r), acc[r * k + d * r :]
+    return dx, dA32, dE32.view(r, 1).to(E.dtype), dB32
+
+
+# ---------------------------------------------------------------------------------- reference (forced)
+def _forward_reference(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
+    from .. import reference as ref
+
+    keep = keep_mask(seed, x.shape, p, x.device, A.dtype, impl="torch") if p > 0.0 else None
+    out = ref.adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, keep)
+    xa = x.to(A.dtype)
+    if keep is not None:
+        xa = xa * keep.to(xa.dtype) / (1.0 - p)
+    return out, (xa @ A.t()).float()
+
+
+def _backward_reference(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
+    from .. import reference as ref
+
+    keep = keep_mask(seed, x.shape, p, x.device, A.dtype, impl="torch") if p > 0.0 else None
+    leaves = [v.detach().requires_grad_() for v in (x, A, E, B)]
+    with torch.enable_grad():
+        out = ref.adapter_linear(leaves[0], weight, None, *leaves[1:], scaling, ranknum, p, fifo, keep)
+        dx, dA, dE, dB = torch.autograd.grad(out, leaves, g)
+    return (dx if need_x else None), *((dA, dE, dB) if need_lora else (None, None, None))
+
+
+_IMPLS = {
+    "torch": (_forward_torch, _backward_torch),
+    "triton": (_forward_triton, _backward_triton),
+    "reference": (_forward_reference, _backward_reference),
+}
+
+
+def _impl(device: torch.device, rank: int):
+    name = impl_for(device)
+    if name == "triton":
+        from ..kernels import _launch
+
+        if rank > _launch.RANK_PADS[-1]:
+            if device.type == "cuda" and not forced_impl():
+                name = "torch"  # the kernels are built for r <= 64; the same math in torch ops
+            else:
+                _launch.pad_rank(rank)  # raises: a forced triton never falls back
+    return _IMPLS[name]
+
+
+def no_autocast(device: torch.device):
+    """Autocast stays on inside a registered op's implementation: each implementation runs under
+    this, so it computes in the dtypes it was given (the public wrappers apply autocast's rules)."""
+    dev = device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------- the operators
+@torch.library.custom_op("adalora_fast::adapter_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def adapter_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ranknum: torch.Tensor,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"adapter_linear: dropout_p={dropout_p} must lie in [0, 1)")
+    if seed is None:
+        # torch's default CPU generator: torch.manual_seed reproduces it; no device sync
+        seed_t = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    else:
+        seed_t = seed.detach().to("cpu", torch.int64).clone().view(1)
+    fwd, _ = _impl(x.device, lora_A.shape[0])
+    with no_autocast(x.device):
+        out, t = fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
+                     int(seed_t[0]))
+    return out, t, seed_t
+
+
+@adapter_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
+    d = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out = x.new_empty((x.shape[0], d))
+    t = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+    return out, t, torch.empty(1, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("adalora_fast::adapter_linear_backward", mutates_args=())
+def adapter_linear_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ranknum: torch.Tensor,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    seed: torch.Tensor,
+    need_x: bool,
+    need_lora: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [N, k] or [0], dA, dE, dB or [0] each): a gradient not asked for comes back empty."""
+    _, bwd = _impl(x.device, lora_A.shape[0])
+    g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
+    with no_autocast(x.device):
+        grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
+                    int(seed[0]), need_x, need_lora)
+    return tuple(v if v is not None else x.new_empty(0) for v in grads)
+
+
+@adapter_linear_backward_op.register_fake
+def _(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x,
+      need_lora):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_x else empty,
+        lora_A.new_empty(lora_A.shape) if need_lora else empty,
+        lora_E.new_empty(lora_E.shape) if need_lora else empty,
+        lora_B.new_empty(lora_B.shape) if need_lora else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, _ = inputs
+    _, t, seed = output
+    ctx.save_for_backward(x, t, weight, lora_A, lora_E, lora_B, ranknum, seed)
+    ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, _grad_t, _grad_seed):
+    x, t, weight, lora_A, lora_E, lora_B, ranknum, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_lora = need[3] or need[4] or need[5]
+    dx, dA, dE, dB = adapter_linear_backward_op(
+        grad_out, x, t, weight, lora_A, lora_E, lora_B, ctx.scaling, ranknum, ctx.dropout_p, ctx.fan_in_fan_out,
+        seed, need[0], need_lora,
+    )
+    dw = db = None
+    if need[1]:  # the frozen W normally needs none; computed only if someone unfroze it
+        gw = grad_out.t() @ x
+        dw = gw.t() if ctx.fan_in_fan_out else gw
+    if need[2] and ctx.has_bias:
+        db = grad_out.sum(0)
+    return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
+            dB if need[5] else None, None, None, None, None, None)
+
+
+adapter_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------- the public call
+def adapter_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ranknum,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    seed=None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + ((dropout(x) Aᵀ) * E*scaling/(ranknum+1e-5)) Bᵀ`` with PEFT's dtype rules.
+
+    x [..., k] (any leading shape); weight [d, k] ([k, d] if ``fan_in_fan_out``); bias [d] or
+    None; lora_A [r, k]; lora_E [r, 1]; lora_B [d, r]; ranknum a [1] tensor or a number; seed an
+    int or [1] int64 tensor (None: drawn inside the op). Dropout applies in training only.
+    Returns [..., d] in the base layer's dtype (autocast's dtype under autocast). Under autocast
+    everything runs in the autocast dtype; without it, the adapter term runs in lora_A's dtype.
+    """
+    p = float(dropout_p) if training else 0.0
+    if not torch.is_tensor(ranknum):
+        ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
+    if seed is not None and not torch.is_tensor(seed):
+        seed = torch.tensor([int(seed)], dtype=torch.int64)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dev = x.device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        x2, weight, bias, lora_A, lora_E, lora_B = (
+            v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)
+        )
+        with torch.autocast(dev, enabled=False):
+            out = adapter_linear_op(x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p,
+                                    bool(fan_in_fan_out), seed)[0]
+    else:
+        out = adapter_linear_op(x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p,
+                                bool(fan_in_fan_out), seed)[0]
+    return out.view(*lead, out.shape[-1])

@@ -1,0 +1,191 @@
+"""AdaLoRA's orthogonal regulariser as registered operators.
+
+    adalora_fast::orth_penalty(Tensor[] lora_A, Tensor[] lora_B) -> (Tensor loss, Tensor gram, Tensor norms)
+    adalora_fast::orth_penalty_backward(Tensor grad, Tensor[] lora_A, Tensor[] lora_B, Tensor gram,
+                                        Tensor norms) -> Tensor[]
+
+loss = mean over every A [r, k] and B [d, r] of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (not squared, PEFT's
+form; r = 0 matrices count with a norm of 0), an fp32 scalar computed in fp32 whatever the
+parameters' dtype and under autocast too. ``gram`` (every D = G − I, flat) and ``norms`` are saved
+for the backward op; their layout is the implementation's own. The gradient of each matrix comes
+back in its dtype.
+
+Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
+
+* CPU, "torch": per (kind, shape) group one stack, one bmm and one norm forward; one bmm and one
+  unbind backward (an autograd graph of the same ops would add ~10 nodes per group).
+* CUDA, "triton": ``kernels/orth.py``, one launch forward, one backward (r <= 64; larger ranks run
+  the torch implementation, the same math).
+* "reference" (forced, tests only): ``reference.orth_penalty``, its gradient by autograd.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from .layout import forced_impl, impl_for
+from .linear import no_autocast
+
+
+# ---------------------------------------------------------------------------------- torch (CPU)
+def _plan(lora_A, lora_B) -> list:
+    """[(is_A, [positions in the A-then-B list])] per (kind, shape) group, in first-seen order."""
+    groups: dict = {}
+    for i, a in enumerate(lora_A):
+        groups.setdefault((True, tuple(a.shape)), []).append(i)
+    n_A = len(lora_A)
+    for i, b in enumerate(lora_B):
+        groups.setdefault((False, tuple(b.shape)), []).append(n_A + i)
+    return [(is_A, idx) for (is_A, _), idx in groups.items()]
+
+
+def _forward_torch(lora_A, lora_B):
+    mats = [m.detach().float() for m in list(lora_A) + list(lora_B)]
+    total = torch.zeros((), dtype=torch.float32, device=mats[0].device)
+    grams, norms = [], []
+    for is_A, idx in _plan(lora_A, lora_B):
+        S = torch.stack([mats[i] for i in idx])  # [L, r, k] (A) or [L, d, r] (B)
+        D = S @ S.mT if is_A else S.mT @ S  # [L, r, r]
+        D.diagonal(dim1=1, dim2=2).sub_(1.0)
+        nrm = torch.linalg.matrix_norm(D)  # [L]
+        total = total + nrm.sum()
+        grams.append(D.reshape(-1))
+        norms.append(nrm)
+    return total / len(mats), torch.cat(grams), torch.cat(norms)
+
+
+def _backward_torch(grad, lora_A, lora_B, gram, norms):
+    mats = list(lora_A) + list(lora_B)
+    n = len(mats)
+    out = [None] * n
+    g_off = n_off = 0
+    for is_A, idx in _plan(lora_A, lora_B):
+        r = mats[idx[0]].shape[0] if is_A else mats[idx[0]].shape[1]
+        L = len(idx)
+        D = gram[g_off : g_off + L * r * r].view(L, r, r)
+        nrm = norms[n_off : n_off + L]
+        g_off += L * r * r
+        n_off += L
+        S = torch.stack([mats[i].detach().float() for i in idx])
+        # d||D||/dD = D/||D|| (0 where ||D|| = 0, as torch.norm); D symmetric: dS = 2 c D S or 2 c S D
+        coef = torch.where(nrm > 0, (2.0 / n) * grad / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
+        Dc = D * coef[:, None, None]
+        gS = Dc @ S if is_A else S @ Dc
+        for i, gi in zip(idx, gS.unbind(0)):
+            out[i] = gi.to(mats[i].dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------- triton (CUDA)
+def _forward_triton(lora_A, lora_B):
+    from ..kernels import orth as _ko
+
+    return _ko.forward(lora_A, lora_B)
+
+
+def _backward_triton(grad, lora_A, lora_B, gram, norms):
+    from ..kernels import orth as _ko
+
+    grads = _ko.backward(grad, lora_A, lora_B, gram, norms)
+    return [g.to(m.dtype) for g, m in zip(grads, list(lora_A) + list(lora_B))]
+
+
+# ---------------------------------------------------------------------------------- reference (forced)
+def _forward_reference(lora_A, lora_B):
+    from .. import reference as ref
+
+    loss = ref.orth_penalty([a.detach().float() for a in lora_A], [b.detach().float() for b in lora_B])
+    dev = loss.device
+    return loss.float(), torch.zeros(0, device=dev), torch.zeros(0, device=dev)
+
+
+def _backward_reference(grad, lora_A, lora_B, gram, norms):
+    from .. import reference as ref
+
+    leaves = [m.detach().float().requires_grad_() for m in list(lora_A) + list(lora_B)]
+    with torch.enable_grad():
+        loss = ref.orth_penalty(leaves[: len(lora_A)], leaves[len(lora_A) :])
+        grads = torch.autograd.grad(loss, leaves, grad, allow_unused=True)
+    return [torch.zeros_like(m) if g is None else g.to(m.dtype) for g, m in zip(grads, list(lora_A) + list(lora_B))]
+
+
+_IMPLS = {
+    "torch": (_forward_torch, _backward_torch),
+    "triton": (_forward_triton, _backward_triton),
+    "reference": (_forward_reference, _backward_reference),
+}
+
+
+def _impl(lora_A, lora_B):
+    dev = (list(lora_A) + list(lora_B))[0].device
+    name = impl_for(dev)
+    if name == "triton" and dev.type == "cuda" and not forced_impl():
+        from ..kernels import orth as _ko
+
+        if max([a.shape[0] for a in lora_A] + [b.shape[1] for b in lora_B]) > _ko.MAX_RANK:
+            name = "torch"  # the kernels are built for r <= 64; the same math in torch ops
+    return _IMPLS[name]
+
+
+# ---------------------------------------------------------------------------------- the operators
+def _check(lora_A, lora_B):
+    if len(lora_A) != len(lora_B):
+        raise ValueError(f"orth_penalty: {len(lora_A)} lora_A but {len(lora_B)} lora_B")
+    for a, b in zip(lora_A, lora_B):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"orth_penalty: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, k] and [d, r]")
+
+
+@torch.library.custom_op("adalora_fast::orth_penalty", mutates_args=())
+def orth_penalty_op(lora_A: List[torch.Tensor], lora_B: List[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(lora_A, lora_B)
+    fwd, _ = _impl(lora_A, lora_B)
+    with no_autocast(lora_A[0].device):
+        return fwd(lora_A, lora_B)
+
+
+@orth_penalty_op.register_fake
+def _(lora_A, lora_B):
+    ranks = [a.shape[0] for a in lora_A] + [b.shape[1] for b in lora_B]
+    dev = lora_A[0].device
+    return (torch.empty((), dtype=torch.float32, device=dev),
+            torch.empty(sum(r * r for r in ranks), dtype=torch.float32, device=dev),
+            torch.empty(len(ranks), dtype=torch.float32, device=dev))
+
+
+@torch.library.custom_op("adalora_fast::orth_penalty_backward", mutates_args=())
+def orth_penalty_backward_op(grad: torch.Tensor, lora_A: List[torch.Tensor], lora_B: List[torch.Tensor],
+                             gram: torch.Tensor, norms: torch.Tensor) -> List[torch.Tensor]:
+    _, bwd = _impl(lora_A, lora_B)
+    with no_autocast(lora_A[0].device):
+        return bwd(grad, lora_A, lora_B, gram, norms)
+
+
+@orth_penalty_backward_op.register_fake
+def _(grad, lora_A, lora_B, gram, norms):
+    return [torch.empty_like(m) for m in list(lora_A) + list(lora_B)]
+
+
+def _setup_context(ctx, inputs, output):
+    lora_A, lora_B = inputs
+    _, gram, norms = output
+    ctx.n_A = len(lora_A)
+    ctx.save_for_backward(gram, norms, *lora_A, *lora_B)
+
+
+def _backward(ctx, grad, _grad_gram, _grad_norms):
+    gram, norms, *mats = ctx.saved_tensors
+    grads = orth_penalty_backward_op(grad, mats[: ctx.n_A], mats[ctx.n_A :], gram, norms)
+    return grads[: ctx.n_A], grads[ctx.n_A :]
+
+
+orth_penalty_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def orth_penalty(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F over every lora_A and lora_B (differentiable fp32 scalar)."""
+    if not lora_A:
+        return torch.zeros(())
+    return orth_penalty_op(list(lora_A), list(lora_B))[0]
