@@ -106,18 +106,25 @@ def _to_device(vals, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor]):
+def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], order=None):
     """(matrix table, tile table, Gram elements, gradient elements, largest rank) of fp32 contiguous
-    matrices; the tables are cached per set of addresses (no host-to-device copy per step)."""
+    matrices; the tables are cached per set of addresses (no host-to-device copy per step).
+    ``order``: positions (A then B) in the order their gradients follow each other in the flat
+    gradient buffer (default: A then B)."""
+    mats = list(work_A) + list(work_B)
+    grad_off, acc = [0] * len(mats), 0
+    for i in (order if order is not None else range(len(mats))):
+        grad_off[i] = acc
+        acc += mats[i].numel()
     vals, tiles, gram_n, grad_n, max_r = [], [], 0, 0, 0
     n_live = 0
-    for m, is_A in [(a, True) for a in work_A] + [(b, False) for b in work_B]:
+    for j, (m, is_A) in enumerate([(a, True) for a in work_A] + [(b, False) for b in work_B]):
         rows, cols = (m.shape[0], m.shape[1]) if is_A else (m.shape[1], m.shape[0])
         if rows > MAX_RANK:
             raise NotImplementedError(f"orth_penalty: rank {rows} > {MAX_RANK} is not supported by the Triton kernels")
         sr, sc = (cols, 1) if is_A else (1, rows)
         if rows > 0 and cols > 0:
-            vals += [m.data_ptr(), rows, cols, sr, sc, gram_n, grad_n, 0]
+            vals += [m.data_ptr(), rows, cols, sr, sc, gram_n, grad_off[j], 0]
             tiles += [[n_live, c0] for c0 in range(0, cols, BWD_BLOCK_C)]
             n_live += 1
             gram_n += rows * rows
@@ -156,12 +163,13 @@ def forward(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]):
 
 
 def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
-             gram: torch.Tensor, norms: torch.Tensor) -> list:
-    """d loss / d M for every lora_A then every lora_B (fp32, one flat buffer's views): one launch."""
+             gram: torch.Tensor, norms: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """d loss / d M of every matrix as one flat fp32 buffer, the matrices' gradients one after the
+    other in ``order`` (positions in the A-then-B list): one launch."""
     work_A, work_B = _fp32(lora_A), _fp32(lora_B)
     work = work_A + work_B
     n_total = len(work)
-    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B)
+    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B, tuple(order))
     dev = work[0].device
     grad = torch.empty(grad_n, dtype=torch.float32, device=dev)
     if n_live:
@@ -169,12 +177,7 @@ def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequenc
         _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
                        2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=BWD_BLOCK_C,
                        DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
-    out, off = [], 0
-    for w in work:
-        n = w.numel()
-        out.append(grad[off:off + n].view(w.shape) if n else torch.zeros(w.shape, dtype=torch.float32, device=dev))
-        off += n
-    return out
+    return grad  # a matrix the kernel skips (r = 0 or no columns) has no elements to fill
 
 
 def compile_variants():

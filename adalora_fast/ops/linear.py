@@ -160,18 +160,15 @@ def _backward_triton(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, 
         return dx, torch.zeros_like(A) if zeros else None, torch.zeros_like(E) if zeros else None, (
             torch.zeros_like(B) if zeros else None
         )
-    acc = torch.zeros(r * k + d * r + r, dtype=torch.float32, device=x.device)
-    dA32, dB32, dE32 = acc[: r * k].view(r, k), acc[r * k : r * k + d * r].view(d, r), acc[r * k + d * r :]
+    # three fp32 accumulators (outputs of an op may not alias each other), zeroed for the atomics
+    dA32, dB32, dE32 = (torch.zeros(shape, dtype=torch.float32, device=x.device) for shape in ((r, k), (d, r), (r,)))
     ge = torch.empty((n, r), dtype=torch.float32, device=x.device)
     A, E, B = A.contiguous(), E.contiguous(), B.contiguous()
     _ka.grad_rank(g, t, E, _scale(scaling, ranknum).float().contiguous(), B, ge, dB32, dE32)
     _ka.dA_dx(x, ge, A, dx, dA32, p, seed)
     if not need_lora:
         return dx, None, None, None
-    if A.dtype != torch.float32:
-        acc = acc.to(A.dtype)
-        dA32, dB32, dE32 = acc[: r * k].view(r, k), acc[r * k : r * k + d * r].view(d, r), acc[r * k + d * r :]
-    return dx, dA32, dE32.view(r, 1).to(E.dtype), dB32
+    return dx, dA32.to(A.dtype), dE32.view(r, 1).to(E.dtype), dB32.to(B.dtype)
 
 
 # ---------------------------------------------------------------------------------- reference (forced)
@@ -286,18 +283,17 @@ def adapter_linear_backward_op(
     with no_autocast(x.device):
         grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
                     int(seed[0]), need_x, need_lora)
-    return tuple(v if v is not None else x.new_empty(0) for v in grads)
+    return tuple(v if v is not None else ref_t.new_empty(0) for v, ref_t in zip(grads, (x, lora_A, lora_E, lora_B)))
 
 
 @adapter_linear_backward_op.register_fake
 def _(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x,
       need_lora):
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(x.shape) if need_x else empty,
-        lora_A.new_empty(lora_A.shape) if need_lora else empty,
-        lora_E.new_empty(lora_E.shape) if need_lora else empty,
-        lora_B.new_empty(lora_B.shape) if need_lora else empty,
+    return (  # one empty tensor per gradient not asked for: outputs never alias each other
+        x.new_empty(x.shape if need_x else 0),
+        lora_A.new_empty(lora_A.shape if need_lora else 0),
+        lora_E.new_empty(lora_E.shape if need_lora else 0),
+        lora_B.new_empty(lora_B.shape if need_lora else 0),
     )
 
 

@@ -32,12 +32,13 @@ from .linear import no_autocast
 # ---------------------------------------------------------------------------------- torch (CPU)
 def _plan(lora_A, lora_B) -> list:
     """[(is_A, [positions in the A-then-B list])] per (kind, shape) group, in first-seen order."""
+    # int(): adapter shapes are static; under dynamic-shape tracing this pins them (a SymInt is unhashable)
     groups: dict = {}
     for i, a in enumerate(lora_A):
-        groups.setdefault((True, tuple(a.shape)), []).append(i)
+        groups.setdefault((True, tuple(int(v) for v in a.shape)), []).append(i)
     n_A = len(lora_A)
     for i, b in enumerate(lora_B):
-        groups.setdefault((False, tuple(b.shape)), []).append(n_A + i)
+        groups.setdefault((False, tuple(int(v) for v in b.shape)), []).append(n_A + i)
     return [(is_A, idx) for (is_A, _), idx in groups.items()]
 
 
@@ -56,13 +57,20 @@ def _forward_torch(lora_A, lora_B):
     return total / len(mats), torch.cat(grams), torch.cat(norms)
 
 
+def _flat_order(lora_A, lora_B) -> list:
+    """Positions (A then B) in the order their gradients follow each other in the backward op's
+    flat output: group by group, so each group's gradient is one [L, r, c] block."""
+    return [i for _, idx in _plan(lora_A, lora_B) for i in idx]
+
+
 def _backward_torch(grad, lora_A, lora_B, gram, norms):
     mats = list(lora_A) + list(lora_B)
     n = len(mats)
-    out = [None] * n
-    g_off = n_off = 0
+    flat = torch.empty(sum(m.numel() for m in mats), dtype=torch.float32, device=grad.device)
+    g_off = n_off = f_off = 0
     for is_A, idx in _plan(lora_A, lora_B):
-        r = mats[idx[0]].shape[0] if is_A else mats[idx[0]].shape[1]
+        shape = mats[idx[0]].shape
+        r = shape[0] if is_A else shape[1]
         L = len(idx)
         D = gram[g_off : g_off + L * r * r].view(L, r, r)
         nrm = norms[n_off : n_off + L]
@@ -72,10 +80,10 @@ def _backward_torch(grad, lora_A, lora_B, gram, norms):
         # d||D||/dD = D/||D|| (0 where ||D|| = 0, as torch.norm); D symmetric: dS = 2 c D S or 2 c S D
         coef = torch.where(nrm > 0, (2.0 / n) * grad / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
         Dc = D * coef[:, None, None]
-        gS = Dc @ S if is_A else S @ Dc
-        for i, gi in zip(idx, gS.unbind(0)):
-            out[i] = gi.to(mats[i].dtype)
-    return out
+        out = flat[f_off : f_off + S.numel()].view(S.shape)
+        torch.bmm(Dc, S, out=out) if is_A else torch.bmm(S, Dc, out=out)
+        f_off += S.numel()
+    return flat
 
 
 # ---------------------------------------------------------------------------------- triton (CUDA)
@@ -88,8 +96,7 @@ def _forward_triton(lora_A, lora_B):
 def _backward_triton(grad, lora_A, lora_B, gram, norms):
     from ..kernels import orth as _ko
 
-    grads = _ko.backward(grad, lora_A, lora_B, gram, norms)
-    return [g.to(m.dtype) for g, m in zip(grads, list(lora_A) + list(lora_B))]
+    return _ko.backward(grad, lora_A, lora_B, gram, norms, _flat_order(lora_A, lora_B))
 
 
 # ---------------------------------------------------------------------------------- reference (forced)
@@ -104,11 +111,14 @@ def _forward_reference(lora_A, lora_B):
 def _backward_reference(grad, lora_A, lora_B, gram, norms):
     from .. import reference as ref
 
-    leaves = [m.detach().float().requires_grad_() for m in list(lora_A) + list(lora_B)]
+    mats = list(lora_A) + list(lora_B)
+    leaves = [m.detach().float().requires_grad_() for m in mats]
     with torch.enable_grad():
         loss = ref.orth_penalty(leaves[: len(lora_A)], leaves[len(lora_A) :])
         grads = torch.autograd.grad(loss, leaves, grad, allow_unused=True)
-    return [torch.zeros_like(m) if g is None else g.to(m.dtype) for g, m in zip(grads, list(lora_A) + list(lora_B))]
+    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+    order = _flat_order(lora_A, lora_B)
+    return torch.cat([grads[i].reshape(-1) for i in order]) if order else grad.new_zeros(0)
 
 
 _IMPLS = {
@@ -157,7 +167,9 @@ def _(lora_A, lora_B):
 
 @torch.library.custom_op("adalora_fast::orth_penalty_backward", mutates_args=())
 def orth_penalty_backward_op(grad: torch.Tensor, lora_A: List[torch.Tensor], lora_B: List[torch.Tensor],
-                             gram: torch.Tensor, norms: torch.Tensor) -> List[torch.Tensor]:
+                             gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """The gradient of every matrix, fp32, one after the other in ``_flat_order`` (one flat buffer:
+    an op's outputs may not alias, so the per-matrix views are taken outside, by the caller)."""
     _, bwd = _impl(lora_A, lora_B)
     with no_autocast(lora_A[0].device):
         return bwd(grad, lora_A, lora_B, gram, norms)
@@ -165,7 +177,19 @@ def orth_penalty_backward_op(grad: torch.Tensor, lora_A: List[torch.Tensor], lor
 
 @orth_penalty_backward_op.register_fake
 def _(grad, lora_A, lora_B, gram, norms):
-    return [torch.empty_like(m) for m in list(lora_A) + list(lora_B)]
+    return grad.new_empty(sum(m.numel() for m in list(lora_A) + list(lora_B)), dtype=torch.float32)
+
+
+def _split(flat: torch.Tensor, lora_A, lora_B) -> list:
+    """Per-matrix gradient views of the flat buffer, in A-then-B order, each in its matrix's dtype."""
+    mats = list(lora_A) + list(lora_B)
+    out = [None] * len(mats)
+    off = 0
+    for i in _flat_order(lora_A, lora_B):
+        n = mats[i].numel()
+        out[i] = flat[off : off + n].view(mats[i].shape).to(mats[i].dtype)
+        off += n
+    return out
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,7 +201,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_gram, _grad_norms):
     gram, norms, *mats = ctx.saved_tensors
-    grads = orth_penalty_backward_op(grad, mats[: ctx.n_A], mats[ctx.n_A :], gram, norms)
+    lora_A, lora_B = mats[: ctx.n_A], mats[ctx.n_A :]
+    grads = _split(orth_penalty_backward_op(grad, lora_A, lora_B, gram, norms), lora_A, lora_B)
     return grads[: ctx.n_A], grads[ctx.n_A :]
 
 
