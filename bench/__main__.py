@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         bar.set_postfix_str("memory")
         rows += cases.layer_memory_cases(plan, device, tick)
     bar.close()
-    order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "memory": 4}
+    order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "train step (compiled)": 4,
+             "compile": 5, "memory": 6}
     rows.sort(key=lambda r: order.get(r["section"], 9))
 
     elapsed = time.perf_counter() - t_start

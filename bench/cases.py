@@ -10,6 +10,7 @@ is better). ``spread`` is the largest (max - min) / median over the rounds among
 from __future__ import annotations
 
 import gc
+import time
 import itertools
 import math
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Plan:
     min_sample_s: float
     step_inner: int  # steps per timed sample (a multiple of deltaT=10 gives one mask per sample)
     orth_max_layers: int = 224  # PEFT's penalty loop takes seconds per call beyond this
+    compiled: bool = True  # also time the three under torch.compile (inductor); compile time apart
 
 
 DEFAULT = Plan(
@@ -301,35 +303,45 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
 
 
 # ------------------------------------------------------------------------------ 3. training step
+def _step_fn(kind, plan: Plan, device, p, ids, compiled: bool):
+    """(one training step of contender ``kind`` as a closure, its model): forward (through
+    ``torch.compile`` when ``compiled``), backward, AdamW, update_and_allocate, zero_grad."""
+    m, upd = make_contender(kind, llama(plan.step_shape, device), plan.r, p, PROJECTIONS)
+    m.train()
+    fwd = torch.compile(m) if compiled else m
+    opt = torch.optim.AdamW(adapter_params(m), lr=1e-4)
+    counter = [MASK_STEP - 10]
+
+    def step():
+        counter[0] += 1
+        out = fwd(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        if upd is not None:
+            upd(counter[0])
+        opt.zero_grad()
+
+    return step, m
+
+
 def step_cases(plan: Plan, device, tick) -> list:
     rows = []
     s = plan.step_shape
+    kinds = ("ours", "peft_adalora", "peft_lora")
     for p in plan.step_dropouts:
         torch.manual_seed(3)
         ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
         fns, models = {}, {}
-        for kind in ("ours", "peft_adalora", "peft_lora"):
-            m, upd = make_contender(kind, llama(s, device), plan.r, p, PROJECTIONS)
-            m.train()
-            opt = torch.optim.AdamW(adapter_params(m), lr=1e-4)
-            counter = [MASK_STEP - 10]
-
-            def step(m=m, opt=opt, upd=upd, counter=counter):
-                counter[0] += 1
-                out = m(input_ids=ids, labels=ids)
-                out.loss.backward()
-                opt.step()
-                if upd is not None:
-                    upd(counter[0])
-                opt.zero_grad()
-
-            fns[kind], models[kind] = step, m
+        for kind in kinds:
+            fns[kind], models[kind] = _step_fn(kind, plan, device, p, ids, compiled=False)
         # steps per sample = a multiple of deltaT, so every sample holds the same number of masking steps
         t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=plan.step_inner, tick=tick)
         case = f"{s.layers} layers x 7 proj, hidden={s.hidden}, tokens={s.tokens}, r={plan.r}, p={p}"
         med = {k: t.median(k) for k in fns}
         rows.append(_row("train step", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t))
         rows.append(_row("train step", case, "throughput", "tok/s", {k: s.tokens / v for k, v in med.items()}, t, higher_is_better=True))
+        if plan.compiled:
+            rows += _compiled_step_rows(plan, device, p, ids, case, kinds, tick)
         # activation memory of one forward (loss included), parameters left out
         vals = {}
         for kind, m in models.items():
@@ -343,9 +355,36 @@ def step_cases(plan: Plan, device, tick) -> list:
     return rows
 
 
+def _compiled_step_rows(plan: Plan, device, p, ids, case, kinds, tick) -> list:
+    """The same step with each contender's model under ``torch.compile`` (inductor, default mode).
+    Compile time is reported apart: the wall time of the first two steps (the compile, and a
+    recompile if the second step needs one), minus two steady-state steps."""
+    torch._dynamo.reset()
+    fns, first = {}, {}
+    for kind in kinds:
+        fns[kind], _ = _step_fn(kind, plan, device, p, ids, compiled=True)
+        t0 = time.perf_counter()
+        fns[kind]()
+        fns[kind]()
+        first[kind] = time.perf_counter() - t0
+    t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=plan.step_inner, tick=tick)
+    med = {k: t.median(k) for k in fns}
+    rows = [
+        _row("train step (compiled)", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t),
+        _row("train step (compiled)", case, "throughput", "tok/s", {k: plan.step_shape.tokens / v for k, v in med.items()},
+             t, higher_is_better=True),
+        _row("compile", case, "compile time (first 2 steps - 2 steps)", "s",
+             {k: max(0.0, first[k] - 2 * med[k]) for k in fns}),
+    ]
+    del fns
+    torch._dynamo.reset()
+    _free()
+    return rows
+
+
 def count_ticks(plan: Plan) -> int:
     layer = len(plan.layer_shapes) * len(plan.dropouts) * 2
     mem = 6
     alloc = len(plan.alloc_counts) * 5
-    step = len(plan.step_dropouts) * plan.repeats
+    step = len(plan.step_dropouts) * plan.repeats * (2 if plan.compiled else 1)
     return layer + mem + alloc + step

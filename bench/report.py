@@ -90,6 +90,10 @@ def targets(rows: list, curve: list) -> list:
             v = r["ours"] / r["peft_lora"]
             add(f"train step p={p}: ours / PEFT LoRA time", v, "<= 1.00", v <= 1.0)
             add(f"train step p={p}: PEFT AdaLoRA / ours time", r["x_adalora"], ">= 1.15", r["x_adalora"] >= 1.15)
+        if r["section"] == "train step (compiled)" and r["metric"] == "step time":
+            p = r["case"].rsplit("p=", 1)[-1]
+            v = r["ours"] / r["peft_lora"]
+            add(f"compiled train step p={p}: ours / PEFT LoRA compiled time", v, "<= 1.00", v <= 1.0)
     for label in ("masking step", "non-masking step", "masking step, in training order", "non-masking step, in training order"):
         r = _find(rows, "update_and_allocate", label, "224 layers", unit="ms")
         if r is not None:

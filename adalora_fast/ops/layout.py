@@ -148,13 +148,15 @@ class FlatLayout:
         self.numel = start
         self._cache: dict = {}
         self.meta = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
-        _BY_META[self.meta] = self
+        key = id(self.meta)
+        _BY_META[key] = (weakref.ref(self.meta, lambda _ref: _BY_META.pop(key, None)), weakref.ref(self))
 
     @staticmethod
     def of_meta(meta: torch.Tensor) -> "FlatLayout":
         """The layout ``meta`` was made from (rebuilt from its values if that layout is gone)."""
-        hit = _BY_META.get(meta)
-        return hit if hit is not None else FlatLayout([tuple(row) for row in meta.tolist()])
+        hit = _BY_META.get(id(meta))
+        layout = hit[1]() if hit is not None and hit[0]() is meta else None
+        return layout if layout is not None else FlatLayout([tuple(row) for row in meta.tolist()])
 
     def cached(self, key, build):
         """``build()`` once per ``key`` for this layout: the tables implementations derive from it
@@ -196,5 +198,6 @@ class FlatLayout:
                 )
 
 
-# meta tensor -> its layout; entries go when the meta tensor (owned by its layout) is collected.
-_BY_META: "weakref.WeakKeyDictionary[torch.Tensor, FlatLayout]" = weakref.WeakKeyDictionary()
+# id(meta tensor) -> (weak ref to it, weak ref to its layout); an entry goes when its meta tensor is
+# collected. Keyed by id, not by the tensor: tensors compare elementwise, so they make poor dict keys.
+_BY_META: dict = {}
