@@ -224,20 +224,25 @@ def no_autocast(device: torch.device):
 
 
 # ---------------------------------------------------------------------------------- the operators
-@torch.library.custom_op("adalora_fast::adapter_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def adapter_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_E: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    ranknum: torch.Tensor,
-    dropout_p: float,
-    fan_in_fan_out: bool,
-    seed: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Registered with torch.library.Library (schema, a kernel per device key, a fake, an Autograd
+# kernel), not torch.library.custom_op: this op runs once per adapted layer per step, and
+# custom_op's Python shims (argument defaults, a dynamo-disable wrapper and its autograd adapter)
+# cost ~4x the torch implementation itself on a small layer (measured: 230 µs vs 60 µs of overhead
+# per forward); here the dispatcher calls the kernels below directly.
+_lib = torch.library.Library("adalora_fast", "FRAGMENT")
+_lib.define(
+    "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_E, Tensor lora_B, "
+    "float scaling, Tensor ranknum, float dropout_p, bool fan_in_fan_out, Tensor? seed) -> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+_lib.define(
+    "adapter_linear_backward(Tensor grad_out, Tensor x, Tensor t, Tensor weight, Tensor lora_A, Tensor lora_E, "
+    "Tensor lora_B, float scaling, Tensor ranknum, float dropout_p, bool fan_in_fan_out, Tensor seed, bool need_x, "
+    "bool need_lora) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"adapter_linear: dropout_p={dropout_p} must lie in [0, 1)")
     if seed is None:
@@ -248,11 +253,27 @@ def adapter_linear_op(
     fwd, _ = _impl(x.device, lora_A.shape[0])
     with no_autocast(x.device):
         out, t = fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                     int(seed_t[0]))
+                     seed_t.item() if dropout_p > 0.0 else 0)
     return out, t, seed_t
 
 
-@adapter_linear_op.register_fake
+def _adapter_linear_backward_kernel(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p,
+                                    fan_in_fan_out, seed, need_x, need_lora):
+    """(dx [N, k], dA, dE, dB): a gradient not asked for comes back as an empty tensor of its own."""
+    _, bwd = _impl(x.device, lora_A.shape[0])
+    g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
+    with no_autocast(x.device):
+        grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
+                    seed.item() if dropout_p > 0.0 else 0, need_x, need_lora)
+    return tuple(v if v is not None else like.new_empty(0) for v, like in zip(grads, (x, lora_A, lora_E, lora_B)))
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("adapter_linear", _adapter_linear_kernel, _key)
+    _lib.impl("adapter_linear_backward", _adapter_linear_backward_kernel, _key)
+
+
+@torch.library.register_fake("adalora_fast::adapter_linear", lib=_lib)
 def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     d = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     out = x.new_empty((x.shape[0], d))
@@ -260,33 +281,7 @@ def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_
     return out, t, torch.empty(1, dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("adalora_fast::adapter_linear_backward", mutates_args=())
-def adapter_linear_backward_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_E: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    ranknum: torch.Tensor,
-    dropout_p: float,
-    fan_in_fan_out: bool,
-    seed: torch.Tensor,
-    need_x: bool,
-    need_lora: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [N, k] or [0], dA, dE, dB or [0] each): a gradient not asked for comes back empty."""
-    _, bwd = _impl(x.device, lora_A.shape[0])
-    g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
-    with no_autocast(x.device):
-        grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                    int(seed[0]), need_x, need_lora)
-    return tuple(v if v is not None else ref_t.new_empty(0) for v, ref_t in zip(grads, (x, lora_A, lora_E, lora_B)))
-
-
-@adapter_linear_backward_op.register_fake
+@torch.library.register_fake("adalora_fast::adapter_linear_backward", lib=_lib)
 def _(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x,
       need_lora):
     return (  # one empty tensor per gradient not asked for: outputs never alias each other
@@ -297,33 +292,43 @@ def _(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, _ = inputs
-    _, t, seed = output
-    ctx.save_for_backward(x, t, weight, lora_A, lora_E, lora_B, ranknum, seed)
-    ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
-    ctx.has_bias = bias is not None
+class _AdapterLinearAutograd(torch.autograd.Function):
+    """The op's autograd: forward runs the op below the Autograd key; backward is the backward op
+    (dx, dA, dE, dB in one call) plus dW / db by torch ops if someone unfroze the base layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, t, seed_t = adapter_linear_op(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p,
+                                               fan_in_fan_out, seed)
+        ctx.save_for_backward(x, t, weight, lora_A, lora_E, lora_B, ranknum, seed_t)
+        ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(t, seed_t)
+        return out, t, seed_t
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_t, _grad_seed):
+        x, t, weight, lora_A, lora_E, lora_B, ranknum, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_lora = need[3] or need[4] or need[5]
+        dx, dA, dE, dB = adapter_linear_backward_op(
+            grad_out, x, t, weight, lora_A, lora_E, lora_B, ctx.scaling, ranknum, ctx.dropout_p, ctx.fan_in_fan_out,
+            seed, need[0], need_lora,
+        )
+        dw = db = None
+        if need[1]:  # the frozen W normally needs none; computed only if someone unfroze it
+            gw = grad_out.t() @ x
+            dw = gw.t() if ctx.fan_in_fan_out else gw
+        if need[2] and ctx.has_bias:
+            db = grad_out.sum(0)
+        return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
+                dB if need[5] else None, None, None, None, None, None)
 
 
-def _backward(ctx, grad_out, _grad_t, _grad_seed):
-    x, t, weight, lora_A, lora_E, lora_B, ranknum, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_lora = need[3] or need[4] or need[5]
-    dx, dA, dE, dB = adapter_linear_backward_op(
-        grad_out, x, t, weight, lora_A, lora_E, lora_B, ctx.scaling, ranknum, ctx.dropout_p, ctx.fan_in_fan_out,
-        seed, need[0], need_lora,
-    )
-    dw = db = None
-    if need[1]:  # the frozen W normally needs none; computed only if someone unfroze it
-        gw = grad_out.t() @ x
-        dw = gw.t() if ctx.fan_in_fan_out else gw
-    if need[2] and ctx.has_bias:
-        db = grad_out.sum(0)
-    return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
-            dB if need[5] else None, None, None, None, None, None)
-
-
-adapter_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_lib.impl("adapter_linear", _AdapterLinearAutograd.apply, "Autograd")
+adapter_linear_op = torch.ops.adalora_fast.adapter_linear.default
+adapter_linear_backward_op = torch.ops.adalora_fast.adapter_linear_backward.default
 
 
 # ---------------------------------------------------------------------------------- the public call
