@@ -3,6 +3,7 @@
     python -m bench             # the default run (a few minutes on a 2-core CPU)
     python -m bench --quick     # a smaller run, under a minute (the CI smoke test)
     python -m bench --json      # the figures as JSON on stdout (the table goes to stderr)
+    python -m bench finetune    # a real fine-tune: accuracy, time and ranks (see bench/finetune.py)
 
 Writes ``bench/results/<device>-<date>.csv`` and ``.png`` (``-quick`` added for ``--quick``).
 On a CUDA machine it runs on the GPU (adalora_fast's Triton path); otherwise on the CPU (torch path).
@@ -20,6 +21,11 @@ import warnings
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:
+        from .finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer cases: under a minute on 2 CPU cores")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table to stderr)")
