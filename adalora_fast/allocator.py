@@ -13,7 +13,10 @@ one op; no host sync in a step (``rank_pattern`` is built when read); a budget e
 initial budget masks nothing instead of crashing; exactly ``init_bgt - budget`` triplets are
 pruned even when scores tie; a step counter that skips ``total_step - tfinal`` still finalises;
 a missing gradient raises an error that says what to do; ``state_dict()``/``load_state_dict()``
-carry the importance state across a resume.
+carry the importance state across a resume; a step that repeats or goes back (PEFT would update
+the importance averages again) raises an error naming both steps, and the final mask is never
+fixed on an importance state that saw no step (a resume that lost its state raises instead of
+pruning whole layers to rank 0).
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class RankAllocator:
         self.m2: Optional[torch.Tensor] = None
         self._keep: Optional[torch.Tensor] = None
         self.finalized = False
+        # The step of the last successful update_and_allocate (None before the first one); carried in
+        # state_dict() so that a resumed run keeps refusing repeated or backward steps.
+        self.last_step: Optional[int] = None
+        # Bumped whenever the mask changes (a masking step, load_state_dict): readers of rank_pattern
+        # (AdaLoraModel.peft_config) rebuild it only then.
+        self.mask_version = 0
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> list:
@@ -106,6 +115,13 @@ class RankAllocator:
         """One step of AdaLoRA's schedule; returns the budget it masked to, or None if it did not mask."""
         cfg = self.config
         final_start = cfg.total_step - cfg.tfinal
+        last = self.last_step
+        if last is not None and global_step <= last:
+            what = "repeats" if global_step == last else "goes back from"
+            raise RuntimeError(
+                f"update_and_allocate(global_step={global_step}) {what} the previous step {last}: steps must "
+                "increase (each call updates the importance averages once); nothing was changed"
+            )
         params = self.params()
         E = params[2::3]
         if global_step < final_start:
@@ -132,20 +148,35 @@ class RankAllocator:
                 raise
             if mask_now:
                 self._mask(E, scores, budget)
+                self.last_step = global_step
                 return budget
+            self.last_step = global_step
             return None
         if not self.finalized:
             # PEFT fixes the final mask at exactly total_step - tfinal and crashes if that step
             # is skipped; any first step at or past it finalises here.
-            self._ensure_state(params[0].device)
+            if self.m1 is None:
+                # All-zero scores would keep the first target_bgt triplets in layout order and prune
+                # whole layers to rank 0. This is what a resume without the allocator state did.
+                raise RuntimeError(
+                    f"update_and_allocate(global_step={global_step}) would fix the final mask (the final phase "
+                    f"starts at step {final_start}), but the allocator has no importance scores: it has not seen "
+                    "any step before the final phase. If this run was resumed, restore the allocator state "
+                    "(AdaLoraCallback does it from Trainer checkpoints; AdaLoraModel.from_pretrained(..., "
+                    "is_trainable=True) from save_pretrained(..., save_allocator_state=True); or "
+                    "model.rankallocator.load_state_dict(...)). Nothing was changed."
+                )
+            self._ensure_state(params[0].device)  # moves the state if the model moved
             scores = ops.triplet_scores(self.layout, self.m1, self.m2)
             self._mask(E, scores, self.target_bgt)
             self.finalized = True
             self.reset_ipt()
+            self.last_step = global_step
             return self.target_bgt
         if self._keep.device != E[0].device:
             self._keep = self._keep.to(E[0].device)
         ops.apply_mask(E, self._keep)
+        self.last_step = global_step
         return None
 
     def _mask(self, E, scores, budget: int) -> None:
@@ -153,6 +184,7 @@ class RankAllocator:
         keep = ops.keep_mask_to_budget(scores, n_prune)
         ops.apply_mask(E, keep)
         self._keep = keep
+        self.mask_version += 1
 
     # ------------------------------------------------------------------ reporting and resume
     @property
@@ -170,7 +202,7 @@ class RankAllocator:
         return out
 
     def state_dict(self) -> dict:
-        """Importance state, current mask and phase, for resuming a run."""
+        """Importance state, current mask, phase and last step, for resuming a run."""
         sd = {
             "finalized": torch.tensor(self.finalized),
             "ranks": torch.tensor(self.layout.ranks, dtype=torch.int64),
@@ -180,6 +212,8 @@ class RankAllocator:
             sd["exp_avg_unc"] = self.m2
         if self._keep is not None:
             sd["keep"] = self._keep
+        if self.last_step is not None:
+            sd["last_step"] = torch.tensor(self.last_step, dtype=torch.int64)
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -196,3 +230,6 @@ class RankAllocator:
         self.m1 = sd["exp_avg_ipt"].to(dev, torch.float32).clone() if "exp_avg_ipt" in sd else None
         self.m2 = sd["exp_avg_unc"].to(dev, torch.float32).clone() if "exp_avg_unc" in sd else None
         self._keep = sd["keep"].to(dev, torch.bool).clone() if "keep" in sd else None
+        # A state written before last_step existed has none: the step order is then checked from the next call on.
+        self.last_step = int(sd["last_step"]) if "last_step" in sd else None
+        self.mask_version += 1
