@@ -6,9 +6,9 @@
 """
 
 from .allocator import RankAllocator, budget_schedule
-from .config import AdaLoraConfig
+from .config import AdaLoraConfig, PeftType
 from .layer import AdaLoraLinear
-from .model import AdaLoraModel, get_peft_model
+from .model import AdaLoraModel, ModulesToSaveWrapper, get_peft_model
 from .ops import backend_name
 
 
@@ -27,6 +27,8 @@ __all__ = [
     "AdaLoraConfig",
     "AdaLoraLinear",
     "AdaLoraModel",
+    "ModulesToSaveWrapper",
+    "PeftType",
     "RankAllocator",
     "backend_name",
     "budget_schedule",

@@ -8,6 +8,7 @@ The field names, defaults and the on-disk JSON (``adapter_config.json``) follow
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import warnings
@@ -41,6 +42,23 @@ DEFAULT_TARGET_MODULES = {
     "qwen3": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
 }
+
+
+# Modules PEFT trains whole (ModulesToSaveWrapper) for a task type, as its PeftModelFor<Task> classes add
+# them to ``modules_to_save``: PeftModelForSequenceClassification / ...TokenClassification add
+# ["classifier", "score"], PeftModelForQuestionAnswering ["qa_outputs"].
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's ``PeftType`` for the one type we have: a ``str`` enum, so ``PeftType.ADALORA == "ADALORA"``
+    and ``== peft.PeftType.ADALORA`` (the same value, hash and ``str()`` as PEFT's member)."""
+
+    ADALORA = "ADALORA"
 
 
 def _err(name: str, value: Any, why: str) -> ValueError:
@@ -138,18 +156,22 @@ class AdaLoraConfig:
             raise _err("layers_pattern", self.layers_pattern, "needs layers_to_transform to be set too")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise _err("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex str")
-        if self.modules_to_save:
-            raise _err(
-                "modules_to_save",
-                self.modules_to_save,
-                "is not supported by adalora_fast 0.1; train extra modules by setting requires_grad yourself",
-            )
+        if self.modules_to_save is not None:
+            mts = self.modules_to_save
+            if isinstance(mts, str) or not isinstance(mts, (list, tuple, set)) or not all(isinstance(m, str) for m in mts):
+                raise _err("modules_to_save", mts, "must be a list of module names (str), as in PEFT")
+            self.modules_to_save = list(mts)
         if self.r != 8:
             warnings.warn(
                 "Note that `r` is not used in AdaLora and will be ignored. "
                 "If you intended to set the initial rank, use `init_r` instead.",
                 stacklevel=3,
             )
+
+    @property
+    def peft_type(self) -> PeftType:
+        """``PeftType.ADALORA``, as ``peft.AdaLoraConfig.peft_type``."""
+        return PeftType.ADALORA
 
     # ---------------------------------------------------------------- conversion and I/O
     @classmethod
