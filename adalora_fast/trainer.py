@@ -1,13 +1,20 @@
 """Hugging Face ``Trainer`` integration: PEFT's AdaLoRA never has ``update_and_allocate`` called
 by the Trainer, so the budget silently stays at ``init_r``. This callback calls it at the right
-moment: after ``optimizer.step()`` and before the Trainer zeroes the gradients.
+moment (after ``optimizer.step()``, before the Trainer zeroes the gradients), writes the
+allocator state into every Trainer checkpoint and restores it when training resumes.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from typing import Optional
 
+import torch
 from transformers import TrainerCallback
+
+from .model import ALLOCATOR_STATE_NAME
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -15,12 +22,38 @@ class AdaLoraCallback(TrainerCallback):
 
     ``state.global_step`` counts optimizer steps from 0 when the event fires, so the schedule
     sees the same step numbers as the manual loop ``for step in range(total_step)``.
+
+    Checkpoints: at every Trainer save (``on_save``) the callback writes, into the checkpoint
+    folder ``<output_dir>/checkpoint-<global_step>``, ``model.save_pretrained(folder,
+    save_allocator_state=True)``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+    (so a checkpoint also loads with ``peft.PeftModel.from_pretrained``) and
+    ``adalora_allocator_state.safetensors`` (importance averages, mask, phase, last step, full-rank
+    adapters). The Trainer itself saves the whole state dict (``model.safetensors``, full-rank
+    adapters included), the optimizer, scheduler and RNG states.
+
+    Resume: ``trainer.train(resume_from_checkpoint=...)`` restores the weights, then fires
+    ``on_train_begin`` with ``state.global_step`` > 0; the event does not carry the path. The
+    callback looks for the allocator state in, in order: ``resume_from_checkpoint`` given here;
+    the path the running ``Trainer`` resumes from (read from its training loop's frame, where
+    ``train(resume_from_checkpoint=True)`` has already become the last checkpoint's path);
+    ``args.resume_from_checkpoint`` (a path); ``<args.output_dir>/checkpoint-<global_step>``. A
+    folder is taken only if its state was saved after step ``global_step - 1`` and its full-rank
+    adapters equal the weights the Trainer just restored; its allocator state is then loaded,
+    and the resumed run continues exactly as the uninterrupted one.
+
+    If no such state is found the callback raises ``RuntimeError`` (it never warns and goes on):
+    without its importance state the allocator would mask on fresh scores (different ranks in
+    the reduction phase; past ``total_step - tfinal``, a final mask fixed on all-zero scores that
+    prunes whole layers to rank 0). A checkpoint written without this callback cannot be resumed
+    exactly; train again, or resume with a new callback from a checkpoint that has the state.
     """
 
-    def __init__(self, model) -> None:
-        if not hasattr(model, "update_and_allocate"):
+    def __init__(self, model, resume_from_checkpoint: Optional[str] = None) -> None:
+        if not hasattr(model, "update_and_allocate") or not hasattr(model, "rankallocator"):
             raise TypeError(f"AdaLoraCallback needs an adalora_fast.AdaLoraModel, got {type(model).__name__}")
         self.model = model
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.restored_from: Optional[str] = None
 
     def on_init_end(self, args, state, control, **kwargs):
         # Trainer drops dataset columns that are not parameters of model.forward; ours takes
@@ -34,6 +67,92 @@ class AdaLoraCallback(TrainerCallback):
             args.remove_unused_columns = False
         return control
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        alloc = self.model.rankallocator
+        if alloc is None:
+            raise RuntimeError("AdaLoraCallback: the model was built with inference_mode=True; it cannot be trained")
+        if state.global_step > 0:
+            self._restore(args, state.global_step)
+        elif alloc.last_step is not None:
+            raise RuntimeError(
+                f"AdaLoraCallback: training starts at step 0, but this model's rank allocator has already run to "
+                f"step {alloc.last_step}; steps would repeat. Wrap a fresh base model (get_peft_model), or resume "
+                "from a checkpoint with trainer.train(resume_from_checkpoint=...)"
+            )
+        return control
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.model.update_and_allocate(state.global_step)
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not getattr(args, "should_save", True):
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            warnings.warn(
+                f"AdaLoraCallback: the Trainer saved a checkpoint, but {folder!r} does not exist (hyperparameter "
+                "search runs save elsewhere); the allocator state was not written, so this checkpoint cannot "
+                "be resumed exactly",
+                stacklevel=2,
+            )
+            return control
+        self.model.save_pretrained(folder, save_allocator_state=True)
+        return control
+
+    # ------------------------------------------------------------------ resume
+    @staticmethod
+    def _trainer_resume_path() -> Optional[str]:
+        """The ``resume_from_checkpoint`` local of the Trainer's training loop that fired this event."""
+        from transformers import Trainer
+
+        frame = sys._getframe(1)
+        while frame is not None:
+            loc = frame.f_locals
+            if isinstance(loc.get("self"), Trainer) and "resume_from_checkpoint" in loc:
+                path = loc["resume_from_checkpoint"]
+                return path if isinstance(path, (str, os.PathLike)) else None
+            frame = frame.f_back
+        return None
+
+    def _candidates(self, args, global_step: int) -> list:
+        out = []
+        for c in (
+            self.resume_from_checkpoint,
+            self._trainer_resume_path(),
+            getattr(args, "resume_from_checkpoint", None),
+            os.path.join(args.output_dir, f"checkpoint-{global_step}"),
+        ):
+            if isinstance(c, (str, os.PathLike)) and os.fspath(c) not in out:
+                out.append(os.fspath(c))
+        return out
+
+    def _restore(self, args, global_step: int) -> None:
+        from safetensors.torch import load_file
+
+        why = []
+        for folder in self._candidates(args, global_step):
+            path = os.path.join(folder, ALLOCATOR_STATE_NAME)
+            if not os.path.isfile(path):
+                why.append(f"{folder!r}: no {ALLOCATOR_STATE_NAME}" if os.path.isdir(folder) else f"{folder!r}: not a folder")
+                continue
+            sd = load_file(path)
+            saved_step = int(sd["allocator.last_step"]) if "allocator.last_step" in sd else None
+            if saved_step is not None and saved_step != global_step - 1:
+                why.append(f"{folder!r}: saved after step {saved_step}, the Trainer resumes at step {global_step}")
+                continue
+            pairs = self.model._adapters_in_checkpoint(sd, repr(path))
+            if not all(torch.equal(p.detach().cpu(), v.to(p.dtype)) for p, v in pairs):
+                why.append(f"{folder!r}: its adapters differ from the weights the Trainer restored (another run?)")
+                continue
+            self.model.load_allocator_checkpoint(sd, load_adapters=False, where=repr(path))
+            self.restored_from = folder
+            return
+        raise RuntimeError(
+            f"AdaLoraCallback: the Trainer resumes at step {global_step}, but no AdaLoRA allocator state for that "
+            "checkpoint was found (" + "; ".join(why) + "). Without it the importance scores would start empty "
+            "and the resumed run would prune differently (past total_step - tfinal, whole layers to rank 0). "
+            "A checkpoint written without AdaLoraCallback holds no allocator state and cannot be resumed "
+            "exactly; if the state lies elsewhere, pass its folder as AdaLoraCallback(model, "
+            "resume_from_checkpoint=...)."
+        )

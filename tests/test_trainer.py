@@ -1,12 +1,23 @@
-"""The HF Trainer drives the AdaLoRA schedule through AdaLoraCallback (PEFT's never runs it)."""
+"""The HF Trainer drives the AdaLoRA schedule through AdaLoraCallback (PEFT's never runs it), and
+Trainer checkpoints carry the allocator state: a run resumed in a fresh process ends exactly as the
+uninterrupted one."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import adalora_fast as af
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Tokens(Dataset):
@@ -47,7 +58,195 @@ def test_trainer_runs_schedule_to_target_budget(tmp_path):
 
 
 def test_callback_rejects_a_plain_model():
-    import pytest
-
     with pytest.raises(TypeError, match="AdaLoraModel"):
         af.AdaLoraCallback(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+# One script for every run: "full" trains 18 steps uninterrupted; "crash" is the same run killed
+# (os._exit) right after the checkpoint of step 16 is written; "resume" continues from a checkpoint in
+# a fresh process. Schedule: warm-up 0..3, masks at 4, 6, 8, 10 (reduction), final mask at 12, frozen
+# after; checkpoints every 4 steps, so checkpoint-8 is in the reduction phase, checkpoint-16 in the
+# final phase. lora_dropout=0: the data order (seeded) is all that could differ.
+RUN = r"""
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+import adalora_fast as af
+
+mode, out_dir, result = sys.argv[1], sys.argv[2], sys.argv[3]
+resume = sys.argv[4] if len(sys.argv) > 4 else None
+torch.set_num_threads(1)
+
+
+class Tokens(Dataset):
+    def __init__(self, n=48):
+        self.ids = torch.randint(1, 64, (n, 10), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Crash(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if mode == "crash" and state.global_step == 16:
+            os._exit(0)  # killed right after the checkpoint: no train end, nothing flushed
+
+
+torch.manual_seed(0)
+base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=3, tfinal=6, deltaT=2, total_step=18, lora_dropout=0.0,
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+model = af.get_peft_model(base, cfg)
+args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2, max_steps=18, learning_rate=2e-2,
+                         save_strategy="steps", save_steps=4, report_to=[], logging_strategy="no", use_cpu=True,
+                         disable_tqdm=True, seed=7, lr_scheduler_type="linear", dataloader_num_workers=0)
+callback = af.AdaLoraCallback(model)
+trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, Crash()])
+trainer.train(resume_from_checkpoint=(True if resume == "last" else resume))
+json.dump({"rank_pattern": model.rank_pattern, "restored_from": callback.restored_from,
+           "last_step": model.rankallocator.last_step}, open(result + ".json", "w"))
+save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}, result + ".safetensors")
+"""
+
+
+def _run(script, *argv):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc):
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _result(prefix):
+    return json.load(open(prefix + ".json")), load_file(prefix + ".safetensors")
+
+
+def _in_process(script, *argv, monkeypatch):
+    """The uninterrupted run, here (while the crash run's process works), with the script's one thread."""
+    import runpy
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resumed_runs_end_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    script = str(tmp_path / "run.py")
+    open(script, "w").write(RUN)
+    crash = _run(script, "crash", str(tmp_path / "crash"), str(tmp_path / "unused"))
+    _in_process(script, "full", str(tmp_path / "full"), str(tmp_path / "full_result"), monkeypatch=monkeypatch)
+    _wait(crash)
+    ckpt = tmp_path / "crash"
+    assert sorted(os.listdir(ckpt)) == [f"checkpoint-{s}" for s in (12, 16, 4, 8)], "killed after checkpoint-16"
+    assert not os.path.exists(tmp_path / "unused.json")
+    for s in (4, 8, 12, 16):
+        files = set(os.listdir(ckpt / f"checkpoint-{s}"))
+        assert {"adalora_allocator_state.safetensors", "adapter_model.safetensors", "adapter_config.json",
+                "model.safetensors", "trainer_state.json"} <= files, files
+    st = load_file(str(ckpt / "checkpoint-8" / "adalora_allocator_state.safetensors"))
+    assert int(st["allocator.last_step"]) == 7 and not bool(st["allocator.finalized"]) and "allocator.exp_avg_ipt" in st
+    st = load_file(str(ckpt / "checkpoint-16" / "adalora_allocator_state.safetensors"))
+    assert int(st["allocator.last_step"]) == 15 and bool(st["allocator.finalized"]) and "allocator.keep" in st
+    # fresh processes: from the reduction phase (a path outside the new run's output_dir;
+    # args.resume_from_checkpoint unset) and from the final phase (resume_from_checkpoint=True: the last
+    # checkpoint of output_dir, 16)
+    r8 = _run(script, "resume", str(tmp_path / "r8_out"), str(tmp_path / "r8"), str(ckpt / "checkpoint-8"))
+    r16 = _run(script, "resume", str(ckpt), str(tmp_path / "r16"), "last")
+    _wait(r8), _wait(r16)
+    ref_meta, ref_w = _result(str(tmp_path / "full_result"))
+    assert ref_meta["last_step"] == 17 and ref_meta["restored_from"] is None
+    pattern = ref_meta["rank_pattern"]
+    ranks = [sum(v) for v in pattern.values()]
+    assert sum(ranks) == 2 * 8 and ranks != [4, 4, 4, 4, 0, 0, 0, 0], f"not the all-zero-scores pattern: {ranks}"
+    for name, at in (("r8", 8), ("r16", 16)):
+        meta, w = _result(str(tmp_path / name))
+        assert meta["restored_from"] == str(ckpt / f"checkpoint-{at}")
+        assert meta["rank_pattern"] == pattern, name
+        assert set(w) == set(ref_w)
+        for k in ref_w:
+            assert torch.equal(w[k], ref_w[k]), f"{name}: {k}"
+
+
+class _Tokens(Tokens):
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i] % 63 + 1, "labels": self.ids[i] % 63 + 1}
+
+
+def _trainer(model, out, **kw):
+    kw = {"max_steps": 12, "save_strategy": "steps", "save_steps": 5, **kw}
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **kw)
+    return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[af.AdaLoraCallback(model)])
+
+
+def _small():
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    return af.get_peft_model(base, af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12,
+                                                     target_modules=["q_proj", "v_proj"]))
+
+
+def test_resume_without_allocator_state_raises_and_changes_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(_small(), tmp_path / "run", max_steps=10).train()  # checkpoints 5 and 10
+        ckpt = tmp_path / "run" / "checkpoint-10"  # in the final phase (it starts at step 9)
+        old = tmp_path / "old" / "checkpoint-10"  # as written without AdaLoraCallback
+        shutil.copytree(ckpt, old)
+        os.remove(old / "adalora_allocator_state.safetensors")
+        model = _small()
+        with pytest.raises(RuntimeError, match="no AdaLoRA allocator state") as ei:
+            _trainer(model, tmp_path / "elsewhere").train(resume_from_checkpoint=str(old))
+        assert "adalora_allocator_state.safetensors" in str(ei.value)
+        alloc = model.rankallocator
+        assert alloc.last_step is None and alloc.m1 is None and model.rank_pattern is None
+        # a state of another checkpoint (same output dir, other step) is not taken for it either
+        other = tmp_path / "mixed"
+        shutil.copytree(tmp_path / "run", other)
+        shutil.copy(other / "checkpoint-5" / "adalora_allocator_state.safetensors", other / "checkpoint-10")
+        with pytest.raises(RuntimeError, match="saved after step 4"):
+            _trainer(_small(), other).train(resume_from_checkpoint=True)
+        # the state itself resumes it
+        model = _small()
+        _trainer(model, tmp_path / "run").train(resume_from_checkpoint=True)
+        assert model.rankallocator.last_step == 11
+        assert all(sum(v) > 0 for v in model.rank_pattern.values())
+
+
+def test_final_mask_is_never_fixed_on_empty_scores():
+    """What a resume without the state did: the first step at or past total_step - tfinal fixed the final
+    mask on all-zero scores, keeping the first triplets in layout order and pruning whole layers to rank 0."""
+    model = _small()
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    E = [m.lora_E["default"].detach().clone() for _, m in model.adapted_layers()]
+    for step in (9, 10):
+        with pytest.raises(RuntimeError, match="no importance scores"):
+            model.update_and_allocate(step)
+    alloc = model.rankallocator
+    assert not alloc.finalized and alloc.last_step is None and model.rank_pattern is None
+    assert all(torch.equal(a, m.lora_E["default"]) for a, (_, m) in zip(E, model.adapted_layers()))
+
+
+def test_training_again_from_step_zero_on_a_trained_model_raises(tmp_path):
+    model = _small()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(model, tmp_path, save_strategy="no", max_steps=3).train()
+        with pytest.raises(RuntimeError, match="already run to step 2"):
+            _trainer(model, tmp_path, save_strategy="no", max_steps=3).train()
