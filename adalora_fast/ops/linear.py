@@ -74,122 +74,135 @@ def _fold_e(lora_E, scaling, ranknum, dtype):
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
-def _forward_torch(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
-    w = weight.t() if fifo else weight  # [d, k]
+def _forward_torch(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
+    w = weight.t() if fan_in_fan_out else weight  # [d, k]
     out = F.linear(x, w, bias)
-    _, e = _fold_e(E, scaling, ranknum, A.dtype)
-    xa = x if x.dtype == A.dtype else x.to(A.dtype)
-    if cpu_ext.usable(x.device, A.dtype, p):
-        t = torch.ops.adalora_fast_cpu.dropout_shrink(xa.contiguous(), A.contiguous(), seed, p)
+    _, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
+    xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+    if cpu_ext.usable(x.device, lora_A.dtype, dropout_p):
+        t = torch.ops.adalora_fast_cpu.dropout_shrink(xa.contiguous(), lora_A.contiguous(), seed, dropout_p)
     else:
-        if p > 0.0:
-            xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, p).mul_(xa).mul_(1.0 / (1.0 - p))
-        t = xa @ A.t()  # [N, r]
+        if dropout_p > 0.0:
+            xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, dropout_p).mul_(xa).mul_(1.0 / (1.0 - dropout_p))
+        t = xa @ lora_A.t()  # [N, r]
     u = t * e
     if out.dtype == u.dtype:
-        out.addmm_(u, B.t())
+        out.addmm_(u, lora_B.t())
     else:
-        out += u @ B.t()
+        out += u @ lora_B.t()
     return out, t.float()
 
 
-def _backward_torch(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
-    s, e = _fold_e(E, scaling, ranknum, A.dtype)
-    t = t.to(A.dtype)
-    w = weight.t() if fifo else weight  # [d, k]
-    ga = g if g.dtype == A.dtype else g.to(A.dtype)
-    gB = ga @ B  # [N, r]
+def _backward_torch(
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+):
+    s, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
+    t = t.to(lora_A.dtype)
+    w = weight.t() if fan_in_fan_out else weight  # [d, k]
+    ga = g if g.dtype == lora_A.dtype else g.to(lora_A.dtype)
+    gB = ga @ lora_B  # [N, r]
     dB = dE = dA = None
     if need_lora:
         dB = ga.t() @ (t * e)
-        dE = ((gB * t).sum(0) * s).view_as(E).to(E.dtype)
+        dE = ((gB * t).sum(0) * s).view_as(lora_E).to(lora_E.dtype)
     ge = gB * e
     dx = g @ w if need_x else None  # [N, k], base dtype
-    if cpu_ext.usable(x.device, A.dtype, p):
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+    if cpu_ext.usable(x.device, lora_A.dtype, dropout_p):
+        xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
         in_place = dx is not None and dx.dtype == torch.float32 and dx.is_contiguous()
         lora_dx = dx if in_place else (torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None)
         dA = torch.ops.adalora_fast_cpu.dropout_shrink_backward(
-            xa.contiguous(), A.contiguous(), ge.contiguous(), lora_dx, seed, p, bool(need_lora)
+            xa.contiguous(), lora_A.contiguous(), ge.contiguous(), lora_dx, seed, dropout_p, bool(need_lora)
         )
         if need_x and not in_place:
             dx += lora_dx
         return dx, (dA if need_lora else None), dE, dB
-    keep = _keep_float(x.shape, A.dtype, x.device, seed, p) if p > 0.0 else None
+    keep = _keep_float(x.shape, lora_A.dtype, x.device, seed, dropout_p) if dropout_p > 0.0 else None
     if need_lora:
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        dA = ge.t() @ (xa * keep * (1.0 / (1.0 - p)) if keep is not None else xa)
+        xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+        dA = ge.t() @ (xa * keep * (1.0 / (1.0 - dropout_p)) if keep is not None else xa)
     if dx is not None:
         if keep is not None:
-            dx += (ge @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+            dx += (ge @ lora_A).mul_(keep).mul_(1.0 / (1.0 - dropout_p))
         elif dx.dtype == ge.dtype:
-            dx.addmm_(ge, A)
+            dx.addmm_(ge, lora_A)
         else:
-            dx += ge @ A
+            dx += ge @ lora_A
     return dx, dA, dE, dB
 
 
 # ---------------------------------------------------------------------------------- triton (CUDA)
-def _forward_triton(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
+def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     from ..kernels import adapter as _ka
 
-    _ka.check_dtypes(x.dtype, A.dtype)
+    _ka.check_dtypes(x.dtype, lora_A.dtype)
     if weight.dtype != x.dtype:
         raise TypeError(f"adapter_linear (triton): x ({x.dtype}) and weight ({weight.dtype}) must share the base dtype")
-    if not (A.dtype == E.dtype == B.dtype):
-        raise TypeError(f"adapter_linear (triton): lora_A/E/B dtypes differ ({A.dtype}, {E.dtype}, {B.dtype})")
-    w = weight.t() if fifo else weight
+    if not (lora_A.dtype == lora_E.dtype == lora_B.dtype):
+        raise TypeError(
+            f"adapter_linear (triton): lora_A/E/B dtypes differ ({lora_A.dtype}, {lora_E.dtype}, {lora_B.dtype})"
+        )
+    w = weight.t() if fan_in_fan_out else weight
     out = F.linear(x, w, bias)  # contiguous [N, d], base dtype
-    n, r = x.shape[0], A.shape[0]
+    n, r = x.shape[0], lora_A.shape[0]
     if r == 0 or n == 0:
         return out, out.new_zeros((n, r), dtype=torch.float32)
-    t = _ka.shrink(x, A.contiguous(), p, seed)
-    _ka.expand_add(out, t, E.contiguous(), _scale(scaling, ranknum).float().contiguous(), B.contiguous())
+    t = _ka.shrink(x, lora_A.contiguous(), dropout_p, seed)
+    _ka.expand_add(out, t, lora_E.contiguous(), _scale(scaling, ranknum).float().contiguous(), lora_B.contiguous())
     return out, t
 
 
-def _backward_triton(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
+def _backward_triton(
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+):
     from ..kernels import adapter as _ka
 
-    w = weight.t() if fifo else weight  # [d, k]
+    w = weight.t() if fan_in_fan_out else weight  # [d, k]
     n, k = x.shape
-    r, d = A.shape[0], B.shape[0]
+    r, d = lora_A.shape[0], lora_B.shape[0]
     dx = g @ w if need_x else None  # base term (cuBLAS), [N, k] contiguous
     if r == 0 or n == 0:
         zeros = need_lora
-        return dx, torch.zeros_like(A) if zeros else None, torch.zeros_like(E) if zeros else None, (
-            torch.zeros_like(B) if zeros else None
+        return (
+            dx,
+            torch.zeros_like(lora_A) if zeros else None,
+            torch.zeros_like(lora_E) if zeros else None,
+            (torch.zeros_like(lora_B) if zeros else None),
         )
     # three fp32 accumulators (outputs of an op may not alias each other), zeroed for the atomics
     dA32, dB32, dE32 = (torch.zeros(shape, dtype=torch.float32, device=x.device) for shape in ((r, k), (d, r), (r,)))
     ge = torch.empty((n, r), dtype=torch.float32, device=x.device)
-    A, E, B = A.contiguous(), E.contiguous(), B.contiguous()
-    _ka.grad_rank(g, t, E, _scale(scaling, ranknum).float().contiguous(), B, ge, dB32, dE32)
-    _ka.dA_dx(x, ge, A, dx, dA32, p, seed)
+    lora_A, lora_E, lora_B = lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous()
+    _ka.grad_rank(g, t, lora_E, _scale(scaling, ranknum).float().contiguous(), lora_B, ge, dB32, dE32)
+    _ka.dA_dx(x, ge, lora_A, dx, dA32, dropout_p, seed)
     if not need_lora:
         return dx, None, None, None
-    return dx, dA32.to(A.dtype), dE32.view(r, 1).to(E.dtype), dB32.to(B.dtype)
+    return dx, dA32.to(lora_A.dtype), dE32.view(r, 1).to(lora_E.dtype), dB32.to(lora_B.dtype)
 
 
 # ---------------------------------------------------------------------------------- reference (forced)
-def _forward_reference(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed):
+def _forward_reference(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     from .. import reference as ref
 
-    keep = keep_mask(seed, x.shape, p, x.device, A.dtype, impl="torch") if p > 0.0 else None
-    out = ref.adapter_linear(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, keep)
-    xa = x.to(A.dtype)
+    keep = keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p > 0.0 else None
+    out = ref.adapter_linear(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, keep)
+    xa = x.to(lora_A.dtype)
     if keep is not None:
-        xa = xa * keep.to(xa.dtype) / (1.0 - p)
-    return out, (xa @ A.t()).float()
+        xa = xa * keep.to(xa.dtype) / (1.0 - dropout_p)
+    return out, (xa @ lora_A.t()).float()
 
 
-def _backward_reference(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora):
+def _backward_reference(
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+):
     from .. import reference as ref
 
-    keep = keep_mask(seed, x.shape, p, x.device, A.dtype, impl="torch") if p > 0.0 else None
-    leaves = [v.detach().requires_grad_() for v in (x, A, E, B)]
+    keep = keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p > 0.0 else None
+    leaves = [v.detach().requires_grad_() for v in (x, lora_A, lora_E, lora_B)]
     with torch.enable_grad():
-        out = ref.adapter_linear(leaves[0], weight, None, *leaves[1:], scaling, ranknum, p, fifo, keep)
+        out = ref.adapter_linear(
+            leaves[0], weight, None, *leaves[1:], scaling, ranknum, dropout_p, fan_in_fan_out, keep
+        )
         dx, dA, dE, dB = torch.autograd.grad(out, leaves, g)
     return (dx if need_x else None), *((dA, dE, dB) if need_lora else (None, None, None))
 
@@ -252,19 +265,45 @@ def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ran
         seed_t = seed.detach().to("cpu", torch.int64).clone().view(1)
     fwd, _ = _impl(x.device, lora_A.shape[0])
     with no_autocast(x.device):
-        out, t = fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                     seed_t.item() if dropout_p > 0.0 else 0)
+        out, t = fwd(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_E,
+            lora_B,
+            scaling,
+            ranknum,
+            dropout_p,
+            fan_in_fan_out,
+            seed_t.item() if dropout_p > 0.0 else 0,
+        )
     return out, t, seed_t
 
 
-def _adapter_linear_backward_kernel(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p,
-                                    fan_in_fan_out, seed, need_x, need_lora):
+def _adapter_linear_backward_kernel(
+    grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+):
     """(dx [N, k], dA, dE, dB): a gradient not asked for comes back as an empty tensor of its own."""
     _, bwd = _impl(x.device, lora_A.shape[0])
     g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
     with no_autocast(x.device):
-        grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                    seed.item() if dropout_p > 0.0 else 0, need_x, need_lora)
+        grads = bwd(
+            g,
+            x,
+            t,
+            weight,
+            lora_A,
+            lora_E,
+            lora_B,
+            scaling,
+            ranknum,
+            dropout_p,
+            fan_in_fan_out,
+            seed.item() if dropout_p > 0.0 else 0,
+            need_x,
+            need_lora,
+        )
     return tuple(v if v is not None else like.new_empty(0) for v, like in zip(grads, (x, lora_A, lora_E, lora_B)))
 
 
@@ -282,8 +321,9 @@ def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_
 
 
 @torch.library.register_fake("adalora_fast::adapter_linear_backward", lib=_lib)
-def _(grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x,
-      need_lora):
+def _(
+    grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+):
     return (  # one empty tensor per gradient not asked for: outputs never alias each other
         x.new_empty(x.shape if need_x else 0),
         lora_A.new_empty(lora_A.shape if need_lora else 0),
@@ -299,8 +339,9 @@ class _AdapterLinearAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
         with torch._C._AutoDispatchBelowAutograd():
-            out, t, seed_t = adapter_linear_op(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p,
-                                               fan_in_fan_out, seed)
+            out, t, seed_t = adapter_linear_op(
+                x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed
+            )
         ctx.save_for_backward(x, t, weight, lora_A, lora_E, lora_B, ranknum, seed_t)
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
         ctx.has_bias = bias is not None
@@ -313,8 +354,20 @@ class _AdapterLinearAutograd(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
         dx, dA, dE, dB = adapter_linear_backward_op(
-            grad_out, x, t, weight, lora_A, lora_E, lora_B, ctx.scaling, ranknum, ctx.dropout_p, ctx.fan_in_fan_out,
-            seed, need[0], need_lora,
+            grad_out,
+            x,
+            t,
+            weight,
+            lora_A,
+            lora_E,
+            lora_B,
+            ctx.scaling,
+            ranknum,
+            ctx.dropout_p,
+            ctx.fan_in_fan_out,
+            seed,
+            need[0],
+            need_lora,
         )
         dw = db = None
         if need[1]:  # the frozen W normally needs none; computed only if someone unfroze it
@@ -322,8 +375,19 @@ class _AdapterLinearAutograd(torch.autograd.Function):
             dw = gw.t() if ctx.fan_in_fan_out else gw
         if need[2] and ctx.has_bias:
             db = grad_out.sum(0)
-        return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
-                dB if need[5] else None, None, None, None, None, None)
+        return (
+            dx if need[0] else None,
+            dw,
+            db,
+            dA if need[3] else None,
+            dE if need[4] else None,
+            dB if need[5] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 _lib.impl("adapter_linear", _AdapterLinearAutograd.apply, "Autograd")
@@ -368,9 +432,21 @@ def adapter_linear(
             v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)
         )
         with torch.autocast(dev, enabled=False):
-            out = adapter_linear_op(x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p,
-                                    bool(fan_in_fan_out), seed)[0]
+            out = adapter_linear_op(
+                x2,
+                weight,
+                bias,
+                lora_A,
+                lora_E,
+                lora_B,
+                float(scaling),
+                ranknum.detach(),
+                p,
+                bool(fan_in_fan_out),
+                seed,
+            )[0]
     else:
-        out = adapter_linear_op(x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p,
-                                bool(fan_in_fan_out), seed)[0]
+        out = adapter_linear_op(
+            x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p, bool(fan_in_fan_out), seed
+        )[0]
     return out.view(*lead, out.shape[-1])
