@@ -72,9 +72,9 @@ def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
         )
 
 
-def dropout_threshold(p: float) -> int:
+def dropout_threshold(dropout_p: float) -> int:
     """16-bit threshold: an element is kept iff its 16-bit Philox value is >= this."""
-    return int(round(float(p) * 65536.0))
+    return int(round(float(dropout_p) * 65536.0))
 
 
 @triton.jit
@@ -295,67 +295,67 @@ def _common(a_dtype: torch.dtype, r: int) -> dict:
     return dict(R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=dot_precision(a_dtype), num_warps=num_warps(rp))
 
 
-def keep_mask(seed: int, n: int, k: int, p: float, device) -> torch.Tensor:
+def keep_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
     """bool [n, k]: the keep mask the kernels use for ``seed`` and rate ``p``."""
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
         grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
-        _launch.launch(_keep_mask_kernel, grid, out, n, k, int(seed) + SEED_OFFSET, dropout_threshold(p),
+        _launch.launch(_keep_mask_kernel, grid, out, n, k, int(seed) + SEED_OFFSET, dropout_threshold(dropout_p),
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return out.bool()
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed) -> torch.Tensor:
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """t = dropout(x) Aᵀ, fp32 [N, r]; x [N, k] any strides; A [r, k] contiguous."""
     n, k = x.shape
-    r = A.shape[0]
+    r = lora_A.shape[0]
     t = torch.empty((n, r), dtype=torch.float32, device=x.device)
-    has_dp = p > 0.0
+    has_dp = dropout_p > 0.0
     _launch.launch(
         _shrink_kernel, (triton.cdiv(n, BLOCK_N),),
-        x, A, t, n, k, r, x.stride(0), x.stride(1),
-        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
-        1.0 / (1.0 - p), int(has_dp),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_common(A.dtype, r),
+        x, lora_A, t, n, k, r, x.stride(0), x.stride(1),
+        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(dropout_p) if has_dp else 0,
+        1.0 / (1.0 - dropout_p), int(has_dp),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_common(lora_A.dtype, r),
     )
     return t
 
 
-def expand_add(out: torch.Tensor, t: torch.Tensor, E: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> None:
+def expand_add(out: torch.Tensor, t: torch.Tensor, lora_E: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor) -> None:
     """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·s (s: [1] fp32 on out's device)."""
     n, d = out.shape
-    r = B.shape[1]
+    r = lora_B.shape[1]
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, EXPAND_BLOCK_D))
     _launch.launch(
-        _expand_add_kernel, grid, t, E, s, B, out, n, d, r, out.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, **_common(B.dtype, r),
+        _expand_add_kernel, grid, t, lora_E, s, lora_B, out, n, d, r, out.stride(0),
+        BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, **_common(lora_B.dtype, r),
     )
 
 
-def grad_rank(g, t, E, s, B, ge, dB, dE) -> None:
+def grad_rank(g, t, lora_E, s, lora_B, ge, dB, dE) -> None:
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e); dE [r] += s Σ (g B) ⊙ t (fp32 atomics)."""
     n, d = g.shape
-    r = B.shape[1]
+    r = lora_B.shape[1]
     _launch.launch(
-        _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, E, s, B, ge, dB, dE, n, d, r,
+        _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, lora_E, s, lora_B, ge, dB, dE, n, d, r,
         g.stride(0), g.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **_common(B.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **_common(lora_B.dtype, r),
     )
 
 
-def dA_dx(x, ge, A, dx, dA, p: float, seed) -> None:
+def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     """dA [r, k] += geᵀ dropout(x) (fp32 atomics); dx [N, k] += dropout-mask ⊙ (ge A)/(1-p) if dx given."""
     n, k = x.shape
-    r = A.shape[0]
-    has_dp = p > 0.0
+    r = lora_A.shape[0]
+    has_dp = dropout_p > 0.0
     grid = (triton.cdiv(n, BLOCK_N * DA_ROW_BLOCKS), triton.cdiv(k, BLOCK_K))
     _launch.launch(
-        _dA_dx_kernel, grid, x, ge, A, dx if dx is not None else x, dA, n, k, r,
+        _dA_dx_kernel, grid, x, ge, lora_A, dx if dx is not None else x, dA, n, k, r,
         x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0,
-        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(p) if has_dp else 0,
-        1.0 / (1.0 - p), int(has_dp), int(dx is not None),
+        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(dropout_p) if has_dp else 0,
+        1.0 / (1.0 - dropout_p), int(has_dp), int(dx is not None),
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        ROW_BLOCKS=DA_ROW_BLOCKS, **_common(A.dtype, r),
+        ROW_BLOCKS=DA_ROW_BLOCKS, **_common(lora_A.dtype, r),
     )
 
 
