@@ -68,6 +68,17 @@ def impl_for(device: torch.device) -> str:
     return name
 
 
+def autograd_inside_op():
+    """A context in which autograd records again, inside an op's implementation (which runs below
+    the Autograd dispatch key, where ``torch.enable_grad()`` alone records nothing). Only the forced
+    reference implementations use it: they take their gradients by autograd of ``reference.py``."""
+    C = torch._C
+    exclude = C._dispatch_tls_local_exclude_set()
+    for key in (C.DispatchKey.AutogradOther, C.DispatchKey.AutogradNestedTensor, C.DispatchKey.AutogradFunctionality):
+        exclude = exclude.remove(key)
+    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
+
+
 def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> ValueError:
     """The one error for an adapter tensor without a gradient (``names``: module names by layer)."""
     layer, kind = layer_and_kind(t)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_ext
-from .layout import RANKNUM_EPS, forced_impl, impl_for
+from .layout import RANKNUM_EPS, autograd_inside_op, forced_impl, impl_for
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -199,7 +199,7 @@ def _backward_reference(
 
     keep = keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p > 0.0 else None
     leaves = [v.detach().requires_grad_() for v in (x, lora_A, lora_E, lora_B)]
-    with torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         out = ref.adapter_linear(
             leaves[0], weight, None, *leaves[1:], scaling, ranknum, dropout_p, fan_in_fan_out, keep
         )

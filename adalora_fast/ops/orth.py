@@ -25,7 +25,7 @@ from typing import List, Sequence
 
 import torch
 
-from .layout import forced_impl, impl_for
+from .layout import autograd_inside_op, forced_impl, impl_for
 from .linear import no_autocast
 
 
@@ -113,7 +113,7 @@ def _backward_reference(grad, lora_A, lora_B, gram, norms):
 
     mats = list(lora_A) + list(lora_B)
     leaves = [m.detach().float().requires_grad_() for m in mats]
-    with torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         loss = ref.orth_penalty(leaves[: len(lora_A)], leaves[len(lora_A) :])
         grads = torch.autograd.grad(loss, leaves, grad, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
