@@ -206,7 +206,7 @@ class Plan:
     target_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 0
     weight_decay: float = 0.0
     orth_reg_weight: float = 0.5
@@ -233,7 +233,7 @@ class Plan:
 # total_step * batch = n_train: every training text is seen once. The final phase (mask frozen at
 # target_r per module) starts at total_step - tfinal, after (total_step - tfinal - tinit) / deltaT
 # masking steps of the cubic budget reduction.
-DEFAULT = Plan("default", n_train=3200, n_test=1000, max_length=64, batch=16, total_step=200, tinit=40, tfinal=50,
+DEFAULT = Plan("default", n_train=2400, n_test=1000, max_length=64, batch=16, total_step=150, tinit=30, tfinal=40,
                deltaT=10, seeds=(0, 1, 2), warmup_steps=10, smooth=10)
 QUICK = Plan("quick", n_train=192, n_test=96, max_length=32, batch=8, total_step=24, tinit=4, tfinal=8, deltaT=4,
              seeds=(0,), warmup_steps=2, eval_batch=96, smooth=3)
@@ -626,7 +626,8 @@ def _phase_spans(ax, plan: Plan, label_y: float) -> None:
     end = plan.total_step - plan.tfinal
     ax.axvspan(0, plan.tinit, color="0.92", zorder=0)
     ax.axvspan(end, plan.total_step, color="0.92", zorder=0)
-    for x0, x1, name in ((0, plan.tinit, "warm-up"), (plan.tinit, end, "budget reduction"), (end, plan.total_step, "final")):
+    for x0, x1, name in ((0, plan.tinit, "AdaLoRA warm-up"), (plan.tinit, end, "budget reduction"),
+                         (end, plan.total_step, "final (mask fixed)")):
         ax.text((x0 + x1) / 2, label_y, name, ha="center", va="top", fontsize=8, color="0.35",
                 transform=ax.get_xaxis_transform())
 
