@@ -57,7 +57,7 @@ class RankAllocator:
         self.layout = FlatLayout([(m.r[a], m.in_features, m.out_features) for m in self.layers])
         self.init_bgt = self.layout.total_rank
         self.target_bgt = config.target_r * len(self.layers)
-        self._params = None
+        self.refresh()
         self.m1: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
         self._keep: Optional[torch.Tensor] = None
@@ -71,22 +71,22 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> list:
-        """A, B, E of every layer, in layout order.
+        """A, B, E of every layer, in layout order (``layout.tensor_index``).
 
         Cached: reading three ParameterDicts per layer costs ~1 ms at 224 layers. ``refresh()``
-        re-reads them (the model calls it when it swaps parameters).
+        re-reads them (the model calls it when it swaps parameters). Built eagerly, never on first
+        use: a compiled forward that reads it (the penalty) must not see it change from None to a
+        list, which would recompile the model's graph after the first step.
         """
-        if self._params is None:
-            a = self.adapter_name
-            ps = []
-            for m in self.layers:
-                ps += [m.lora_A[a], m.lora_B[a], m.lora_E[a]]
-            self.layout.check(ps)
-            self._params = ps
         return self._params
 
     def refresh(self) -> None:
-        self._params = None
+        a = self.adapter_name
+        ps = []
+        for m in self.layers:
+            ps += [m.lora_A[a], m.lora_B[a], m.lora_E[a]]
+        self.layout.check(ps)
+        self._params = ps
 
     def _missing_grad_error(self, grads) -> RuntimeError:
         t = next(i for i, g in enumerate(grads) if g is None)
