@@ -141,6 +141,9 @@ def apply_mask(lora_E: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
         if r > 0:
             if not e.is_contiguous():
                 raise ValueError("apply_mask: lora_E tensors must be contiguous")
+            if e.dtype not in TL_DTYPE:
+                raise TypeError(f"apply_mask (triton): lora_E of dtype {e.dtype}; the kernel is built for "
+                                f"{', '.join(str(d) for d in TL_DTYPE)}")
             by_dtype.setdefault(e.dtype, []).extend([e.data_ptr(), int(r), acc])
         acc += int(r)
     for dt, vals in by_dtype.items():

@@ -346,10 +346,13 @@ class _AdapterLinearAutograd(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(t, seed_t)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of t and the seed
         return out, t, seed_t
 
     @staticmethod
     def backward(ctx, grad_out, _grad_t, _grad_seed):
+        if grad_out is None:  # the output took no part in the loss
+            return (None,) * 11
         x, t, weight, lora_A, lora_E, lora_B, ranknum, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
