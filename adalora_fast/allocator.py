@@ -27,7 +27,7 @@ import torch
 
 from . import ops
 from .config import AdaLoraConfig
-from .ops.layout import FlatLayout
+from .ops.layout import FlatLayout, missing_grad_error
 
 
 def budget_schedule(step: int, config: AdaLoraConfig, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
@@ -88,15 +88,6 @@ class RankAllocator:
         self.layout.check(ps)
         self._params = ps
 
-    def _missing_grad_error(self, grads) -> RuntimeError:
-        t = next(i for i, g in enumerate(grads) if g is None)
-        kind = "ABE"[t % 3]
-        return RuntimeError(
-            f"update_and_allocate needs the gradients of the adapter weights, but "
-            f"{self.names[t // 3]}.lora_{kind}.{self.adapter_name} has no .grad. Call it after "
-            "loss.backward() (and optimizer.step()) and before optimizer.zero_grad()."
-        )
-
     def _ensure_state(self, device) -> None:
         if self.m1 is not None and self.m1.device != device:  # the model was moved after training began
             self.m1, self.m2 = self.m1.to(device), self.m2.to(device)
@@ -142,9 +133,9 @@ class RankAllocator:
             except (RuntimeError, ValueError, TypeError, AttributeError):
                 if fresh:  # leave no trace of a failed first call
                     self.reset_ipt()
-                grads = [p.grad for p in params]
-                if any(g is None for g in grads):
-                    raise self._missing_grad_error(grads) from None
+                missing = next((t for t, p in enumerate(params) if p.grad is None), None)
+                if missing is not None:
+                    raise missing_grad_error(missing, self.names, self.adapter_name) from None
                 raise
             if mask_now:
                 self._mask(E, scores, budget)

@@ -79,15 +79,22 @@ def autograd_inside_op():
     return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
 
 
-def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> ValueError:
-    """The one error for an adapter tensor without a gradient (``names``: module names by layer)."""
+class MissingGradientError(ValueError, RuntimeError):
+    """An adapter tensor has no gradient at update_and_allocate (a ValueError for the ops' callers,
+    a RuntimeError as PEFT's crash on ``p.grad is None`` was)."""
+
+
+def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> MissingGradientError:
+    """The one error for adapter tensor ``t`` without a gradient (``names``: module names by layer,
+    when the caller knows them)."""
     layer, kind = layer_and_kind(t)
-    where = f"{names[layer]}.lora_{KINDS[kind]}" + (f".{adapter}" if adapter else "") if names else (
-        f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]})"
-    )
-    return ValueError(
-        f"importance_update: {where} has no gradient; call update_and_allocate after loss.backward() "
-        "(and optimizer.step()) and before optimizer.zero_grad()"
+    if names:
+        where = f"{names[layer]}.lora_{KINDS[kind]}" + (f".{adapter}" if adapter else "")
+    else:
+        where = f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]})"
+    return MissingGradientError(
+        f"update_and_allocate needs the gradients of the adapter weights, but {where} has no gradient; "
+        "call it after loss.backward() (and optimizer.step()) and before optimizer.zero_grad()"
     )
 
 
