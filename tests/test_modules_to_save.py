@@ -290,3 +290,20 @@ def test_resume_from_save_pretrained_restores_the_trained_head(tmp_path):
     assert torch.equal(head.weight, _head(ours, "llama").modules_to_save["default"].weight)
     assert head.weight.requires_grad and not _head(resumed, "llama").original_module.weight.requires_grad
     assert resumed.rankallocator.last_step == 2
+
+
+def test_disable_adapter_leaves_a_model_loaded_for_inference_frozen(tmp_path):
+    ours, pm = _pair("bert")
+    ours.save_pretrained(str(tmp_path))
+    mine = af.AdaLoraModel.from_pretrained(_bert(), str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(_bert(), str(tmp_path))
+    for m in (mine, theirs):
+        assert not any(p.requires_grad for p in m.parameters())
+        with m.disable_adapter():
+            pass
+    assert not any(p.requires_grad for p in mine.parameters())
+    # PEFT re-enables gradients on every adapter tensor and the head copy when the context exits
+    assert any(p.requires_grad for p in theirs.parameters())
+    # and PEFT appends its task defaults again at each load; ours keeps each name once
+    assert theirs.peft_config["default"].modules_to_save == ["classifier", "score"] * 2
+    assert mine.peft_config["default"].modules_to_save == ["classifier", "score"]
