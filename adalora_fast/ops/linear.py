@@ -162,13 +162,9 @@ def _backward_triton(
     r, d = lora_A.shape[0], lora_B.shape[0]
     dx = g @ w if need_x else None  # base term (cuBLAS), [N, k] contiguous
     if r == 0 or n == 0:
-        zeros = need_lora
-        return (
-            dx,
-            torch.zeros_like(lora_A) if zeros else None,
-            torch.zeros_like(lora_E) if zeros else None,
-            (torch.zeros_like(lora_B) if zeros else None),
-        )
+        if not need_lora:
+            return dx, None, None, None
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
     # three fp32 accumulators (outputs of an op may not alias each other), zeroed for the atomics
     dA32, dB32, dE32 = (torch.zeros(shape, dtype=torch.float32, device=x.device) for shape in ((r, k), (d, r), (r,)))
     ge = torch.empty((n, r), dtype=torch.float32, device=x.device)
@@ -265,19 +261,8 @@ def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ran
         seed_t = seed.detach().to("cpu", torch.int64).clone().view(1)
     fwd, _ = _impl(x.device, lora_A.shape[0])
     with no_autocast(x.device):
-        out, t = fwd(
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_E,
-            lora_B,
-            scaling,
-            ranknum,
-            dropout_p,
-            fan_in_fan_out,
-            seed_t.item() if dropout_p > 0.0 else 0,
-        )
+        seed = seed_t.item() if dropout_p > 0.0 else 0
+        out, t = fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed)
     return out, t, seed_t
 
 
@@ -288,22 +273,9 @@ def _adapter_linear_backward_kernel(
     _, bwd = _impl(x.device, lora_A.shape[0])
     g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
     with no_autocast(x.device):
-        grads = bwd(
-            g,
-            x,
-            t,
-            weight,
-            lora_A,
-            lora_E,
-            lora_B,
-            scaling,
-            ranknum,
-            dropout_p,
-            fan_in_fan_out,
-            seed.item() if dropout_p > 0.0 else 0,
-            need_x,
-            need_lora,
-        )
+        seed = seed.item() if dropout_p > 0.0 else 0
+        grads = bwd(g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed,
+                    need_x, need_lora)
     return tuple(v if v is not None else like.new_empty(0) for v, like in zip(grads, (x, lora_A, lora_E, lora_B)))
 
 
@@ -357,40 +329,17 @@ class _AdapterLinearAutograd(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
         dx, dA, dE, dB = adapter_linear_backward_op(
-            grad_out,
-            x,
-            t,
-            weight,
-            lora_A,
-            lora_E,
-            lora_B,
-            ctx.scaling,
-            ranknum,
-            ctx.dropout_p,
-            ctx.fan_in_fan_out,
-            seed,
-            need[0],
-            need_lora,
-        )
+            grad_out, x, t, weight, lora_A, lora_E, lora_B, ctx.scaling, ranknum, ctx.dropout_p, ctx.fan_in_fan_out,
+            seed, need[0], need_lora,
+        )  # fmt: skip
         dw = db = None
         if need[1]:  # the frozen W normally needs none; computed only if someone unfroze it
             gw = grad_out.t() @ x
             dw = gw.t() if ctx.fan_in_fan_out else gw
         if need[2] and ctx.has_bias:
             db = grad_out.sum(0)
-        return (
-            dx if need[0] else None,
-            dw,
-            db,
-            dA if need[3] else None,
-            dE if need[4] else None,
-            dB if need[5] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
+                dB if need[5] else None, None, None, None, None, None)  # fmt: skip
 
 
 _lib.impl("adapter_linear", _AdapterLinearAutograd.apply, "Autograd")
