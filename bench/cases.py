@@ -32,6 +32,7 @@ from .common import (
     llama,
     make_contender,
     projection_names,
+    repeatable,
     saved_bytes_counter,
 )
 
@@ -237,6 +238,7 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
         for kind in ("ours", "peft_adalora"):
             base = llama(shape, device)
             m, upd = make_contender(kind, base, plan.r, 0.0, targets)
+            upd = repeatable(kind, m, upd)
             ps = adapter_params(m)
             torch.manual_seed(2)
             for q in ps:

@@ -301,6 +301,20 @@ def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha:
     raise ValueError(kind)
 
 
+def repeatable(kind: str, model, update):
+    """``update`` for timing one schedule step again and again. Ours refuses a repeated step (it
+    would update the importance averages twice in a real run), so its last step is forgotten before
+    each call: the same work as a fresh step, plus one attribute write. PEFT accepts repeats."""
+    if kind != "ours":
+        return update
+
+    def again(step, alloc=model.rankallocator):
+        alloc.last_step = None
+        update(step)
+
+    return again
+
+
 def adapter_params(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 

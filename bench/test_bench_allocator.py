@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .cases import _peft_orth_penalty
-from .common import MASK_STEP, NOMASK_STEP, PROJECTIONS, LlamaShape, adapter_params, llama, make_contender
+from .common import MASK_STEP, NOMASK_STEP, PROJECTIONS, LlamaShape, adapter_params, llama, make_contender, repeatable
 
 COUNTS = [56, 224]
 KINDS = ["ours", "peft_adalora"]
@@ -20,6 +20,7 @@ def _model(kind, n, device):
         _cache.clear()  # one model alive at a time
         shape = LlamaShape(hidden=128, layers=math.ceil(n / 7), intermediate=344, heads=2, vocab=256)
         m, upd = make_contender(kind, llama(shape, device), 12, 0.0, PROJECTIONS)
+        upd = repeatable(kind, m, upd)
         torch.manual_seed(2)
         for q in adapter_params(m):
             q.grad = torch.randn_like(q) * 1e-2
