@@ -27,7 +27,7 @@ import torch
 
 from . import ops
 from .config import AdaLoraConfig
-from .ops.layout import FlatLayout, missing_grad_error
+from .ops.layout import FlatLayout, missing_grad_error, split_kinds
 
 
 def budget_schedule(step: int, config: AdaLoraConfig, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
@@ -114,7 +114,7 @@ class RankAllocator:
                 "increase (each call updates the importance averages once); nothing was changed"
             )
         params = self.params()
-        E = params[2::3]
+        _, _, E = split_kinds(params)
         if global_step < final_start:
             if self.finalized:
                 raise RuntimeError(
