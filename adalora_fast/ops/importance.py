@@ -24,18 +24,19 @@ Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import cpu_ext
-from .layout import (KIND_A, KIND_B, KIND_E, FlatLayout, grads_of, impl_for, layer_and_kind, missing_grad_error,
-                     tensor_index)
+from .layout import (KIND_A, KIND_B, KIND_E, FlatLayout, define_op, grads_of, impl_for, layer_and_kind,
+                     missing_grad_error, tensor_index)
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
 def _update_torch(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, want_scores):
-    if params and cpu_ext.usable_for(params[0]) and all(p.dtype == torch.float32 for p in params):
+    # the C++ pass takes fp32 only and checks every tensor itself (a clear error, nothing changed)
+    if params and cpu_ext.usable_for(params[0]):
         return _update_cpp(layout, params, grads, m1, m2, beta1, beta2, want_scores)
     grads = grads_of(params, grads)  # before the stacks: a failed call leaves the state as it was
     dev = m1.device
@@ -210,44 +211,38 @@ def _check_state(layout: FlatLayout, m1, m2, n_triplets):
         raise ValueError(f"importance_update: n_triplets={n_triplets}, the layout has {layout.total_rank}")
 
 
-@torch.library.custom_op("adalora_fast::importance_update", mutates_args=("m1", "m2"))
-def importance_update_op(
-    params: List[torch.Tensor],
-    grads: List[torch.Tensor],
-    m1: torch.Tensor,
-    m2: torch.Tensor,
-    meta: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    n_triplets: int,
-    want_scores: bool,
-) -> torch.Tensor:
+def _importance_update_kernel(params, grads, m1, m2, meta, beta1, beta2, n_triplets, want_scores):
     layout = FlatLayout.of_meta(meta)
     _check_state(layout, m1, m2, n_triplets)
-    layout.check(params)
+    layout.check_cached(params)
     if grads and len(grads) != len(params):
         raise ValueError(f"importance_update: {len(grads)} gradients for {len(params)} parameters")
-    impl = impl_for(m1.device)
     with torch.no_grad():
-        scores = _UPDATE[impl](layout, params, grads or None, m1, m2, beta1, beta2, want_scores)
+        scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, beta1, beta2, want_scores)
     return scores if scores is not None else m1.new_empty(0)
 
 
-@importance_update_op.register_fake
-def _(params, grads, m1, m2, meta, beta1, beta2, n_triplets, want_scores):
+def _importance_update_fake(params, grads, m1, m2, meta, beta1, beta2, n_triplets, want_scores):
     return m1.new_empty(n_triplets if want_scores else 0)
 
 
-@torch.library.custom_op("adalora_fast::triplet_scores", mutates_args=())
-def triplet_scores_op(m1: torch.Tensor, m2: torch.Tensor, meta: torch.Tensor, n_triplets: int) -> torch.Tensor:
+importance_update_op = define_op(
+    "importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, float beta1, "
+    "float beta2, int n_triplets, bool want_scores) -> Tensor",
+    _importance_update_kernel, _importance_update_fake,
+)  # fmt: skip
+
+
+def _triplet_scores_kernel(m1, m2, meta, n_triplets):
     layout = FlatLayout.of_meta(meta)
     _check_state(layout, m1, m2, n_triplets)
     return _SCORES[impl_for(m1.device)](layout, m1, m2)
 
 
-@triplet_scores_op.register_fake
-def _(m1, m2, meta, n_triplets):
-    return m1.new_empty(n_triplets)
+triplet_scores_op = define_op(
+    "triplet_scores(Tensor m1, Tensor m2, Tensor meta, int n_triplets) -> Tensor",
+    _triplet_scores_kernel, lambda m1, m2, meta, n_triplets: m1.new_empty(n_triplets),
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- the public calls

@@ -68,6 +68,25 @@ def impl_for(device: torch.device) -> str:
     return name
 
 
+LIB = torch.library.Library("adalora_fast", "FRAGMENT")
+
+
+def define_op(schema: str, kernel, fake, tags=()):
+    """Register ``adalora_fast::<schema>`` with one Python kernel for CPU and CUDA (it picks its
+    implementation with :func:`impl_for`) and a fake (meta) implementation; returns the OpOverload.
+
+    torch.library.Library rather than torch.library.custom_op for ops on the training step's hot
+    path: custom_op's Python shims (argument defaults, a dynamo-disable wrapper, version bumps of
+    every mutated tensor in Python) cost more than these ops' own work on small models.
+    """
+    name = schema.split("(", 1)[0]
+    LIB.define(schema, tags=tags)
+    for key in ("CPU", "CUDA"):
+        LIB.impl(name, kernel, key)
+    torch.library.register_fake(f"adalora_fast::{name}", fake, lib=LIB)
+    return getattr(torch.ops.adalora_fast, name).default
+
+
 def autograd_inside_op():
     """A context in which autograd records again, inside an op's implementation (which runs below
     the Autograd dispatch key, where ``torch.enable_grad()`` alone records nothing). Only the forced
@@ -165,6 +184,7 @@ class FlatLayout:
         self.groups = groups
         self.numel = start
         self._cache: dict = {}
+        self._checked: tuple = ()
         self.meta = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
         key = id(self.meta)
         _BY_META[key] = (weakref.ref(self.meta, lambda _ref: _BY_META.pop(key, None)), weakref.ref(self))
@@ -202,6 +222,15 @@ class FlatLayout:
             return torch.tensor(idx, dtype=torch.int64, device=device)
 
         return self.cached(("positions", group.start, group.kind, str(device)), build)
+
+    def check_cached(self, params: Sequence[torch.Tensor]) -> None:
+        """:meth:`check`, skipped when ``params`` are the very tensors that passed it last time (a
+        training step passes the same parameter objects every time: 672 shape checks at 224 layers
+        cost about half the C++ importance pass)."""
+        key = tuple(map(id, params))
+        if key != self._checked:
+            self.check(params)
+            self._checked = key
 
     def check(self, params: Sequence[torch.Tensor]) -> None:
         """Raise if ``params`` (A, B, E per layer) do not have the shapes this layout was built for."""

@@ -10,18 +10,19 @@ stable ``torch.sort`` of Σr scores on the device, no host sync.
 
 ``apply_mask``: zero every pruned ``lora_E`` entry in place, as PEFT's ``masked_fill_`` (``keep``:
 [Σr] bool in layer order, ``lora_E[i]`` [r_i, 1]); each E's version counter moves, so a backward
-through a stale saved E fails loudly. CPU fp32: one C++ call; CUDA: one Triton launch per E dtype
-(``kernels/importance.py``); otherwise a split and one foreach multiply.
+through a stale saved E fails loudly (the Triton path moves them after its launch). CPU fp32: one
+C++ call; CUDA: one Triton launch per E dtype (``kernels/importance.py``); otherwise a split and
+one foreach multiply.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
 from . import cpu_ext
-from .layout import impl_for
+from .layout import define_op, impl_for
 
 
 def _keep_sort(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -31,8 +32,7 @@ def _keep_sort(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep
 
 
-@torch.library.custom_op("adalora_fast::keep_mask_to_budget", mutates_args=())
-def keep_mask_to_budget_op(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+def _keep_mask_to_budget_kernel(scores, n_prune):
     n = scores.numel()
     if scores.dim() != 1:
         raise ValueError(f"keep_mask_to_budget: scores must be 1-D, got shape {tuple(scores.shape)}")
@@ -48,13 +48,13 @@ def keep_mask_to_budget_op(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return _keep_sort(scores, n_prune)
 
 
-@keep_mask_to_budget_op.register_fake
-def _(scores, n_prune):
-    return torch.empty_like(scores, dtype=torch.bool)
+keep_mask_to_budget_op = define_op(
+    "keep_mask_to_budget(Tensor scores, int n_prune) -> Tensor",
+    _keep_mask_to_budget_kernel, lambda scores, n_prune: torch.empty_like(scores, dtype=torch.bool),
+)  # fmt: skip
 
 
-@torch.library.custom_op("adalora_fast::apply_mask", mutates_args=("lora_E",))
-def apply_mask_op(lora_E: List[torch.Tensor], keep: torch.Tensor) -> None:
+def _apply_mask_kernel(lora_E, keep):
     total = sum(e.shape[0] for e in lora_E)
     if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != total:
         raise ValueError(f"apply_mask: keep must be a 1-D bool tensor of {total} entries (the ranks' sum), "
@@ -71,16 +71,19 @@ def apply_mask_op(lora_E: List[torch.Tensor], keep: torch.Tensor) -> None:
             from ..kernels import importance as _ki
 
             _ki.apply_mask(lora_E, keep)
-        elif keep.device.type == "cpu" and all(cpu_ext.usable_for(e) and e.is_contiguous() for e in lora_E):
-            torch.ops.adalora_fast_cpu.apply_mask(list(lora_E), keep.contiguous())
+            for e in lora_E:  # the kernel writes through raw pointers: move versions as an in-place op would
+                torch.autograd.graph.increment_version(e)
+        elif (keep.device.type == "cpu" and cpu_ext.usable_for(lora_E[0])
+              and all(e.dtype == torch.float32 and e.is_contiguous() for e in lora_E)):
+            torch.ops.adalora_fast_cpu.apply_mask(list(lora_E), keep.contiguous())  # bumps versions itself
         else:
             factors = keep.to(lora_E[0].dtype).view(-1, 1).split([e.shape[0] for e in lora_E])
             torch._foreach_mul_(list(lora_E), list(factors))
 
 
-@apply_mask_op.register_fake
-def _(lora_E, keep):
-    return None
+apply_mask_op = define_op(
+    "apply_mask(Tensor(a!)[] lora_E, Tensor keep) -> ()", _apply_mask_kernel, lambda lora_E, keep: None
+)
 
 
 def keep_mask_to_budget(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
