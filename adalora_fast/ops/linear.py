@@ -339,6 +339,25 @@ class _AdapterLinearAutograd(torch.autograd.Function):
 LIB.impl("adapter_linear", _AdapterLinearAutograd.apply, "Autograd")
 
 
+
+# ---------------------------------------------------------------------------------- compiled, no dropout
+def _plain_under_compile(x, lora_A, dropout_p) -> bool:
+    """While torch.compile traces a CPU layer without dropout (adapters in x's dtype), the layer goes
+    to the compiler as the torch implementation's plain ops, which inductor fuses and
+    differentiates itself: the op's kernel would otherwise run from Python twice per layer per
+    step, what kept the compiled step behind compiled PEFT LoRA. With dropout (the C++ hashed
+    mask), on CUDA (Triton), and eagerly, the registered op runs. The math is the same (compiled
+    equals eager, tests/test_compile.py). ADALORA_FAST_BACKEND, read here only while compiling, is
+    read when the graph is traced: a forced implementation keeps the op."""
+    return (
+        torch.compiler.is_compiling()
+        and dropout_p == 0.0
+        and x.device.type == "cpu"
+        and x.dtype == lora_A.dtype
+        and not forced_impl()
+    )
+
+
 # ---------------------------------------------------------------------------------- the public call
 def adapter_linear(
     x: torch.Tensor,
@@ -370,27 +389,17 @@ def adapter_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     dev = x.device.type
+
+    def run(x2, weight, bias, lora_A, lora_E, lora_B):
+        args = (x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach())
+        if _plain_under_compile(x2, lora_A, p):
+            return _forward_torch(*args, 0.0, bool(fan_in_fan_out), 0)[0]
+        return adapter_linear_op(*args, p, bool(fan_in_fan_out), seed)[0]
+
     if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
-        x2, weight, bias, lora_A, lora_E, lora_B = (
-            v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)
-        )
         with torch.autocast(dev, enabled=False):
-            out = adapter_linear_op(
-                x2,
-                weight,
-                bias,
-                lora_A,
-                lora_E,
-                lora_B,
-                float(scaling),
-                ranknum.detach(),
-                p,
-                bool(fan_in_fan_out),
-                seed,
-            )[0]
+            out = run(*(v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)))
     else:
-        out = adapter_linear_op(
-            x2, weight, bias, lora_A, lora_E, lora_B, float(scaling), ranknum.detach(), p, bool(fan_in_fan_out), seed
-        )[0]
+        out = run(x2, weight, bias, lora_A, lora_E, lora_B)
     return out.view(*lead, out.shape[-1])
