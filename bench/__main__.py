@@ -5,7 +5,8 @@
     python -m bench --json      # the figures as JSON on stdout (the table goes to stderr)
     python -m bench finetune    # a real fine-tune: accuracy, time and ranks (see bench/finetune.py)
 
-Writes ``bench/results/<device>-<date>.csv`` and ``.png`` (``-quick`` added for ``--quick``).
+Writes ``bench/results/<device>-<date>T<time>.csv`` and ``.png`` (``-quick`` added for ``--quick``);
+a run never overwrites an earlier one's files.
 On a CUDA machine it runs on the GPU (adalora_fast's Triton path); otherwise on the CPU (torch path).
 """
 

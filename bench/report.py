@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import os
 from typing import Optional
 
@@ -61,7 +62,7 @@ def table(rows: list) -> str:
 
 
 def write_csv(rows: list, path: str, meta: dict) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "x", newline="") as f:  # never over an earlier run's file
         for k, v in meta.items():
             f.write(f"# {k}: {v}\n")
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -196,6 +197,13 @@ def plot(rows: list, curve: list, path: str, title: str) -> Optional[str]:
 
 
 def default_paths(out_dir: str, tag: str, date: str, suffix: str = "") -> tuple:
+    """(csv, png) paths named by device and the run's start time, to the second: a run never
+    overwrites results written before it (the README cites some); an existing name gets -2, -3..."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{tag}-{date}{suffix}")
+    stamp = datetime.datetime.now().strftime("T%H%M%S")
+    base = os.path.join(out_dir, f"{tag}-{date}{stamp}{suffix}")
+    stem, n = base, 1
+    while os.path.exists(stem + ".csv") or os.path.exists(stem + ".png"):
+        n += 1
+        stem = f"{base}-{n}"
     return stem + ".csv", stem + ".png"
