@@ -21,17 +21,33 @@ Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
-from .layout import autograd_inside_op, forced_impl, impl_for
+from .layout import LIB, autograd_inside_op, define_op, forced_impl, impl_for
 from .linear import no_autocast
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
+_PLANS: dict = {}  # ids of the matrices -> their plan: a training step passes the same parameters every time
+
+
 def _plan(lora_A, lora_B) -> list:
-    """[(is_A, [positions in the A-then-B list])] per (kind, shape) group, in first-seen order."""
+    """[(is_A, [positions in the A-then-B list])] per (kind, shape) group, in first-seen order
+    (cached for the very tensors it was built for: 448 shape reads cost ~0.3 ms at 224 layers)."""
+    key = (tuple(map(id, lora_A)), tuple(map(id, lora_B)))
+    hit = _PLANS.get(key)
+    if hit is not None and all(tuple(m.shape) == shape for m, shape in zip((lora_A[0], lora_B[0]), hit[1])):
+        return hit[0]
+    plan = _build_plan(lora_A, lora_B)
+    if len(_PLANS) >= 8:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (plan, (tuple(lora_A[0].shape), tuple(lora_B[0].shape)))
+    return plan
+
+
+def _build_plan(lora_A, lora_B) -> list:
     # int(): adapter shapes are static; under dynamic-shape tracing this pins them (a SymInt is unhashable)
     groups: dict = {}
     for i, a in enumerate(lora_A):
@@ -148,26 +164,22 @@ def _check(lora_A, lora_B):
             raise ValueError(f"orth_penalty: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, k] and [d, r]")
 
 
-@torch.library.custom_op("adalora_fast::orth_penalty", mutates_args=())
-def orth_penalty_op(lora_A: List[torch.Tensor], lora_B: List[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _orth_penalty_kernel(lora_A, lora_B):
     _check(lora_A, lora_B)
     fwd, _ = _impl(lora_A, lora_B)
     with no_autocast(lora_A[0].device):
         return fwd(lora_A, lora_B)
 
 
-@orth_penalty_op.register_fake
-def _(lora_A, lora_B):
+def _orth_penalty_fake(lora_A, lora_B):
     ranks = [a.shape[0] for a in lora_A] + [b.shape[1] for b in lora_B]
     dev = lora_A[0].device
     return (torch.empty((), dtype=torch.float32, device=dev),
             torch.empty(sum(r * r for r in ranks), dtype=torch.float32, device=dev),
-            torch.empty(len(ranks), dtype=torch.float32, device=dev))
+            torch.empty(len(ranks), dtype=torch.float32, device=dev))  # fmt: skip
 
 
-@torch.library.custom_op("adalora_fast::orth_penalty_backward", mutates_args=())
-def orth_penalty_backward_op(grad: torch.Tensor, lora_A: List[torch.Tensor], lora_B: List[torch.Tensor],
-                             gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+def _orth_penalty_backward_kernel(grad, lora_A, lora_B, gram, norms):
     """The gradient of every matrix, fp32, one after the other in ``_flat_order`` (one flat buffer:
     an op's outputs may not alias, so the per-matrix views are taken outside, by the caller)."""
     _, bwd = _impl(lora_A, lora_B)
@@ -175,38 +187,60 @@ def orth_penalty_backward_op(grad: torch.Tensor, lora_A: List[torch.Tensor], lor
         return bwd(grad, lora_A, lora_B, gram, norms)
 
 
-@orth_penalty_backward_op.register_fake
-def _(grad, lora_A, lora_B, gram, norms):
-    return grad.new_empty(sum(m.numel() for m in list(lora_A) + list(lora_B)), dtype=torch.float32)
+orth_penalty_op = define_op(
+    "orth_penalty(Tensor[] lora_A, Tensor[] lora_B) -> (Tensor, Tensor, Tensor)", _orth_penalty_kernel,
+    _orth_penalty_fake,
+)  # fmt: skip
+orth_penalty_backward_op = define_op(
+    "orth_penalty_backward(Tensor grad, Tensor[] lora_A, Tensor[] lora_B, Tensor gram, Tensor norms) -> Tensor",
+    _orth_penalty_backward_kernel,
+    lambda grad, lora_A, lora_B, gram, norms: grad.new_empty(sum(m.numel() for m in list(lora_A) + list(lora_B)),
+                                                             dtype=torch.float32),
+)  # fmt: skip
 
 
 def _split(flat: torch.Tensor, lora_A, lora_B) -> list:
-    """Per-matrix gradient views of the flat buffer, in A-then-B order, each in its matrix's dtype."""
+    """Per-matrix gradient views of the flat buffer, in A-then-B order, each in its matrix's dtype:
+    one view and one (C++) unbind per shape group."""
     mats = list(lora_A) + list(lora_B)
     out = [None] * len(mats)
     off = 0
-    for i in _flat_order(lora_A, lora_B):
-        n = mats[i].numel()
-        out[i] = flat[off : off + n].view(mats[i].shape).to(mats[i].dtype)
+    for _, idx in _plan(lora_A, lora_B):
+        first = mats[idx[0]]
+        n = first.numel() * len(idx)
+        block = flat[off : off + n].view(len(idx), *first.shape)
+        if block.dtype != first.dtype:
+            block = block.to(first.dtype)
+        for i, g in zip(idx, block.unbind(0)):
+            out[i] = g
         off += n
     return out
 
 
-def _setup_context(ctx, inputs, output):
-    lora_A, lora_B = inputs
-    _, gram, norms = output
-    ctx.n_A = len(lora_A)
-    ctx.save_for_backward(gram, norms, *lora_A, *lora_B)
+class _OrthPenaltyAutograd(torch.autograd.Function):
+    """The op's autograd (its Tensor[] arguments flattened here, so autograd tracks each matrix)."""
+
+    @staticmethod
+    def forward(ctx, n_A, *mats):
+        lora_A, lora_B = list(mats[:n_A]), list(mats[n_A:])
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, gram, norms = orth_penalty_op(lora_A, lora_B)
+        ctx.n_A = n_A
+        ctx.save_for_backward(gram, norms, *mats)
+        ctx.mark_non_differentiable(gram, norms)
+        ctx.set_materialize_grads(False)
+        return loss, gram, norms
+
+    @staticmethod
+    def backward(ctx, grad, _grad_gram, _grad_norms):
+        if grad is None:
+            return (None,) * (1 + len(ctx.saved_tensors) - 2)
+        gram, norms, *mats = ctx.saved_tensors
+        lora_A, lora_B = mats[: ctx.n_A], mats[ctx.n_A :]
+        return (None, *_split(orth_penalty_backward_op(grad, lora_A, lora_B, gram, norms), lora_A, lora_B))
 
 
-def _backward(ctx, grad, _grad_gram, _grad_norms):
-    gram, norms, *mats = ctx.saved_tensors
-    lora_A, lora_B = mats[: ctx.n_A], mats[ctx.n_A :]
-    grads = _split(orth_penalty_backward_op(grad, lora_A, lora_B, gram, norms), lora_A, lora_B)
-    return grads[: ctx.n_A], grads[ctx.n_A :]
-
-
-orth_penalty_op.register_autograd(_backward, setup_context=_setup_context)
+LIB.impl("orth_penalty", lambda lora_A, lora_B: _OrthPenaltyAutograd.apply(len(lora_A), *lora_A, *lora_B), "Autograd")
 
 
 def orth_penalty(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]) -> torch.Tensor:
