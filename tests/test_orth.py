@@ -33,22 +33,26 @@ def _fresh(ms, dtype=None):
     return [m.detach().to(dtype or m.dtype).clone().requires_grad_() for m in ms]
 
 
-@pytest.mark.parametrize("shapes", list(SHAPE_SETS), ids=str)
-def test_orth_penalty_value_and_grads_match_reference(impl, shapes):
-    shapes = SHAPE_SETS[shapes]
-    As, Bs = _mats(shapes, seed=4)
+def _check_against_reference(As, Bs, upstream=1.0):
+    """ops.orth_penalty's value and every matrix's gradient against reference.orth_penalty's."""
     val = ops.orth_penalty(As, Bs)
     rAs, rBs = _fresh(As), _fresh(Bs)
     rval = reference.orth_penalty(rAs, rBs)
     assert val.dim() == 0 and val.dtype == torch.float32
     assert_close(val, rval, what="penalty")
-    (val * 3.0).backward()  # a gradient other than 1 reaches every matrix
-    (rval * 3.0).backward()
+    (val * upstream).backward()
+    (rval * upstream).backward()
     for i, (m, rm) in enumerate(zip(As + Bs, rAs + rBs)):
         if m.numel() == 0:  # r = 0: an empty gradient or none, either is fine
             assert m.grad is None or m.grad.numel() == 0
             continue
         assert_close(m.grad, rm.grad, what=f"matrix {i} ({'A' if i < len(As) else 'B'})")
+
+
+@pytest.mark.parametrize("shapes", list(SHAPE_SETS), ids=str)
+def test_orth_penalty_value_and_grads_match_reference(impl, shapes):
+    As, Bs = _mats(SHAPE_SETS[shapes], seed=4)
+    _check_against_reference(As, Bs, upstream=3.0)  # a gradient other than 1 reaches every matrix
 
 
 def test_orth_penalty_is_peft_mean_with_rank_zero_layers(impl):
@@ -92,14 +96,7 @@ def test_orth_penalty_rank_above_64(impl):
         with pytest.raises(NotImplementedError, match="rank 65"):
             ops.orth_penalty(As, Bs)
         return
-    val = ops.orth_penalty(As, Bs)
-    val.backward()
-    rAs, rBs = _fresh(As), _fresh(Bs)
-    rval = reference.orth_penalty(rAs, rBs)
-    rval.backward()
-    assert_close(val, rval, what="penalty")
-    for m, rm in zip(As + Bs, rAs + rBs):
-        assert_close(m.grad, rm.grad, what="grad")
+    _check_against_reference(As, Bs)
 
 
 def test_orth_penalty_rejects_mismatched_lists(impl):
@@ -116,12 +113,4 @@ def test_orth_penalty_forced_reference_backward(use_backend):
     graph built inside the backward op), which the other tests never reach."""
     use_backend("reference")
     As, Bs = _mats(SHAPE_SETS["mixed"], seed=9)
-    val = ops.orth_penalty(As, Bs)
-    val.backward()
-    rAs, rBs = _fresh(As), _fresh(Bs)
-    rval = reference.orth_penalty(rAs, rBs)
-    rval.backward()
-    assert_close(val, rval, what="penalty")
-    for i, (m, rm) in enumerate(zip(As + Bs, rAs + rBs)):
-        if m.numel():
-            assert_close(m.grad, rm.grad, what=f"matrix {i}")
+    _check_against_reference(As, Bs)
