@@ -45,7 +45,8 @@ def split_kinds(params: Sequence[torch.Tensor]) -> tuple[list, list, list]:
 
 def forced_impl() -> str:
     """``ADALORA_FAST_BACKEND`` ('' when unset). Read by the op implementations when they run, which is
-    never inside a traced region (a registered op is opaque to ``torch.compile``)."""
+    never inside a traced region (a registered op is opaque to ``torch.compile``), and by
+    ``linear._plain_under_compile`` while torch.compile traces a layer (a forced one keeps the op)."""
     forced = os.environ.get(_ENV, "").strip().lower()
     if forced and forced not in IMPLS:
         raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(IMPLS)}")
