@@ -19,6 +19,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def to_device_table(vals, device) -> torch.Tensor:
+    """An int64 pointer/geometry table on ``device`` (pinned, non-blocking host-to-device copy on CUDA)."""
+    t = torch.tensor(vals, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def launch(kernel, grid, *args, **kwargs):
     """Launch ``kernel`` on ``grid`` (the hook tests wrap to count launches)."""
     kernel[grid](*args, **kwargs)

@@ -101,14 +101,6 @@ def _apply_mask_kernel(ETAB, KEEP, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 # launchers: tensors and ints only (the caller builds the tables, see adalora_fast/ops/importance.py)
 
 
-def to_device_table(vals, device) -> torch.Tensor:
-    """An int64 table on ``device`` (pinned, non-blocking host-to-device copy on CUDA)."""
-    t = torch.tensor(vals, dtype=torch.int64)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
                scores: torch.Tensor, beta1: float, beta2: float, update: bool, want_scores: bool) -> None:
     """One launch over every tile of ``tiles`` ([n_tiles, 3] int64: tensor, first row, first column).
@@ -147,7 +139,7 @@ def apply_mask(lora_E: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
             by_dtype.setdefault(e.dtype, []).extend([e.data_ptr(), int(r), acc])
         acc += int(r)
     for dt, vals in by_dtype.items():
-        tab = to_device_table(vals, keep.device)
+        tab = _launch.to_device_table(vals, keep.device)
         _launch.launch(_apply_mask_kernel, (len(vals) // 3,), tab, keep, DTYPE=TL_DTYPE[dt], BLOCK=MASK_BLOCK,
                        num_warps=1)
 

@@ -99,13 +99,6 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.co
 _table_cache: dict = {}
 
 
-def _to_device(vals, device) -> torch.Tensor:
-    t = torch.tensor(vals, dtype=torch.int64)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], order=None):
     """(matrix table, tile table, Gram elements, gradient elements, largest rank) of fp32 contiguous
     matrices; the tables are cached per set of addresses (no host-to-device copy per step).
@@ -136,7 +129,7 @@ def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], orde
     if tabs is None and n_live:
         if len(_table_cache) >= 8:
             _table_cache.pop(next(iter(_table_cache)))
-        tabs = (_to_device(vals, dev), _to_device([v for t in tiles for v in t], dev))
+        tabs = (_launch.to_device_table(vals, dev), _launch.to_device_table([v for t in tiles for v in t], dev))
         _table_cache[key] = tabs
     return tabs, n_live, gram_n, grad_n, max_r
 

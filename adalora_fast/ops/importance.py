@@ -114,6 +114,7 @@ def _geometry(layout: FlatLayout, t: int):
 
 
 def _tables(layout: FlatLayout, params, grads, device):
+    from ..kernels import _launch as _kl
     from ..kernels import importance as _ki
 
     def tiles():
@@ -123,7 +124,7 @@ def _tables(layout: FlatLayout, params, grads, device):
             for r0 in range(0, nr, _ki.TILE_R):
                 for c0 in range(0, nc, _ki.TILE_C):
                     rows += [t, r0, c0]
-        return _ki.to_device_table(rows, device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
+        return _kl.to_device_table(rows, device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
 
     vals = []
     for t in range(len(layout.tensor_shapes)):
@@ -135,7 +136,7 @@ def _tables(layout: FlatLayout, params, grads, device):
     if tab is None:
         if len(_ptr_cache) >= _PTR_CACHE_MAX:
             _ptr_cache.pop(next(iter(_ptr_cache)))
-        tab = _ptr_cache[key] = _ki.to_device_table(vals, device)
+        tab = _ptr_cache[key] = _kl.to_device_table(vals, device)
     return tab, layout.cached((_TILE_CACHE_KEY, str(device)), tiles)
 
 
