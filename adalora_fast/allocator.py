@@ -21,11 +21,12 @@ pruning whole layers to rank 0).
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .config import AdaLoraConfig
 from .ops.layout import FlatLayout, missing_grad_error, split_kinds
 
@@ -57,6 +58,9 @@ class RankAllocator:
         self.layout = FlatLayout([(m.r[a], m.in_features, m.out_features) for m in self.layers])
         self.init_bgt = self.layout.total_rank
         self.target_bgt = config.target_r * len(self.layers)
+        # The module holding FSDP1 units (AdaLoraModel sets itself): where flat-shard ranges are read.
+        self.shard_root = None
+        self._state_local = False  # m1, m2 hold this rank's shard only (set by _update_sharded)
         self.refresh()
         self.m1: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
@@ -73,19 +77,54 @@ class RankAllocator:
     def params(self) -> list:
         """A, B, E of every layer, in layout order (``layout.tensor_index``).
 
-        Cached: reading three ParameterDicts per layer costs ~1 ms at 224 layers. ``refresh()``
-        re-reads them (the model calls it when it swaps parameters). Built eagerly, never on first
-        use: a compiled forward that reads it (the penalty) must not see it change from None to a
-        list, which would recompile the model's graph after the first step.
+        Cached: reading three ParameterDicts per layer through their API costs ~1 ms at 224 layers.
+        Eagerly, each call checks that the cache still holds the modules' parameter objects (one
+        dict lookup and identity test per tensor, ~50 us at 224 layers) and calls ``refresh()`` when
+        something replaced them (FSDP wrapping, ``load_state_dict(..., assign=True)``, ``resize``);
+        ``.to()`` and ``to_empty()`` keep the objects. While torch.compile traces, the cache is
+        returned as is. Built eagerly, never on first use: a compiled forward that reads it (the
+        penalty) must not see it change from None to a list, which would recompile the model's graph
+        after the first step.
         """
+        if not torch.compiler.is_compiling() and not self._current():
+            self.refresh()
         return self._params
 
+    @property
+    def shards(self) -> Optional["distributed.ShardedAdapters"]:
+        """This rank's shard geometry when the adapters are FSDP shards now, else None."""
+        self.params()
+        return self._shards
+
+    def _current(self) -> bool:
+        """Whether the cached parameters are the modules' own and keep their FSDP1 state (flattened
+        or not, a 1-D piece or a whole view)."""
+        p0 = self._params[0] if self._params else None
+        return all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._params)) and (
+            p0 is None or (distributed.is_flat_shard(p0), p0.dim()) == self._state0)
+
     def refresh(self) -> None:
+        """Re-read the parameters from the modules. FSDP shards (DTensors, FSDP1 flat pieces) get a
+        ``distributed.ShardedAdapters`` (the allocator then works on this rank's shard); whole
+        tensors are checked against the layout."""
         a = self.adapter_name
-        ps = []
+        ps, dicts = [], []
         for m in self.layers:
-            ps += [m.lora_A[a], m.lora_B[a], m.lora_E[a]]
-        self.layout.check(ps)
+            for pd in (m.lora_A, m.lora_B, m.lora_E):
+                ps.append(pd[a])
+                dicts.append(pd._parameters)
+        old = getattr(self, "_shard_cache", None)
+        if old is not None and len(old.params) == len(ps) and all(map(operator.is_, old.params, ps)):
+            shards = old  # the same shards again (FSDP2 swaps whole and sharded parameters at each forward)
+        else:
+            shards = distributed.shards_of(self.layout, ps, self.shard_root, self.names, a)
+        if shards is None:
+            self.layout.check(ps)
+        else:
+            self._shard_cache = shards
+        self._shards = shards
+        self._dicts, self._keys = dicts, [a] * len(ps)
+        self._state0 = (distributed.is_flat_shard(ps[0]), ps[0].dim()) if ps else None
         self._params = ps
 
     def _ensure_state(self, device) -> None:
@@ -114,6 +153,8 @@ class RankAllocator:
                 "increase (each call updates the importance averages once); nothing was changed"
             )
         params = self.params()
+        if self._shards is not None:
+            return self._update_sharded(global_step, final_start)
         _, _, E = split_kinds(params)
         if global_step < final_start:
             if self.finalized:
@@ -170,6 +211,58 @@ class RankAllocator:
         self.last_step = global_step
         return None
 
+    def _update_sharded(self, global_step: int, final_start: int) -> Optional[int]:
+        """update_and_allocate on FSDP shards (``distributed.ShardedAdapters``): the same schedule, the
+        importance state m1, m2 holds this rank's elements only; at masking steps the triplet scores
+        are completed with an all_reduce (collective: every rank calls this with the same step) and
+        each rank zeroes its own rows of lora_E."""
+        sh, cfg = self._shards, self.config
+        dev = distributed.local_flat(sh.params[0]).device
+        if self.m1 is not None and not self._state_local:  # a whole state: loaded, or from before wrapping
+            self.m1, self.m2 = sh.local_state(self.m1.to(dev)), sh.local_state(self.m2.to(dev))
+        self._state_local = True
+        if global_step < final_start:
+            if self.finalized:
+                raise RuntimeError(
+                    f"global_step={global_step} comes after the final mask was fixed at step {final_start}; "
+                    "the step counter must not go back"
+                )
+            fresh = self.m1 is None
+            if fresh:
+                self.m1, self.m2 = sh.new_state(dev), sh.new_state(dev)
+            budget, mask_now = self.budget_schedule(global_step)
+            try:
+                sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2)
+            except Exception:
+                if fresh:
+                    self.reset_ipt()
+                raise
+            if mask_now:
+                self._mask_sharded(sh.scores(self.m1, self.m2), budget)
+            self.last_step = global_step
+            return budget if mask_now else None
+        if not self.finalized:
+            if self.m1 is None:
+                raise RuntimeError(
+                    f"update_and_allocate(global_step={global_step}) would fix the final mask (the final phase "
+                    f"starts at step {final_start}), but the allocator has no importance scores; restore the "
+                    "allocator state of the run. Nothing was changed."
+                )
+            self._mask_sharded(sh.scores(self.m1, self.m2), self.target_bgt)
+            self.finalized = True
+            self.reset_ipt()
+            self.last_step = global_step
+            return self.target_bgt
+        sh.apply_mask(self._keep.to(dev))
+        self.last_step = global_step
+        return None
+
+    def _mask_sharded(self, scores, budget: int) -> None:
+        keep = ops.keep_mask_to_budget(scores, max(0, self.init_bgt - budget))
+        self._shards.apply_mask(keep)
+        self._keep = keep
+        self.mask_version += 1
+
     def _mask(self, E, scores, budget: int) -> None:
         n_prune = max(0, self.init_bgt - budget)
         keep = ops.keep_mask_to_budget(scores, n_prune)
@@ -193,14 +286,22 @@ class RankAllocator:
         return out
 
     def state_dict(self) -> dict:
-        """Importance state, current mask, phase and last step, for resuming a run."""
+        """Importance state, current mask, phase and last step, for resuming a run. Under FSDP the
+        importance state is gathered whole (collective: call it on every rank; the same on each)."""
+        m1, m2 = self.m1, self.m2
+        if m1 is not None and self._state_local:  # this rank's part of a sharded state
+            self.params()
+            if self._shards is None or self._shards.n_local != m1.numel():
+                raise RuntimeError("the importance state is sharded but the adapter parameters are no longer the "
+                                   "shards it was built on; call state_dict() while the model is wrapped")
+            m1, m2 = self._shards.gather(m1), self._shards.gather(m2)
         sd = {
             "finalized": torch.tensor(self.finalized),
             "ranks": torch.tensor(self.layout.ranks, dtype=torch.int64),
         }
-        if self.m1 is not None:
-            sd["exp_avg_ipt"] = self.m1
-            sd["exp_avg_unc"] = self.m2
+        if m1 is not None:
+            sd["exp_avg_ipt"] = m1
+            sd["exp_avg_unc"] = m2
         if self._keep is not None:
             sd["keep"] = self._keep
         if self.last_step is not None:
@@ -218,6 +319,7 @@ class RankAllocator:
         if "keep" in sd and sd["keep"].numel() != self.layout.total_rank:
             raise ValueError(f"allocator mask has {sd['keep'].numel()} entries, expected {self.layout.total_rank}")
         self.finalized = bool(sd["finalized"])
+        self._state_local = False
         self.m1 = sd["exp_avg_ipt"].to(dev, torch.float32).clone() if "exp_avg_ipt" in sd else None
         self.m2 = sd["exp_avg_unc"].to(dev, torch.float32).clone() if "exp_avg_unc" in sd else None
         self._keep = sd["keep"].to(dev, torch.bool).clone() if "keep" in sd else None

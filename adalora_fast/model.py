@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .allocator import RankAllocator
 from .config import DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE, AdaLoraConfig, PeftType
 from .layer import AdaLoraLinear, Conv1D, is_adaptable
@@ -101,6 +101,11 @@ def _resolve_targets(model: nn.Module, config: AdaLoraConfig) -> None:
         if out_emb is not None:
             names -= {n for n, m in model.named_modules() if m is out_emb}
         config.target_modules = names
+
+
+def _clean_name(name: str) -> str:
+    """A module name without the ``_fsdp_wrapped_module`` segments FSDP1 inserts (checkpoint keys must not change)."""
+    return name.replace("_fsdp_wrapped_module.", "") if "_fsdp_wrapped_module" in name else name
 
 
 def _strip_adapter(key: str, adapter_name: str) -> str:
@@ -207,6 +212,7 @@ class AdaLoraModel(nn.Module):
         self.rankallocator: Optional[RankAllocator] = None
         if not config.inference_mode:
             self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
+            self.rankallocator.shard_root = self  # FSDP1 units inside this model hold flat-shard ranges
 
     # ------------------------------------------------------------------ injection
     def _inject(self, config: AdaLoraConfig, adapter_name: str) -> None:
@@ -301,12 +307,12 @@ class AdaLoraModel(nn.Module):
             w.modules_to_save[w.active_adapter].requires_grad_(not config.inference_mode)
 
     def adapted_layers(self) -> list:
-        """[(module name, AdaLoraLinear)] in model order."""
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdaLoraLinear)]
+        """[(module name, AdaLoraLinear)] in model order (names without FSDP1's wrapper segments)."""
+        return [(_clean_name(n), m) for n, m in self.model.named_modules() if isinstance(m, AdaLoraLinear)]
 
     def modules_to_save_wrappers(self) -> list:
-        """[(module name, ModulesToSaveWrapper)] in model order."""
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        """[(module name, ModulesToSaveWrapper)] in model order (names without FSDP1's wrapper segments)."""
+        return [(_clean_name(n), m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
     # ------------------------------------------------------------------ PEFT's attributes
     @property
@@ -382,10 +388,28 @@ class AdaLoraModel(nn.Module):
         return outputs
 
     def orth_penalty(self) -> torch.Tensor:
-        """Mean over every lora_A and lora_B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F (PEFT's regulariser)."""
+        """Mean over every lora_A and lora_B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F (PEFT's regulariser).
+
+        Under FSDP2 the sharded A and B are gathered whole on every rank (collective, differentiable:
+        each rank's gradient goes to its own shard), so the value and gradient are those of the
+        unsharded model. FSDP1 flat shards raise NotImplementedError.
+        """
         alloc = self.rankallocator
         if alloc is not None:
-            lora_A, lora_B, _ = split_kinds(alloc.params())
+            params = alloc.params()
+            lora_A, lora_B, _ = split_kinds(params)
+            sh = alloc._shards
+            if sh is not None:
+                if sh.kind == "fsdp1":
+                    raise NotImplementedError(
+                        "the orthogonal penalty on FSDP1 flat shards (FullyShardedDataParallel, use_orig_params=True) is "
+                        "not supported: its gradient would bypass FSDP's flat gradient. Set orth_reg_weight=0, or use "
+                        "fully_shard (FSDP2) or DDP"
+                    )
+                n = len(lora_A)
+                ts = tuple(range(0, 3 * n, 3)) + tuple(range(1, 3 * n, 3))
+                whole = distributed.gather_full(sh, lora_A + lora_B, ts)
+                lora_A, lora_B = whole[:n], whole[n:]
         else:
             a = self.trainable_adapter_name
             layers = [m for _, m in self.adapted_layers()]
@@ -498,13 +522,18 @@ class AdaLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load (PEFT's format)
     def adapter_state_dict(self) -> dict:
-        """The tensors PEFT saves, under PEFT's keys, resized by the rank pattern when one exists."""
+        """The tensors PEFT saves, under PEFT's keys, resized by the rank pattern when one exists.
+        Under FSDP the adapters are gathered whole (collective: call it on every rank)."""
         a = self.trainable_adapter_name
         config = self.peft_config[a]
         pattern = self.rank_pattern
+        whole = self._whole_adapters()
         out = {}
-        for name, m in self.adapted_layers():
-            A, B, E = m.lora_A[a].detach(), m.lora_B[a].detach(), m.lora_E[a].detach()
+        for i, (name, m) in enumerate(self.adapted_layers()):
+            if whole is not None:
+                A, B, E = whole[3 * i : 3 * i + 3]
+            else:
+                A, B, E = m.lora_A[a].detach(), m.lora_B[a].detach(), m.lora_E[a].detach()
             keep = None
             if pattern is not None:
                 keep = pattern.get(f"{name}.lora_E.{a}", pattern.get(f"{name}.lora_E"))
@@ -525,6 +554,11 @@ class AdaLoraModel(nn.Module):
                     out[_KEY_PREFIX + _strip_adapter(n, a)] = p.detach()
         out.update(self._modules_to_save_tensors())
         return out
+
+    def _whole_adapters(self) -> Optional[list]:
+        """[A, B, E of every layer] as whole detached tensors when the adapters are FSDP shards (collective), else None."""
+        sh = self.rankallocator.shards if self.rankallocator is not None else None
+        return None if sh is None else sh.full_tensors(range(len(sh.params)))
 
     def _modules_to_save_tensors(self) -> dict:
         """``base_model.model.<module>.<key>`` -> the trained copy's state-dict entry (PEFT's keys)."""
@@ -558,6 +592,13 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"selected_adapters={selected_adapters!r}: this model holds the one adapter {a!r}")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is a file, expected a directory")
+        # Under FSDP every rank takes part in gathering the tensors; only the main process writes them.
+        sharded = self.rankallocator is not None and self.rankallocator.shards is not None
+        if not is_main_process and not sharded:
+            return
+        # FSDP2 shards of modules to save and biases: gathered whole (collective, the same order on every rank)
+        state = {k: v.full_tensor() if distributed.is_dtensor(v) else v for k, v in self.adapter_state_dict().items()}
+        alloc_state = self.allocator_checkpoint() if save_allocator_state and self.rankallocator is not None else None
         if not is_main_process:
             return
         config = self.peft_config[a]
@@ -565,7 +606,7 @@ class AdaLoraModel(nn.Module):
         os.makedirs(path, exist_ok=True)
         pattern = self.rank_pattern
         tensors, seen = {}, set()
-        for k, v in self.adapter_state_dict().items():
+        for k, v in state.items():
             v = v.cpu().contiguous()
             if v.data_ptr() in seen:  # bias="all" with a module to save: two keys, one tensor (safetensors refuses aliases)
                 v = v.clone()
@@ -583,8 +624,8 @@ class AdaLoraModel(nn.Module):
             d["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
         saved = AdaLoraConfig.from_dict(d)
         saved.save_pretrained(path)
-        if save_allocator_state and self.rankallocator is not None:
-            save_file(self.allocator_checkpoint(), os.path.join(path, ALLOCATOR_STATE_NAME))
+        if alloc_state is not None:
+            save_file(alloc_state, os.path.join(path, ALLOCATOR_STATE_NAME))
 
     def allocator_checkpoint(self) -> dict:
         """What an exact resume needs beyond the saved adapter: the allocator's state (importance
@@ -595,9 +636,10 @@ class AdaLoraModel(nn.Module):
             raise RuntimeError("this AdaLoraModel was built with inference_mode=True; it has no rank allocator")
         a = self.trainable_adapter_name
         sd = {f"allocator.{k}": v for k, v in self.rankallocator.state_dict().items()}
-        for name, m in self.adapted_layers():
-            for kind in ("lora_A", "lora_B", "lora_E"):
-                sd[f"adapter.{name}.{kind}"] = getattr(m, kind)[a]
+        whole = self._whole_adapters()  # under FSDP: gathered (collective, as state_dict() above)
+        for i, (name, m) in enumerate(self.adapted_layers()):
+            for j, kind in enumerate(("lora_A", "lora_B", "lora_E")):
+                sd[f"adapter.{name}.{kind}"] = getattr(m, kind)[a] if whole is None else whole[3 * i + j]
         return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
     def _adapters_in_checkpoint(self, sd: dict, where: str) -> list:
@@ -671,6 +713,7 @@ class AdaLoraModel(nn.Module):
         self._load_adapter_file(_load_adapter_tensors(model_id), model_id, layers, adapter_name, with_lora=not resume)
         if is_trainable and not resume:
             self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
+            self.rankallocator.shard_root = self  # FSDP1 units inside this model hold flat-shard ranges
         return self
 
     def _load_adapter_file(self, tensors: dict, model_id: str, layers: dict, adapter_name: str, with_lora: bool) -> None:
