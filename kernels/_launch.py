@@ -10,6 +10,7 @@ and bf16 ``tl.dot`` are wrong), while on the GPU half operands go to the tensor 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton.language as tl
@@ -27,21 +28,64 @@ def to_device_table(vals, device) -> torch.Tensor:
     return t.to(device)
 
 
+def launch_device(args) -> torch.device:
+    """The one device of every tensor argument of a launch; a clear error when they differ.
+
+    (Pointer tables hold raw addresses: their builders check the tensors they point to.)"""
+    devs = {a.device for a in args if torch.is_tensor(a)}
+    if len(devs) != 1:
+        raise ValueError(f"a Triton launch needs all its tensors on one device, got {sorted(map(str, devs))}")
+    return devs.pop()
+
+
 def launch(kernel, grid, *args, **kwargs):
-    """Launch ``kernel`` on ``grid`` (the hook tests wrap to count launches)."""
-    kernel[grid](*args, **kwargs)
+    """Launch ``kernel`` on ``grid`` (the hook tests wrap to count launches), on its tensors' device.
+
+    Triton launches on the *current* CUDA device and its current stream: with layers spread over
+    GPUs (``device_map``) a layer on cuda:1 would run on cuda:0. The launch is guarded by the
+    tensors' device (``torch.cuda.device``), so it runs there, on that device's current stream."""
+    dev = launch_device(list(args) + list(kwargs.values()))
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def check_deterministic(what: str) -> None:
+    """Raise if ``torch.use_deterministic_algorithms(True)`` is on: ``what`` sums with fp32 atomics,
+    whose order (hence the last bits of the result) changes from run to run."""
+    if torch.are_deterministic_algorithms_enabled():
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(f"adalora_fast (triton): {what} accumulates with fp32 atomics and is not deterministic",
+                          stacklevel=3)
+            return
+        raise RuntimeError(
+            f"adalora_fast (triton): {what} accumulates with fp32 atomics and is not deterministic, and "
+            "torch.use_deterministic_algorithms(True) is set; use ADALORA_FAST_BACKEND=torch (the same math "
+            "in deterministic torch ops)"
+        )
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for operands of ``dtype``.
+    """``tl.dot`` input precision for operands of ``dtype``, following torch's switch.
 
-    fp32 operands run as TF32 on the tensor cores (``tl.dot``'s default; like torch with
-    ``allow_tf32``): ~1e-3 relative error on the adapter term only (the base GEMM is untouched).
-    ``tf32x3`` (fp32-accurate) was tried and doubles the registers of every fp32 tile: it spilled
-    in most fp32 configurations on sm_80 and sm_90. Half operands ignore this setting.
-    In the interpreter every dot is an exact fp32 numpy product.
+    fp32 operands: full fp32 (``"ieee"``: FMA on the CUDA cores) unless torch allows TF32 for fp32
+    matmuls (``torch.backends.cuda.matmul.allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high" | "medium")``), then ``"tf32"`` on the tensor cores
+    (~1e-3 relative on the adapter term). Torch's default is full fp32, so ours is too. Read at each
+    launch; it is a constexpr (one binary per setting). ``tf32x3`` was tried and spilled in most fp32
+    configurations on sm_80 and sm_90. Half operands always use the tensor cores ("tf32" is passed
+    and ignored for them). In the interpreter every dot is an exact fp32 numpy product.
     """
-    return "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def dot_precisions(dtype: torch.dtype) -> tuple:
+    """Every value :func:`dot_precision` can return for ``dtype`` (the binaries to compile-check)."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
 
 
 def pad_rank(r: int) -> int:

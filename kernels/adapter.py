@@ -60,7 +60,12 @@ DTYPE_PAIRS = (
     (torch.float16, torch.float16),
 )
 
-_INT_ARGS = ["N", "K", "D", "R", "thresh", "has_dropout", "need_dx"]
+# Not specialised (one binary whatever their value): N changes with every batch, R is tiny, the flags
+# are runtime branches, and the seed (a new value per step) must not pick a binary by its value %16.
+# K and D are specialised (Triton's %16 divisibility): a layer's widths are fixed, and knowing they
+# are multiples of 16 lets the column masks stay constant over 8-element groups, so the streaming
+# loads of x / g / out / dx are 128-bit and the tile loops can use async copies (COST.md).
+_INT_ARGS = ["N", "R", "seed", "thresh", "has_dropout", "need_dx"]
 
 
 def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
@@ -73,8 +78,20 @@ def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """16-bit threshold: an element is kept iff its 16-bit Philox value is >= this."""
+    """16-bit threshold: an element is kept iff its 16-bit Philox value is >= this (65536 at p = 1:
+    nothing is kept)."""
     return int(round(float(dropout_p) * 65536.0))
+
+
+def dropout_args(dropout_p: float, seed) -> tuple:
+    """(seed + 2**62, thresh, 1/(1-p), has_dropout) for a launch; p = 1 drops everything (scale 0,
+    as ``nn.Dropout(1.0)``) instead of dividing by zero."""
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must lie in [0, 1]")
+    if p == 0.0:
+        return SEED_OFFSET, 0, 1.0, 0
+    return int(seed) + SEED_OFFSET, dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0), 1
 
 
 @triton.jit
@@ -136,7 +153,7 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk,
+        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         a = tl.load(A + rr[None, :] * K + cols[:, None], mask=(rr[None, :] < R) & col_ok[:, None], other=0.0)
         if UPCAST:
@@ -213,7 +230,7 @@ def _grad_rank_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        g = tl.load(G + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
+        g = tl.load(G + rows[:, None] * stride_gn + cols[None, :].to(tl.int64) * stride_gd,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         b = tl.load(B + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
@@ -223,9 +240,9 @@ def _grad_rank_kernel(
             g = g.to(B.dtype.element_ty)
         gB = tl.dot(g, b, gB, input_precision=DOT_PREC)
         db = tl.dot(tl.trans(g), u, input_precision=DOT_PREC)
-        tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :])
+        tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
     de = tl.sum(gB * t, axis=0) * tl.load(S)
-    tl.atomic_add(DE + rr, de, mask=r_ok)
+    tl.atomic_add(DE + rr, de, mask=r_ok, sem="relaxed")
     tl.store(GE + rows[:, None] * R + rr[None, :], gB * e[None, :], mask=row_ok[:, None] & r_ok[None, :])
 
 
@@ -270,7 +287,7 @@ def _dA_dx_kernel(
             d_ptr = DX + rows[:, None] * stride_dxn + cols[None, :]
             dx = tl.load(d_ptr, mask=m, other=0.0).to(tl.float32)
             tl.store(d_ptr, (dx + ta).to(DX.dtype.element_ty), mask=m)
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=m, other=0.0)
+        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :].to(tl.int64) * stride_xk, mask=m, other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
         else:
@@ -278,7 +295,7 @@ def _dA_dx_kernel(
         x = tl.where(keep, x, tl.zeros_like(x))
         daT = tl.dot(tl.trans(x), ge, daT, input_precision=DOT_PREC)
     daT = daT * inv_keep
-    tl.atomic_add(DA + rr[None, :] * K + cols[:, None], daT, mask=r_ok[None, :] & col_ok[:, None])
+    tl.atomic_add(DA + rr[None, :] * K + cols[:, None], daT, mask=r_ok[None, :] & col_ok[:, None], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +317,8 @@ def keep_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tens
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
         grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
-        _launch.launch(_keep_mask_kernel, grid, out, n, k, int(seed) + SEED_OFFSET, dropout_threshold(dropout_p),
+        seed_arg, thresh = dropout_args(dropout_p, seed)[:2]
+        _launch.launch(_keep_mask_kernel, grid, out, n, k, seed_arg, thresh,
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return out.bool()
 
@@ -310,12 +328,9 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> tor
     n, k = x.shape
     r = lora_A.shape[0]
     t = torch.empty((n, r), dtype=torch.float32, device=x.device)
-    has_dp = dropout_p > 0.0
     _launch.launch(
         _shrink_kernel, (triton.cdiv(n, BLOCK_N),),
-        x, lora_A, t, n, k, r, x.stride(0), x.stride(1),
-        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(dropout_p) if has_dp else 0,
-        1.0 / (1.0 - dropout_p), int(has_dp),
+        x, lora_A, t, n, k, r, x.stride(0), x.stride(1), *dropout_args(dropout_p, seed),
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_common(lora_A.dtype, r),
     )
     return t
@@ -336,6 +351,7 @@ def grad_rank(g, t, lora_E, s, lora_B, ge, dB, dE) -> None:
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e); dE [r] += s Σ (g B) ⊙ t (fp32 atomics)."""
     n, d = g.shape
     r = lora_B.shape[1]
+    _launch.check_deterministic("the adapter backward (dB, dE)")
     _launch.launch(
         _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, lora_E, s, lora_B, ge, dB, dE, n, d, r,
         g.stride(0), g.stride(1),
@@ -347,13 +363,12 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     """dA [r, k] += geᵀ dropout(x) (fp32 atomics); dx [N, k] += dropout-mask ⊙ (ge A)/(1-p) if dx given."""
     n, k = x.shape
     r = lora_A.shape[0]
-    has_dp = dropout_p > 0.0
+    _launch.check_deterministic("the adapter backward (dA)")
     grid = (triton.cdiv(n, BLOCK_N * DA_ROW_BLOCKS), triton.cdiv(k, BLOCK_K))
     _launch.launch(
         _dA_dx_kernel, grid, x, ge, lora_A, dx if dx is not None else x, dA, n, k, r,
-        x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0,
-        (int(seed) + SEED_OFFSET) if has_dp else SEED_OFFSET, dropout_threshold(dropout_p) if has_dp else 0,
-        1.0 / (1.0 - dropout_p), int(has_dp), int(dx is not None),
+        x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, *dropout_args(dropout_p, seed),
+        int(dx is not None),
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         ROW_BLOCKS=DA_ROW_BLOCKS, **_common(lora_A.dtype, r),
     )
@@ -366,10 +381,11 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
 def compile_variants():
     """Yield (name, jit fn, signature, constexprs, num_warps) for every config the launchers pick.
 
-    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS (dropout and need-dx are runtime
-    flags: one binary serves both values). Integer
-    arguments get the specialisation a contiguous LLaMA-shaped launch gets (unit column strides
-    become constexpr 1; other ints and pointers 16-divisible).
+    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC "tf32" for fp32 adapters
+    (the only fp32 binaries the GPU runs, see ``ops/linear._impl``); dropout and need-dx are runtime
+    flags (one binary serves both values). Integer arguments get the specialisation a contiguous
+    LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
+    the widths K / D 16-divisible); ``tests/compile_check.py`` also compiles the widths unaligned.
     """
     def p(dt):
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
@@ -380,8 +396,13 @@ def compile_variants():
            {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}, NUM_WARPS)
     for base, adt in DTYPE_PAIRS:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}"
-        for rp in RANK_PADS:
-            common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": dot_precision(adt)}
+        # fp32 operands: only the TF32 binaries ship for the GPU; with torch's full-fp32 default the
+        # layer op runs the torch implementation on CUDA (see ops/linear._impl): the FMA ("ieee")
+        # dots of these 64-wide tiles spill 0.4-7.6 KB of stack per thread on sm_90 and sm_80
+        for rp, prec in [(rp, "tf32") for rp in RANK_PADS]:
+            common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
+            if adt == torch.float32:
+                tag = f"{str(base)[6:]}/{str(adt)[6:]},{prec}"
             yield (f"shrink[{tag},R{rp}]", _shrink_kernel,
                    {"X": p(base), "A": p(adt), "T": "*fp32", "N": "i32", "K": "i32", "R": "i32",
                     "stride_xn": "i32", "stride_xk": "constexpr", "seed": "i64", "thresh": "i32",

@@ -8,8 +8,8 @@ HGMMA tile M is 64, only R_N columns so the padding wastes 4x, not 28x, of the F
 zeros fill the pad (masked loads). r <= 64 is supported.
 
 ``_orth_fwd_kernel``: one program per matrix: G = M Mᵀ over c in tiles of BLOCK_C, D = G − I,
-norm = ‖D‖_F; writes G (r×r, for backward) and the norm, and adds norm/n into the zeroed scalar
-loss (fp32 atomic). Reads every A and B once.
+norm = ‖D‖_F; writes G (r×r, for backward) and the norm. Reads every A and B once. The loss is
+``norms.sum() / n`` (one torch reduction, deterministic: no atomics in either kernel).
 ``_orth_bwd_kernel``: one program per (matrix, BLOCK_C columns): dM = (dloss/n)·2·D M/‖D‖
 (0 where ‖D‖ = 0); reads M once, writes dM once into one flat fp32 buffer whose slices are the
 gradients. The upstream gradient is read from device memory (no host sync).
@@ -17,8 +17,9 @@ gradients. The upstream gradient is read from device memory (no host sync).
 LLaMA-7B (224 linears adapted, r = 12, fp32 adapters, 30.0 M A/B elements, 120 MB): forward
 reads 120 MB, 2·64·16·Σc = 5.1 GFLOP TF32 on the padded tile → 40 µs predicted (memory-bound);
 backward reads 120 MB and writes 120 MB → 80 µs predicted. PEFT's loop: 448 x (Gram, eye, sub,
-norm) forward and ~5 ops per matrix backward, ~4000 launches (see COST.md). Dots are TF32 on the
-GPU (see ``_launch.dot_precision``), exact fp32 in the interpreter.
+norm) forward and ~5 ops per matrix backward, ~4000 launches (see COST.md). Dots follow torch's
+TF32 switch on the GPU (full fp32 by default, see ``_launch.dot_precision``), exact fp32 in the
+interpreter.
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import INTERPRET, RANK_PADS, dot_precision, pad_rank
+from ._launch import INTERPRET, RANK_PADS, dot_precision, dot_precisions, pad_rank
 
 R_M = 64  # Gram rows padded to 64: the HGMMA tile M
 BLOCK_C = 64
 BWD_BLOCK_C = 128
 NUM_WARPS = 4
+# full fp32 ("ieee": FMA dots, torch's default) at R_N = 64 spills with 4 warps and 128 columns:
+# 8 warps, and 32 columns per backward tile (tests/compile_check.py)
+IEEE_R64_WARPS = 8
+IEEE_BWD_BLOCK_C = 32
+
+
+def _config(prec: str, r_n: int):
+    """(num_warps, backward columns per tile) for dot precision ``prec`` at padded rank ``r_n``."""
+    if prec == "ieee" and r_n > 16:
+        return IEEE_R64_WARPS, IEEE_BWD_BLOCK_C
+    return NUM_WARPS, BWD_BLOCK_C
 MAX_RANK = R_M
 # matrix table row: ptr, r, c, stride_r, stride_c, gram_off, grad_off, (pad)
 _F = tl.constexpr(8)  # int64 fields per matrix record (the host table below writes 8)
@@ -51,7 +63,7 @@ def _matrix_record(MATS, i):
 
 
 @triton.jit
-def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_M: tl.constexpr, R_N: tl.constexpr,
+def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
                      BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
     """G[:r, :r] = M Mᵀ as a [R_M=64, R_N] tile (rows padded to 64 for HGMMA, columns to R_N)."""
     i = tl.program_id(0)
@@ -70,7 +82,6 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, LOSS, inv_n, R_M: tl.constexpr, R_N: tl.
     norm = tl.sqrt(tl.sum(tl.sum(D * D, axis=1), axis=0))
     tl.store(GRAM + goff + rm[:, None] * nr + rn[None, :], G, mask=gm)
     tl.store(NORMS + i, norm)
-    tl.atomic_add(LOSS, norm * inv_n)
 
 
 @triton.jit
@@ -99,7 +110,7 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.co
 _table_cache: dict = {}
 
 
-def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], order=None):
+def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], order=None, bwd_block=BWD_BLOCK_C):
     """(matrix table, tile table, Gram elements, gradient elements, largest rank) of fp32 contiguous
     matrices; the tables are cached per set of addresses (no host-to-device copy per step).
     ``order``: positions (A then B) in the order their gradients follow each other in the flat
@@ -118,13 +129,16 @@ def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], orde
         sr, sc = (cols, 1) if is_A else (1, rows)
         if rows > 0 and cols > 0:
             vals += [m.data_ptr(), rows, cols, sr, sc, gram_n, grad_off[j], 0]
-            tiles += [[n_live, c0] for c0 in range(0, cols, BWD_BLOCK_C)]
+            tiles += [[n_live, c0] for c0 in range(0, cols, bwd_block)]
             n_live += 1
             gram_n += rows * rows
             max_r = max(max_r, rows)
         grad_n += m.numel()
-    dev = (list(work_A) + list(work_B))[0].device
-    key = (str(dev), tuple(vals))
+    devs = {m.device for m in mats}
+    if len(devs) != 1:
+        raise ValueError(f"orth_penalty: lora_A and lora_B matrices must be on one device, got {sorted(map(str, devs))}")
+    dev = devs.pop()
+    key = (str(dev), bwd_block, tuple(vals))
     tabs = _table_cache.get(key)
     if tabs is None and n_live:
         if len(_table_cache) >= 8:
@@ -140,18 +154,18 @@ def _fp32(ms: Sequence[torch.Tensor]) -> list:
 
 def forward(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]):
     """(loss [] fp32, gram [Σr²] fp32, norms [n_nonempty] fp32) for lora_A [r_i, k_i], lora_B [d_i, r_i]:
-    one launch (+ 1 memset of the scalar). ``gram``/``norms`` are what :func:`backward` needs."""
+    one launch (+ 1 sum of the norms). ``gram``/``norms`` are what :func:`backward` needs."""
     work_A, work_B = _fp32(lora_A), _fp32(lora_B)
     n_total = len(work_A) + len(work_B)
     tabs, n_live, gram_n, _, max_r = _tables(work_A, work_B)
     dev = (work_A + work_B)[0].device
-    loss = torch.zeros((), dtype=torch.float32, device=dev)
     gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
     norms = torch.empty(n_live, dtype=torch.float32, device=dev)
     if n_live:
-        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms, loss, 1.0 / n_total,
-                       R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=BLOCK_C, DOT_PREC=dot_precision(torch.float32),
-                       num_warps=NUM_WARPS)
+        prec, r_n = dot_precision(torch.float32), pad_rank(max_r)
+        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms,
+                       R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C, DOT_PREC=prec, num_warps=_config(prec, r_n)[0])
+    loss = norms.sum() * (1.0 / n_total)  # fixed-order reduction: the same bits every run
     return loss, gram, norms
 
 
@@ -162,29 +176,30 @@ def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequenc
     work_A, work_B = _fp32(lora_A), _fp32(lora_B)
     work = work_A + work_B
     n_total = len(work)
-    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B, tuple(order))
+    prec = dot_precision(torch.float32)
+    max_r = max([m.shape[0] for m in work_A] + [m.shape[1] for m in work_B] + [0])
+    warps, block = _config(prec, pad_rank(min(max(max_r, 1), MAX_RANK)))
+    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B, tuple(order), block)
     dev = work[0].device
     grad = torch.empty(grad_n, dtype=torch.float32, device=dev)
     if n_live:
         mtab, ttab = tabs
         _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
-                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=BWD_BLOCK_C,
-                       DOT_PREC=dot_precision(torch.float32), num_warps=NUM_WARPS)
+                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=block, DOT_PREC=prec, num_warps=warps)
     return grad  # a matrix the kernel skips (r = 0 or no columns) has no elements to fill
 
 
 def compile_variants():
     """Every config the launchers pick (see ``adapter.compile_variants``)."""
-    prec = dot_precision(torch.float32)
-    for rn in RANK_PADS:
-        yield (f"orth_fwd[R{rn}]", _orth_fwd_kernel,
-               {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "LOSS": "*fp32", "inv_n": "fp32",
+    for rn, prec in [(rn, prec) for rn in RANK_PADS for prec in dot_precisions(torch.float32)]:
+        yield (f"orth_fwd[{prec},R{rn}]", _orth_fwd_kernel,
+               {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32",
                 "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-               {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
-        yield (f"orth_bwd[R{rn}]", _orth_bwd_kernel,
+               {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, _config(prec, rn)[0])
+        yield (f"orth_bwd[{prec},R{rn}]", _orth_bwd_kernel,
                {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32", "GRAD": "*fp32",
                 "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr",
                 "DOT_PREC": "constexpr"},
-               {"R_M": R_M, "R_N": rn, "BLOCK_C": BWD_BLOCK_C, "DOT_PREC": prec}, NUM_WARPS)
+               {"R_M": R_M, "R_N": rn, "BLOCK_C": _config(prec, rn)[1], "DOT_PREC": prec}, _config(prec, rn)[0])
 
 __all__ = ["forward", "backward", "compile_variants", "INTERPRET"]

@@ -57,6 +57,13 @@ def keep_mask(seed: int, shape, p: float, device, dtype=torch.float32, impl: Opt
 
 def _keep_float(shape, dtype, device, seed: int, p: float) -> torch.Tensor:
     # The same seeded draw in forward and backward: same shape, dtype, device and generator state.
+    if torch.device(device).type == "cuda" and len(shape) == 2:
+        # on CUDA the torch implementation draws the Triton kernels' Philox mask: a layer whose forward
+        # ran one implementation and backward the other (the deterministic switch flipped in between,
+        # see _impl) still sees one mask
+        from ..kernels import adapter as _ka
+
+        return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device).to(dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
@@ -210,7 +217,7 @@ _IMPLS = {
 }
 
 
-def _impl(device: torch.device, rank: int):
+def _impl(device: torch.device, rank: int, dtype: torch.dtype):
     name = impl_for(device)
     if name == "triton":
         from ..kernels import _launch
@@ -220,6 +227,16 @@ def _impl(device: torch.device, rank: int):
                 name = "torch"  # the kernels are built for r <= 64; the same math in torch ops
             else:
                 _launch.pad_rank(rank)  # raises: a forced triton never falls back
+        elif device.type == "cuda" and not forced_impl() and torch.are_deterministic_algorithms_enabled():
+            # the Triton backward sums dA/dB/dE with fp32 atomics: under torch.use_deterministic_algorithms
+            # the same math runs in torch ops (the same Philox dropout mask, see _keep_float); a forced
+            # triton raises in the backward instead (kernels/_launch.check_deterministic)
+            name = "torch"
+        elif device.type == "cuda" and not forced_impl() and _launch.dot_precision(dtype) == "ieee":
+            # fp32 adapter products under torch's full-fp32 default (no TF32): cuBLAS SGEMM in the torch
+            # implementation (the same Philox dropout mask); the Triton kernels' FMA dots at these tiles
+            # spill (tests/compile_check.py). With TF32 allowed, or half adapters, Triton runs.
+            name = "torch"
     return _IMPLS[name]
 
 
@@ -247,7 +264,7 @@ def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ran
         seed_t = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
     else:
         seed_t = seed.detach().to("cpu", torch.int64).clone().view(1)
-    fwd, _ = _impl(x.device, lora_A.shape[0])
+    fwd, _ = _impl(x.device, lora_A.shape[0], lora_A.dtype)
     with no_autocast(x.device):
         seed = seed_t.item() if dropout_p > 0.0 else 0
         out, t = fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed)
@@ -258,7 +275,7 @@ def _adapter_linear_backward_kernel(
     grad_out, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
 ):
     """(dx [N, k], dA, dE, dB): a gradient not asked for comes back as an empty tensor of its own."""
-    _, bwd = _impl(x.device, lora_A.shape[0])
+    _, bwd = _impl(x.device, lora_A.shape[0], lora_A.dtype)
     g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
     with no_autocast(x.device):
         seed = seed.item() if dropout_p > 0.0 else 0

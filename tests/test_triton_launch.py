@@ -1,0 +1,142 @@
+"""How the Triton kernels are launched, checked on the CPU (the interpreter): one device per launch,
+the dot precision following torch's TF32 switch, what is specialised, dropout p = 1, and the
+deterministic-algorithms switch. What needs a GPU is in ``tests/test_triton_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adalora_fast.kernels import _launch
+from adalora_fast.kernels import adapter as ka
+from adalora_fast.kernels import orth as ko
+from tolerances import assert_close
+
+from adalora_fast import ops
+
+
+def test_launch_refuses_tensors_on_two_devices():
+    a, b = torch.zeros(4), torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        _launch.launch_device([a, 3, b])
+    assert _launch.launch_device([a, 1.0, torch.ones(2)]) == torch.device("cpu")
+
+
+def test_orth_tables_refuse_matrices_on_two_devices():
+    with pytest.raises(ValueError, match="one device"):
+        ko._tables([torch.zeros(2, 8)], [torch.zeros(8, 2, device="meta")])
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    old = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def test_dot_precision_follows_torch_tf32_switch(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")  # torch's default: full fp32
+    assert _launch.dot_precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")  # = torch.backends.cuda.matmul.allow_tf32 = True
+    assert _launch.dot_precision(torch.float32) == "tf32"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert _launch.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert _launch.dot_precision(torch.float32) == "ieee"
+    for half in (torch.bfloat16, torch.float16):  # tensor cores always
+        assert _launch.dot_precision(half) == "tf32"
+    assert set(_launch.dot_precisions(torch.float32)) == {"ieee", "tf32"}
+
+
+def _no_spec(fn):
+    """Arguments in ``do_not_specialize`` (a JITFunction, or the interpreter's InterpretedFunction)."""
+    if hasattr(fn, "params"):
+        return {p.name for p in fn.params if p.do_not_specialize}
+    return set(fn.kwargs["do_not_specialize"])
+
+
+@pytest.mark.parametrize("kernel", [ka._shrink_kernel, ka._dA_dx_kernel, ka._keep_mask_kernel])
+def test_seed_and_batch_size_do_not_pick_binaries_widths_do(kernel):
+    """A new seed every step, a new N every batch: neither may compile a second binary (their value
+    %16 would pick one); the fixed widths K / D keep their divisibility (128-bit loads)."""
+    names = set(kernel.arg_names)
+    assert {"seed", "N"} <= _no_spec(kernel)
+    assert "K" in names and "K" not in _no_spec(kernel)
+
+
+@pytest.mark.parametrize("kernel", [ka._grad_rank_kernel, ka._expand_add_kernel])
+def test_width_d_specialised(kernel):
+    assert "N" in _no_spec(kernel) and "D" not in _no_spec(kernel)
+
+
+def test_dropout_p_one_drops_everything():
+    torch.manual_seed(0)
+    x, A = torch.randn(70, 24), torch.randn(12, 24)
+    t = ka.shrink(x, A, 1.0, seed=5)
+    assert torch.equal(t, torch.zeros_like(t))
+    assert not ka.keep_mask(5, 70, 24, 1.0, "cpu").any()
+    assert ka.keep_mask(5, 70, 24, 0.0, "cpu").all()
+    with pytest.raises(ValueError, match="dropout_p"):
+        ka.shrink(x, A, 1.5, seed=5)
+
+
+def test_strided_x_with_a_large_column_stride():
+    """x read through a column stride (x = xt.T): the column offset is computed in int64."""
+    torch.manual_seed(1)
+    xt = torch.randn(24, 70)
+    x = xt.t()  # [70, 24], strides (1, 70)
+    A = torch.randn(12, 24)
+    assert_close(ka.shrink(x, A, 0.0, seed=0), x @ A.t(), what="t")
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _layer():
+    torch.manual_seed(2)
+    x = torch.randn(9, 24, requires_grad=True)
+    W = torch.randn(20, 24)
+    A, E, B = (torch.randn(*s, requires_grad=True) for s in ((6, 24), (6, 1), (20, 6)))
+    return x, W, A, E, B
+
+
+def test_deterministic_switch_refuses_the_atomic_backward(use_backend, deterministic):
+    """Forced triton under torch.use_deterministic_algorithms(True): the forward (no atomics) runs,
+    the backward (fp32 atomics into dA, dB, dE) raises, naming the switch and the way out."""
+    use_backend("triton")
+    x, W, A, E, B = _layer()
+    out = ops.adapter_linear(x, W, None, A, E, B, 2.0, 6, dropout_p=0.1, training=True, seed=3)
+    with pytest.raises(RuntimeError, match="use_deterministic_algorithms.*ADALORA_FAST_BACKEND=torch"):
+        out.sum().backward()
+
+
+def test_deterministic_warn_only_warns(use_backend):
+    use_backend("triton")
+    x, W, A, E, B = _layer()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = ops.adapter_linear(x, W, None, A, E, B, 2.0, 6, dropout_p=0.0, training=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert A.grad is not None
+
+
+def test_orth_penalty_has_no_atomics_and_repeats_bit_for_bit(use_backend, deterministic):
+    use_backend("triton")
+    torch.manual_seed(4)
+    lora_A = [torch.randn(6, 40) for _ in range(5)]
+    lora_B = [torch.randn(24, 6) for _ in range(5)]
+    first = ko.forward(lora_A, lora_B)[0]
+    again = ko.forward(lora_A, lora_B)[0]
+    assert torch.equal(first, again)
+    norms = [torch.linalg.norm(a @ a.t() - torch.eye(6)) for a in lora_A]
+    norms += [torch.linalg.norm(b.t() @ b - torch.eye(6)) for b in lora_B]
+    assert_close(first, torch.stack(norms).mean(), what="loss")
