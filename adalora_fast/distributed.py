@@ -280,6 +280,10 @@ def gather_full(shards: ShardedAdapters, params: Sequence[torch.Tensor], ts: tup
 
 def shards_of(layout: FlatLayout, params: Sequence[torch.Tensor], root=None, names=(), adapter="") -> Optional[ShardedAdapters]:
     """A :class:`ShardedAdapters` when the adapter parameters are FSDP shards, else None (whole tensors)."""
+    if params and hasattr(params[0], "ds_id"):  # DeepSpeed ZeRO marks the parameters it partitions
+        raise NotImplementedError(
+            "the adapter parameters are DeepSpeed ZeRO-3 partitions: not supported by adalora_fast's allocator and "
+            "penalty; use DDP, FSDP2 (fully_shard) or FSDP1 (use_orig_params=True), or ZeRO stage 1/2")
     if not params or not (is_dtensor(params[0]) or is_flat_shard(params[0])):
         return None
     if is_flat_shard(params[0]) and all(tuple(p.shape) == s for p, s in zip(params, layout.tensor_shapes)):

@@ -249,3 +249,14 @@ def test_penalty_follows_assign_load():
     model.orth_penalty().backward()
     live = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
     assert live and all(p.grad is not None and p.grad.abs().sum() > 0 for p in live)
+
+
+def test_deepspeed_zero3_partitions_are_named():
+    """ZeRO-3 swaps each parameter's data for an empty partition and marks it with ``ds_id``: the
+    allocator names ZeRO-3 instead of reporting a shape mismatch."""
+    model = build()
+    for p in model.rankallocator.params():
+        p.ds_id = 0
+        p.data = torch.empty(0)
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        model.update_and_allocate(0)
