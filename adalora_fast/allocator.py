@@ -16,19 +16,23 @@ a missing gradient raises an error that says what to do; ``state_dict()``/``load
 carry the importance state across a resume; a step that repeats or goes back (PEFT would update
 the importance averages again) raises an error naming both steps, and the final mask is never
 fixed on an importance state that saw no step (a resume that lost its state raises instead of
-pruning whole layers to rank 0).
+pruning whole layers to rank 0); a NaN or inf gradient element is left out of the importance
+averages for that step (PEFT lets it in, where it stays until the final phase and keeps its
+triplet from ever being pruned), with one warning that names the tensors
+(``nonfinite_skipped`` counts them).
 """
 
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
 from . import distributed, ops
 from .config import AdaLoraConfig
-from .ops.layout import FlatLayout, missing_grad_error, split_kinds
+from .ops.layout import FlatLayout, missing_grad_error, split_kinds, tensor_name
 
 
 def budget_schedule(step: int, config: AdaLoraConfig, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
@@ -72,6 +76,12 @@ class RankAllocator:
         # Bumped whenever the mask changes (a masking step, load_state_dict): readers of rank_pattern
         # (AdaLoraModel.peft_config) rebuild it only then.
         self.mask_version = 0
+        # int64 [3 * layers] on the state's device: gradient elements left out of the averages
+        # because |p * grad| was NaN or inf, per adapter tensor (see nonfinite_skipped).
+        self._skipped: Optional[torch.Tensor] = None
+        self._host_skipped: Optional[torch.Tensor] = None  # CUDA: its pinned copy, and the event of that copy
+        self._host_ready = None
+        self._warned_nonfinite = False
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> list:
@@ -133,6 +143,10 @@ class RankAllocator:
         if self.m1 is None:
             self.m1 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
             self.m2 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+        if self._skipped is None or self._skipped.device != device:
+            n = len(self.layout.tensor_shapes)
+            self._skipped = (torch.zeros(n, dtype=torch.int64) if self._skipped is None else self._skipped).to(device)
+            self._host_skipped = self._host_ready = None
 
     def reset_ipt(self) -> None:
         self.m1 = self.m2 = None
@@ -169,7 +183,8 @@ class RankAllocator:
             # 672 grads costs ~0.1 ms), and names of missing ones are looked up only on failure.
             try:
                 scores = ops.importance_update(
-                    self.layout, params, None, self.m1, self.m2, cfg.beta1, cfg.beta2, want_scores=mask_now
+                    self.layout, params, None, self.m1, self.m2, cfg.beta1, cfg.beta2, want_scores=mask_now,
+                    skipped=self._skipped,
                 )
             except (RuntimeError, ValueError, TypeError, AttributeError):
                 if fresh:  # leave no trace of a failed first call
@@ -178,6 +193,8 @@ class RankAllocator:
                 if missing is not None:
                     raise missing_grad_error(missing, self.names, self.adapter_name) from None
                 raise
+            if not self._warned_nonfinite:
+                self._poll_nonfinite(global_step)
             if mask_now:
                 self._mask(E, scores, budget)
                 self.last_step = global_step
@@ -210,6 +227,45 @@ class RankAllocator:
         ops.apply_mask(E, self._keep)
         self.last_step = global_step
         return None
+
+    @property
+    def nonfinite_skipped(self) -> dict:
+        """``{"<module>.lora_<A|B|E>.<adapter>": n}``: gradient elements left out of the importance
+        averages so far because |p * grad| was NaN or inf (only tensors with n > 0; one host sync)."""
+        if self._skipped is None:
+            return {}
+        return {tensor_name(t, self.names, self.adapter_name): n for t, n in enumerate(self._skipped.tolist()) if n}
+
+    def _poll_nonfinite(self, step: int) -> None:
+        """Warn (once) if any element was skipped, without a host sync: a CPU counter is read in
+        place; a CUDA counter is copied to pinned memory without blocking and read one step later,
+        once its copy has landed."""
+        if self._skipped.device.type == "cpu":
+            seen = self._skipped.numpy().any()  # host memory: a read, not a sync
+        else:
+            seen = self._host_skipped is not None and self._host_ready.query() and self._host_skipped.numpy().any()
+            if not seen:
+                if self._host_skipped is None:
+                    self._host_skipped = torch.empty(self._skipped.shape, dtype=torch.int64, pin_memory=True)
+                    self._host_ready = torch.cuda.Event()
+                self._host_skipped.copy_(self._skipped, non_blocking=True)
+                self._host_ready.record(torch.cuda.current_stream(self._skipped.device))
+        if seen:
+            self._warn_nonfinite(step)
+
+    def _warn_nonfinite(self, step: int) -> None:
+        self._warned_nonfinite = True
+        bad = self.nonfinite_skipped
+        listed = ", ".join(f"{k}: {v}" for k, v in list(bad.items())[:5]) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(
+            f"update_and_allocate (by step {step}): {sum(bad.values())} gradient element(s) of {len(bad)} adapter "
+            f"tensor(s) were NaN or inf ({listed}). They were left out of the importance averages for those steps "
+            "(their triplets keep the scores of earlier steps; the optimizer, not the allocator, decides what such a "
+            "gradient does to the weights). Warned once; model.rankallocator.nonfinite_skipped keeps counting. With "
+            "fp16 and a GradScaler, overflow steps produce these: call update_and_allocate after scaler.step().",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _update_sharded(self, global_step: int, final_start: int) -> Optional[int]:
         """update_and_allocate on FSDP shards (``distributed.ShardedAdapters``): the same schedule, the
@@ -306,6 +362,8 @@ class RankAllocator:
             sd["keep"] = self._keep
         if self.last_step is not None:
             sd["last_step"] = torch.tensor(self.last_step, dtype=torch.int64)
+        if self._skipped is not None:
+            sd["nonfinite_skipped"] = self._skipped
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -325,4 +383,8 @@ class RankAllocator:
         self._keep = sd["keep"].to(dev, torch.bool).clone() if "keep" in sd else None
         # A state written before last_step existed has none: the step order is then checked from the next call on.
         self.last_step = int(sd["last_step"]) if "last_step" in sd else None
+        if "nonfinite_skipped" in sd:  # the counts go on; what was skipped before the resume was warned about then
+            self._skipped = sd["nonfinite_skipped"].to(dev, torch.int64).clone()
+            self._host_skipped = self._host_ready = None
+            self._warned_nonfinite = bool(self._skipped.any())
         self.mask_version += 1

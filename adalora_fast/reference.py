@@ -47,15 +47,19 @@ def adapter_linear(
 
 def importance_update(
     p: torch.Tensor, grad: torch.Tensor, exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor, beta1: float, beta2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``RankAllocator.update_ipt`` for one parameter: returns the new (exp_avg_ipt, exp_avg_unc).
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``RankAllocator.update_ipt`` for one parameter: returns the new (exp_avg_ipt, exp_avg_unc)
+    and how many elements were skipped.
 
     ipt = |p * grad|; m1 = b1*m1 + (1-b1)*ipt; m2 = b2*m2 + (1-b2)*|ipt - m1| (with the new m1).
+    Unlike PEFT, an element whose ipt is not finite keeps its old m1 and m2 (PEFT lets a NaN or
+    inf into both averages, where it stays until the final phase).
     """
     ipt = (p * grad).abs().detach()
-    exp_avg_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
-    exp_avg_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - exp_avg_ipt).abs()
-    return exp_avg_ipt, exp_avg_unc
+    new_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
+    new_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - new_ipt).abs()
+    ok = torch.isfinite(ipt)
+    return torch.where(ok, new_ipt, exp_avg_ipt), torch.where(ok, new_unc, exp_avg_unc), int((~ok).sum())
 
 
 def element_score(exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor) -> torch.Tensor:

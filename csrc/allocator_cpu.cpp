@@ -33,10 +33,14 @@ void check_f32(const at::Tensor& t, const char* what, int64_t i) {
 // params/grads: A_0, B_0, E_0, A_1, ... (A [r, k], B [d, r], E [r, 1]); an empty grads list means
 // each parameter's own .grad (read here: no Python list of T gradients to build and convert).
 // meta [T, 3] int64 holds each tensor's first element in m1/m2, its layer's first position in
-// the [sum r] scores and its kind (0 = A, 1 = B, 2 = E: the caller's layout says which is which). parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B,
-// E, of m1 * m2.
+// the [sum r] scores and its kind (0 = A, 1 = B, 2 = E: the caller's layout says which is which).
+// parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B, E, of m1 * m2.
+// skipped ([T] int64): an element whose |p * grad| is not finite keeps its m1 and m2 (a NaN or inf
+// would otherwise stay in the averages until the final phase and keep its triplet from ever being
+// pruned); skipped[t] counts them, for the caller's warning.
 void importance_update(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads_in, at::Tensor m1, at::Tensor m2,
-                       const at::Tensor& meta, double beta1, double beta2, const c10::optional<at::Tensor>& parts) {
+                       at::Tensor skipped, const at::Tensor& meta, double beta1, double beta2,
+                       const c10::optional<at::Tensor>& parts) {
   const int64_t T = static_cast<int64_t>(params.size());
   const bool own_grads = grads_in.size() == 0;
   TORCH_CHECK(own_grads || static_cast<int64_t>(grads_in.size()) == T, "params and grads differ in length");
@@ -52,6 +56,9 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
               "meta must be a contiguous int64 [T, 3] tensor");
   check_f32(m1, "m1", 0);
   check_f32(m2, "m2", 0);
+  TORCH_CHECK(skipped.device().is_cpu() && skipped.scalar_type() == at::kLong && skipped.is_contiguous() &&
+                  skipped.numel() == T,
+              "skipped must be a contiguous int64 [T] CPU tensor");
   for (int64_t t = 0; t < T; ++t) {
     check_f32(params[t], "params", t);
     check_f32(grads[t], "grads", t);
@@ -68,6 +75,7 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
   float* s1 = m1.data_ptr<float>();
   float* s2 = m2.data_ptr<float>();
   float* sc = scores ? parts->data_ptr<float>() : nullptr;
+  int64_t* nskip = skipped.data_ptr<int64_t>();
   const float b1 = static_cast<float>(beta1), c1 = static_cast<float>(1.0 - beta1);
   const float b2 = static_cast<float>(beta2), c2 = static_cast<float>(1.0 - beta2);
   const int64_t state_numel = m1.numel();
@@ -83,14 +91,20 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
       const float* gp = grads[t].data_ptr<float>();
       float* a1 = s1 + off;
       float* a2 = s2 + off;
-      // p, grad, m1 and m2 never alias (distinct tensors / disjoint state ranges): vectorise.
-#pragma omp simd
+      // p, grad, m1 and m2 never alias (distinct tensors / disjoint state ranges): vectorise. The
+      // finite test is a select, not a branch, so the loop stays one vector pass.
+      int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
       for (int64_t i = 0; i < n; ++i) {
         const float ipt = std::fabs(pp[i] * gp[i]);
+        const bool ok = ipt - ipt == 0.0f;  // false for NaN and inf
         const float e1 = b1 * a1[i] + c1 * ipt;
-        a1[i] = e1;
-        a2[i] = b2 * a2[i] + c2 * std::fabs(ipt - e1);
+        const float e2 = b2 * a2[i] + c2 * std::fabs(ipt - e1);
+        a1[i] = ok ? e1 : a1[i];
+        a2[i] = ok ? e2 : a2[i];
+        bad += ok ? 0 : 1;
       }
+      nskip[t] += bad;
       if (!scores || n == 0) continue;
       const int64_t to = mp[3 * t + 1];
       const int64_t kind = mp[3 * t + 2];
@@ -176,8 +190,8 @@ void apply_mask(at::TensorList E, const at::Tensor& keep) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adalora_fast_cpu, m) {
-  m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, "
-        "float beta1, float beta2, Tensor(c!)? parts) -> ()");
+  m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor(c!) skipped, "
+        "Tensor meta, float beta1, float beta2, Tensor(d!)? parts) -> ()");
   m.def("keep_mask_to_budget(Tensor scores, int n_prune) -> Tensor");
   m.def("apply_mask(Tensor(a!)[] E, Tensor keep) -> ()");
 }

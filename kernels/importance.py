@@ -14,6 +14,8 @@ A rows, B columns and E entries to per-triplet sums.
 with m1, m2 fp32 updated in place in the allocator's flat buffers, and (WANT_SCORES) the
 per-triplet score ``E + mean_row(A) + mean_col(B)`` accumulated into a zeroed [Σr] fp32 vector
 with fp32 atomics (one add per (tile, row)). UPDATE=False only reads m1, m2 (``triplet_scores``).
+An element whose ipt is not finite keeps its m1 and m2 and counts in its tensor's int64 counter
+in SKIPPED (one relaxed atomic per tile that saw one, none otherwise).
 
 Bytes per adapter element: read p, g, m1, m2 and write m1, m2 = 24 B (fp32), ~10 FLOPs, one pass.
 LLaMA-7B (all 224 linears adapted, r=12: 30.0 M adapter elements): 720 MB → 240 µs predicted,
@@ -44,7 +46,7 @@ _TENSOR_FIELDS = 8  # p_ptr, g_ptr, state_off, rows, cols, stride_r, stride_c, t
 
 @triton.jit
 def _importance_kernel(
-    TENS, TILES, M1, M2, SCORES, beta1, omb1, beta2, omb2,
+    TENS, TILES, M1, M2, SCORES, SKIPPED, beta1, omb1, beta2, omb2,
     UPDATE: tl.constexpr, WANT_SCORES: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
 ):
     """One program per tile [TILE_R triplets, TILE_C columns] of one adapter tensor."""
@@ -72,10 +74,15 @@ def _importance_kernel(
         pv = tl.load(pp + off, mask=m, other=0.0)
         gv = tl.load(gp + off, mask=m, other=0.0)
         ipt = tl.abs(pv * gv)
-        m1 = beta1 * m1 + omb1 * ipt
-        m2 = beta2 * m2 + omb2 * tl.abs(ipt - m1)
+        ok = (ipt - ipt) == 0.0  # False for NaN and inf: the element keeps its state this step
+        n1 = beta1 * m1 + omb1 * ipt
+        n2 = beta2 * m2 + omb2 * tl.abs(ipt - n1)
+        m1 = tl.where(ok, n1, m1)
+        m2 = tl.where(ok, n2, m2)
         tl.store(m1p + off, m1, mask=m)
         tl.store(m2p + off, m2, mask=m)
+        n_bad = tl.sum(tl.sum((m & ~ok).to(tl.int64), axis=1), axis=0)
+        tl.atomic_add(SKIPPED + ti, n_bad, mask=n_bad > 0, sem="relaxed")
     if WANT_SCORES:
         trip = tl.load(rec + 7)
         part = tl.sum(tl.where(m, m1 * m2, 0.0), axis=1) / nc.to(tl.float32)
@@ -102,21 +109,25 @@ def _apply_mask_kernel(ETAB, KEEP, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
-               scores: torch.Tensor, beta1: float, beta2: float, update: bool, want_scores: bool) -> None:
+               scores: torch.Tensor, skipped: torch.Tensor, beta1: float, beta2: float, update: bool,
+               want_scores: bool) -> None:
     """One launch over every tile of ``tiles`` ([n_tiles, 3] int64: tensor, first row, first column).
 
     ``tens``: [T, 8] int64 records (p address, g address, state offset, rows, cols, row stride,
     column stride, first triplet); p and g fp32 contiguous, alive until the launch returns. m1, m2:
     the flat fp32 state, updated in place when ``update``; ``scores``: zeroed [Σr] fp32, accumulated
-    into when ``want_scores`` (pass m1 otherwise, it is not touched).
+    into when ``want_scores`` (pass m1 otherwise, it is not touched); ``skipped``: int64 [T], the
+    count of non-finite elements (left unchanged) is added per tensor when ``update``.
     """
     if m1.dtype != torch.float32 or m2.dtype != torch.float32 or not (m1.is_contiguous() and m2.is_contiguous()):
         raise TypeError("importance: m1 and m2 must be contiguous fp32 buffers")
+    if skipped.dtype != torch.int64:
+        raise TypeError("importance: skipped must be an int64 counter")
     n_tiles = tiles.numel() // 3
     if n_tiles == 0:
         return
     _launch.launch(
-        _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores, float(beta1), 1.0 - float(beta1), float(beta2),
+        _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores, skipped, float(beta1), 1.0 - float(beta1), float(beta2),
         1.0 - float(beta2), UPDATE=bool(update), WANT_SCORES=bool(want_scores), TILE_R=TILE_R, TILE_C=TILE_C,
         num_warps=NUM_WARPS,
     )
@@ -148,7 +159,7 @@ def compile_variants():
     """Every config the launchers pick (see ``adapter.compile_variants``)."""
     for update, want in ((True, False), (True, True), (False, True)):
         yield (f"importance[update={int(update)},scores={int(want)}]", _importance_kernel,
-               {"TENS": "*i64", "TILES": "*i64", "M1": "*fp32", "M2": "*fp32", "SCORES": "*fp32",
+               {"TENS": "*i64", "TILES": "*i64", "M1": "*fp32", "M2": "*fp32", "SCORES": "*fp32", "SKIPPED": "*i64",
                 "beta1": "fp32", "omb1": "fp32", "beta2": "fp32", "omb2": "fp32", "UPDATE": "constexpr", "WANT_SCORES": "constexpr",
                 "TILE_R": "constexpr", "TILE_C": "constexpr"},
                {"UPDATE": update, "WANT_SCORES": want, "TILE_R": TILE_R, "TILE_C": TILE_C}, NUM_WARPS)

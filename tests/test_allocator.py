@@ -6,6 +6,8 @@ ops themselves are tested in test_importance.py, test_mask.py and test_orth.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -232,3 +234,77 @@ def test_update_and_allocate_rejects_bad_step():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="global_step"):
             model.update_and_allocate(bad)
+
+
+def _nan_into(model, module: str, kind: str, n: int, value=float("nan")):
+    layer = dict(model.adapted_layers())[module]
+    g = getattr(layer, f"lora_{kind}")["default"].grad.view(-1)
+    g[:n] = value
+
+
+def test_non_finite_gradient_is_skipped_with_one_warning():
+    """A NaN or inf gradient element never enters the importance state: the state and every score
+    stay finite, the step is counted per tensor and warned about once, naming the tensor; later
+    bad steps are counted without a second warning; the counts survive state_dict()."""
+    model = _model()
+    alloc = model.rankallocator
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for s in (1, 2):
+        _train_step(model, opt, s)
+    m1_before = alloc.m1.clone()
+    x, y = _batch(3)
+    (model(x) - y).pow(2).mean().backward()
+    _nan_into(model, "b", "A", 2)
+    _nan_into(model, "c", "B", 1, float("inf"))
+    with pytest.warns(RuntimeWarning, match=r"3 gradient element\(s\) of 2 adapter tensor\(s\).*b\.lora_A\.default: 2"):
+        model.update_and_allocate(3)
+    opt.zero_grad(set_to_none=False)
+    assert alloc.nonfinite_skipped == {"b.lora_A.default": 2, "c.lora_B.default": 1}
+    assert torch.isfinite(alloc.m1).all() and torch.isfinite(alloc.m2).all()
+    o = alloc.layout.offsets[3]  # layer b's A: its first two elements kept their state
+    assert torch.equal(alloc.m1[o : o + 2], m1_before[o : o + 2])
+    assert not torch.equal(alloc.m1[o + 2 : o + 4], m1_before[o + 2 : o + 4])
+
+    for s in (4, 5):  # masking steps: the scores are finite, a later bad step warns no more
+        (model(x) - y).pow(2).mean().backward()
+        _nan_into(model, "a", "E", 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.update_and_allocate(s)
+        opt.zero_grad(set_to_none=False)
+    assert alloc.nonfinite_skipped["a.lora_E.default"] == 2
+    assert sum(sum(v) for v in model.rank_pattern.values()) == alloc.budget_schedule(5)[0]
+    # resumed: the counts go on, and what was warned about before is not warned again
+    fresh = _model()
+    fresh.rankallocator.load_state_dict(alloc.state_dict())
+    assert fresh.rankallocator.nonfinite_skipped == alloc.nonfinite_skipped
+
+
+def test_non_finite_gradients_do_not_decide_the_ranks():
+    """PEFT lets a NaN into the averages, where it makes its triplets' scores NaN (sorted last:
+    never pruned) until the final phase. Here a NaN gradient in every lora_E of one layer at every
+    step leaves those elements' averages at their initial zero, exactly as a zero gradient does:
+    the two runs prune the same triplets at every step and end with the same state."""
+    runs = []
+    for poisoned, bad in ((True, float("nan")), (False, 0.0)):
+        model = _model(seed=3)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        patterns = []
+        for step in range(1, 13):
+            x, y = _batch(step)
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            _nan_into(model, "b", "E", 4, bad)  # all of layer b's E, after the optimizer step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore" if poisoned else "error")
+                model.update_and_allocate(step)
+            opt.zero_grad(set_to_none=False)
+            patterns.append(model.rank_pattern)
+            if step == 8:
+                state = (model.rankallocator.m1.clone(), model.rankallocator.m2.clone())
+        runs.append((patterns, state, _E(model)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1][0], runs[1][1][0]) and torch.equal(runs[0][1][1], runs[1][1][1])
+    assert torch.isfinite(runs[0][1][0]).all()
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)

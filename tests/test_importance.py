@@ -105,7 +105,7 @@ def test_importance_update_matches_reference_over_steps(impl, shapes, masked):
         want = step % 2 == 1
         scores = ops.importance_update(layout, params, grads, m1, m2, beta1, beta2, want_scores=want)
         for t, (p, g) in enumerate(zip(params, grads)):  # the reference, tensor by tensor
-            ref_m1[t], ref_m2[t] = reference.importance_update(p, g, ref_m1[t], ref_m2[t], beta1, beta2)
+            ref_m1[t], ref_m2[t], _ = reference.importance_update(p, g, ref_m1[t], ref_m2[t], beta1, beta2)
         assert m1.dtype == torch.float32 and m1.shape == (layout.numel,)
         for t in range(len(params)):
             assert_close(_view(layout, m1, t), ref_m1[t], what=f"step {step} m1 {t}", rtol=STATE_RTOL)
@@ -142,7 +142,7 @@ def test_importance_update_half_parameters(impl, dtype):
     ref = [reference.importance_update(p, g, _view(layout, m1, t), _view(layout, m2, t), 0.85, 0.8)
            for t, (p, g) in enumerate(zip(params, grads))]
     scores = ops.importance_update(layout, params, grads, m1, m2, 0.85, 0.8, want_scores=True)
-    for t, (e1, e2) in enumerate(ref):
+    for t, (e1, e2, _) in enumerate(ref):
         assert_close(_view(layout, m1, t), e1, dtype, f"m1 {t}")
         assert_close(_view(layout, m2, t), e2, dtype, f"m2 {t}")
     assert_close(scores, _expected_scores(layout, [e[0] for e in ref], [e[1] for e in ref]), dtype, "scores")
@@ -213,3 +213,41 @@ def test_importance_update_rejects_a_wrong_state(impl):
     with pytest.raises(ValueError, match="shape"):
         ops.importance_update(layout, params[3:] + params[:3], grads, torch.zeros(layout.numel),
                               torch.zeros(layout.numel), 0.8, 0.8)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_importance_update_skips_non_finite_elements(impl, dtype):
+    """A NaN or inf in |p·g| (a NaN or inf gradient, or an inf parameter) leaves that element's m1
+    and m2 as they were and is counted per tensor; every other element is updated as usual, and the
+    scores stay finite. Checked against the reference over three steps, the bad elements moving."""
+    gen = torch.Generator().manual_seed(21)
+    layout = FlatLayout(TILE_SHAPES)
+    params = _params(TILE_SHAPES, gen, dtype)
+    T = len(params)
+    m1, m2 = torch.rand(layout.numel, generator=gen), torch.rand(layout.numel, generator=gen)
+    ref_m1 = [_view(layout, m1, t).clone() for t in range(T)]
+    ref_m2 = [_view(layout, m2, t).clone() for t in range(T)]
+    skipped = torch.zeros(T, dtype=torch.int64)
+    expect_skipped = torch.zeros(T, dtype=torch.int64)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        for t, bad in ((0, float("nan")), (1, float("inf")), (4 + step, float("-inf")), (T - 3, float("nan"))):
+            if grads[t].numel():
+                flat = grads[t].view(-1)
+                idx = torch.randint(flat.numel(), (3,), generator=gen)
+                flat[idx] = bad
+        before = [(_view(layout, m1, t).clone(), _view(layout, m2, t).clone()) for t in range(T)]
+        scores = ops.importance_update(layout, params, grads, m1, m2, 0.85, 0.8, want_scores=True, skipped=skipped)
+        for t, (p, g) in enumerate(zip(params, grads)):
+            ref_m1[t], ref_m2[t], n = reference.importance_update(p, g, ref_m1[t], ref_m2[t], 0.85, 0.8)
+            expect_skipped[t] += n
+            bad = ~torch.isfinite(p.float() * g.float())
+            assert torch.equal(_view(layout, m1, t)[bad], before[t][0][bad]), f"step {step} m1 {t} moved"
+            assert torch.equal(_view(layout, m2, t)[bad], before[t][1][bad]), f"step {step} m2 {t} moved"
+            rtol = STATE_RTOL if dtype == torch.float32 else None  # half: the reference rounds p·g to bf16
+            assert_close(_view(layout, m1, t), ref_m1[t], dtype, f"step {step} m1 {t}", rtol=rtol)
+            assert_close(_view(layout, m2, t), ref_m2[t], dtype, f"step {step} m2 {t}", rtol=rtol)
+        assert torch.isfinite(m1).all() and torch.isfinite(m2).all() and torch.isfinite(scores).all()
+        assert torch.equal(skipped, expect_skipped), (skipped.tolist(), expect_skipped.tolist())
+    assert int(skipped.sum()) > 0

@@ -46,8 +46,10 @@ def _allocator_args(want):
     g = torch.Generator().manual_seed(1)
     params = [torch.randn(s, generator=g) for s in L.tensor_shapes]
     grads = [torch.randn(s, generator=g) for s in L.tensor_shapes]
+    grads[1][0, 1] = float("nan")  # one element skipped: the counter is written too
     m1, m2 = torch.rand(L.numel, generator=g), torch.rand(L.numel, generator=g)
-    return L, (params, grads, m1, m2, L.meta, 0.85, 0.8, L.total_rank, want)
+    skipped = torch.zeros(len(L.tensor_shapes), dtype=torch.int64)
+    return L, (params, grads, m1, m2, skipped, L.meta, 0.85, 0.8, L.total_rank, want)
 
 
 @pytest.mark.parametrize("want", [False, True])
@@ -57,7 +59,7 @@ def test_importance_update(impl, want):
 
 
 def test_triplet_scores(impl):
-    L, (_, _, m1, m2, meta, *_rest) = _allocator_args(True)
+    L, (_, _, m1, m2, _, meta, *_rest) = _allocator_args(True)
     torch.library.opcheck(OPS.triplet_scores, (m1, m2, meta, L.total_rank))
 
 

@@ -1,13 +1,16 @@
 """AdaLoRA's importance update and triplet scores as registered operators.
 
     adalora_fast::importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2,
-                                    Tensor meta, float beta1, float beta2, int n_triplets,
-                                    bool want_scores) -> Tensor
+                                    Tensor(c!) skipped, Tensor meta, float beta1, float beta2,
+                                    int n_triplets, bool want_scores) -> Tensor
     adalora_fast::triplet_scores(Tensor m1, Tensor m2, Tensor meta, int n_triplets) -> Tensor
 
 ``params``: A, B, E of every layer (``layout.tensor_index`` order); ``grads`` the same, or empty
 for "each parameter's ``.grad``"; m1, m2: the allocator's flat fp32 state [layout.numel], updated
 in place (PEFT's ``update_ipt``: ipt = |p·g|, m1 = β1·m1 + (1-β1)·ipt, m2 = β2·m2 + (1-β2)·|ipt-m1|);
+``skipped``: int64 [T] on m1's device, one counter per adapter tensor: an element whose |p·g| is
+not finite (a NaN or inf gradient, e.g. an fp16 overflow step) leaves its m1 and m2 as they were
+and adds 1 to its tensor's counter (the caller warns; see ``RankAllocator``).
 ``meta``: ``FlatLayout.meta`` (int64 [L, 3] of (r, k, d)). Returns the [n_triplets] fp32 triplet
 scores ``E + mean_row(A) + mean_col(B)`` of the element scores m1·m2 when ``want_scores``, else an
 empty tensor. A missing gradient raises before any state changes. No host sync.
@@ -34,10 +37,10 @@ from .layout import (KIND_A, KIND_B, KIND_E, FlatLayout, define_op, grads_of, im
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
-def _update_torch(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, want_scores):
+def _update_torch(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2, want_scores):
     # the C++ pass takes fp32 only and checks every tensor itself (a clear error, nothing changed)
     if params and cpu_ext.usable_for(params[0]):
-        return _update_cpp(layout, params, grads, m1, m2, beta1, beta2, want_scores)
+        return _update_cpp(layout, params, grads, m1, m2, skipped, beta1, beta2, want_scores)
     grads = grads_of(params, grads)  # before the stacks: a failed call leaves the state as it was
     dev = m1.device
     P = torch.empty(layout.numel, dtype=torch.float32, device=dev)
@@ -49,14 +52,25 @@ def _update_torch(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, want_
         torch.stack([params[t].detach() for t in grp.members], out=P[grp.slice].view(view_shape))
         torch.stack([grads[t] for t in grp.members], out=G[grp.slice].view(view_shape))
     ipt = P.mul_(G).abs_()  # |p * grad|, written over P
+    # NaN/inf elements keep their averages: selected, not branched on, so there is no host sync
+    # (two extra flat passes; the fp32 CPU path is the C++ one above)
+    ok = torch.isfinite(ipt)
+    bad = ~ok
+    for grp in layout.groups:
+        if grp.numel:
+            per = bad[grp.slice].view(len(grp.members), -1).sum(dim=1)
+            skipped.index_add_(0, layout.cached(("members", grp.start, str(dev)),
+                                                lambda g=grp: torch.tensor(g.members, device=dev)), per)
     torch.mul(ipt, 1 - beta1, out=G)
-    m1.mul_(beta1).add_(G)
-    torch.sub(ipt, m1, out=G).abs_().mul_(1 - beta2)
-    m2.mul_(beta2).add_(G)
+    new1 = torch.mul(m1, beta1).add_(G)
+    torch.sub(ipt, new1, out=G).abs_().mul_(1 - beta2)
+    new2 = torch.mul(m2, beta2).add_(G)
+    torch.where(ok, new1, m1, out=m1)
+    torch.where(ok, new2, m2, out=m2)
     return _scores_torch(layout, m1, m2, out_buffer=P) if want_scores else None
 
 
-def _update_cpp(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, want_scores):
+def _update_cpp(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2, want_scores):
     """One C++ pass. ``grads=None`` passes an empty list: the kernel reads each ``.grad`` itself."""
     meta = layout.cached(
         "cpu_meta",
@@ -69,7 +83,8 @@ def _update_cpp(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, want_sc
     parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
     try:
         torch.ops.adalora_fast_cpu.importance_update(
-            list(params), [] if grads is None else list(grads), m1, m2, meta, float(beta1), float(beta2), parts
+            list(params), [] if grads is None else list(grads), m1, m2, skipped, meta, float(beta1), float(beta2),
+            parts,
         )
     except RuntimeError as exc:  # the kernel names a missing gradient by index, before it writes anything
         msg = str(exc)
@@ -147,7 +162,7 @@ def _fp32_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _run_triton(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, update, want_scores):
+def _run_triton(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2, update, want_scores):
     from ..kernels import importance as _ki
 
     dev = m1.device
@@ -156,16 +171,17 @@ def _run_triton(layout: FlatLayout, params, grads, m1, m2, beta1, beta2, update,
         params = [_fp32_contig(p) for p in params]  # fp32 copies (if any) live until the launch returns
         grads = [_fp32_contig(g) for g in grads]
     tens, tiles = _tables(layout, params if update else None, grads if update else None, dev)
-    _ki.importance(tens, tiles, m1, m2, scores if want_scores else m1, beta1, beta2, update, want_scores)
+    _ki.importance(tens, tiles, m1, m2, scores if want_scores else m1, skipped, beta1, beta2, update, want_scores)
     return scores
 
 
-def _update_triton(layout, params, grads, m1, m2, beta1, beta2, want_scores):
-    return _run_triton(layout, params, grads_of(params, grads), m1, m2, beta1, beta2, True, want_scores)
+def _update_triton(layout, params, grads, m1, m2, skipped, beta1, beta2, want_scores):
+    return _run_triton(layout, params, grads_of(params, grads), m1, m2, skipped, beta1, beta2, True, want_scores)
 
 
 def _scores_triton(layout, m1, m2):
-    return _run_triton(layout, None, None, m1, m2, 0.0, 0.0, False, True)
+    no_counter = torch.zeros(max(1, len(layout.tensor_shapes)), dtype=torch.int64, device=m1.device)  # not written
+    return _run_triton(layout, None, None, m1, m2, no_counter, 0.0, 0.0, False, True)
 
 
 # ---------------------------------------------------------------------------------- reference (forced)
@@ -174,15 +190,16 @@ def _views(layout: FlatLayout, buf: torch.Tensor, t: int) -> torch.Tensor:
     return buf[o : o + layout.numel_of(t)].view(layout.tensor_shapes[t])
 
 
-def _update_reference(layout, params, grads, m1, m2, beta1, beta2, want_scores):
+def _update_reference(layout, params, grads, m1, m2, skipped, beta1, beta2, want_scores):
     from .. import reference as ref
 
     grads = grads_of(params, grads)  # checked first: the loop below updates the state tensor by tensor
     for t, (p, g) in enumerate(zip(params, grads)):
         v1, v2 = _views(layout, m1, t), _views(layout, m2, t)
-        n1, n2 = ref.importance_update(p, g, v1, v2, beta1, beta2)
+        n1, n2, n_skipped = ref.importance_update(p, g, v1, v2, beta1, beta2)
         v1.copy_(n1)
         v2.copy_(n2)
+        skipped[t] += n_skipped
     return _scores_reference(layout, m1, m2) if want_scores else None
 
 
@@ -208,28 +225,34 @@ def _check_state(layout: FlatLayout, m1, m2, n_triplets):
     for name, buf in (("m1", m1), ("m2", m2)):
         if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.numel() != layout.numel:
             raise ValueError(f"importance_update: {name} must be a contiguous fp32 [{layout.numel}] buffer")
+        if buf.device != m1.device:
+            raise ValueError(f"importance_update: m1 is on {m1.device}, {name} on {buf.device}")
     if n_triplets != layout.total_rank:
         raise ValueError(f"importance_update: n_triplets={n_triplets}, the layout has {layout.total_rank}")
 
 
-def _importance_update_kernel(params, grads, m1, m2, meta, beta1, beta2, n_triplets, want_scores):
+def _importance_update_kernel(params, grads, m1, m2, skipped, meta, beta1, beta2, n_triplets, want_scores):
     layout = FlatLayout.of_meta(meta)
     _check_state(layout, m1, m2, n_triplets)
+    T = len(layout.tensor_shapes)
+    if skipped.dtype != torch.int64 or skipped.shape != (T,) or skipped.device != m1.device:
+        raise ValueError(f"importance_update: skipped must be an int64 [{T}] tensor on {m1.device}")
     layout.check_cached(params)
     if grads and len(grads) != len(params):
         raise ValueError(f"importance_update: {len(grads)} gradients for {len(params)} parameters")
     with torch.no_grad():
-        scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, beta1, beta2, want_scores)
+        scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, skipped, beta1, beta2,
+                                              want_scores)
     return scores if scores is not None else m1.new_empty(0)
 
 
-def _importance_update_fake(params, grads, m1, m2, meta, beta1, beta2, n_triplets, want_scores):
+def _importance_update_fake(params, grads, m1, m2, skipped, meta, beta1, beta2, n_triplets, want_scores):
     return m1.new_empty(n_triplets if want_scores else 0)
 
 
 importance_update_op = define_op(
-    "importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor meta, float beta1, "
-    "float beta2, int n_triplets, bool want_scores) -> Tensor",
+    "importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor(c!) skipped, Tensor meta, "
+    "float beta1, float beta2, int n_triplets, bool want_scores) -> Tensor",
     _importance_update_kernel, _importance_update_fake,
 )  # fmt: skip
 
@@ -256,15 +279,21 @@ def importance_update(
     beta1: float,
     beta2: float,
     want_scores: bool = False,
+    skipped: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """PEFT's ``update_ipt`` for every adapter tensor at once, in place on the flat fp32 state
     (``grads=None``: each parameter's ``.grad``). Returns the [sum(r)] triplet scores when
-    ``want_scores``, else None. A missing gradient raises ValueError before any state changes."""
+    ``want_scores``, else None. A missing gradient raises ValueError before any state changes.
+
+    Elements whose |p·g| is not finite keep their state; ``skipped`` (int64 [T], T = 3 × layers,
+    on m1's device) accumulates how many per tensor (a throwaway counter when None)."""
     if grads is not None:
         grads = grads_of(params, grads)  # the op's Tensor[] has no None: name the missing one here
+    if skipped is None:
+        skipped = torch.zeros(len(layout.tensor_shapes), dtype=torch.int64, device=m1.device)
     with torch.no_grad():
-        out = importance_update_op(list(params), list(grads or []), m1, m2, layout.meta, float(beta1), float(beta2),
-                                   layout.total_rank, bool(want_scores))
+        out = importance_update_op(list(params), list(grads or []), m1, m2, skipped, layout.meta, float(beta1),
+                                   float(beta2), layout.total_rank, bool(want_scores))
     return out if want_scores else None
 
 

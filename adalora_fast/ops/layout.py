@@ -104,14 +104,18 @@ class MissingGradientError(ValueError, RuntimeError):
     a RuntimeError as PEFT's crash on ``p.grad is None`` was)."""
 
 
-def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> MissingGradientError:
-    """The one error for adapter tensor ``t`` without a gradient (``names``: module names by layer,
-    when the caller knows them)."""
+def tensor_name(t: int, names: Sequence[str] = (), adapter: str = "") -> str:
+    """``<module>.lora_<A|B|E>[.<adapter>]`` of adapter tensor ``t`` (``names``: module names by
+    layer, when the caller knows them), else its index, layer and kind."""
     layer, kind = layer_and_kind(t)
     if names:
-        where = f"{names[layer]}.lora_{KINDS[kind]}" + (f".{adapter}" if adapter else "")
-    else:
-        where = f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]})"
+        return f"{names[layer]}.lora_{KINDS[kind]}" + (f".{adapter}" if adapter else "")
+    return f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]})"
+
+
+def missing_grad_error(t: int, names: Sequence[str] = (), adapter: str = "") -> MissingGradientError:
+    """The one error for adapter tensor ``t`` without a gradient."""
+    where = tensor_name(t, names, adapter)
     return MissingGradientError(
         f"update_and_allocate needs the gradients of the adapter weights, but {where} has no gradient; "
         "call it after loss.backward() (and optimizer.step()) and before optimizer.zero_grad()"
