@@ -1,24 +1,95 @@
-"""Test set-up: no GPU here, so Triton runs in its CPU interpreter.
+"""Test set-up: Triton runs in its CPU interpreter without a GPU, on CUDA tensors with one.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection time.
+
+Without a CUDA GPU (this machine, CI): ``TRITON_INTERPRET=1`` and the "triton" implementation runs
+the kernels on CPU tensors in the interpreter (every half-precision load upcast to fp32).
+
+With a CUDA GPU (``torch.cuda.is_available()``; ``ADALORA_FAST_TEST_DEVICE=cpu`` keeps the CPU
+set-up): the interpreter stays off, and wherever a test selects the "triton" implementation
+(``impl`` or ``use_backend``) the public ops of ``adalora_fast.ops`` are wrapped by
+:func:`_on_cuda`: the test's CPU tensors go to the GPU (``.to``, differentiable, so gradients
+come back to the CPU leaves), the compiled kernels run there, half-precision branches included,
+and results come back to the CPU, where the test compares them with ``reference.py`` as it does
+here. Tensors an op changes in place (the importance state, ``lora_E``) are copied back. CPU
+autocast in a test becomes CUDA autocast of the same dtype for the call. The fp32 tolerance
+(``tests/tolerances.py``) stays 1e-5: the kernels' fp32 dots are full fp32 unless torch's TF32
+switch is on (``kernels/_launch.dot_precision``). GPU-only tests are in ``tests/test_triton_gpu.py``.
 
 Fixtures:
 * ``use_backend(name)`` forces one implementation ("reference", "torch" or "triton") for the test;
 * ``impl`` runs a test once per real implementation of the ops on the CPU: "torch" (torch ops
   only, ``ADALORA_FAST_CPU_EXT=0``), "cpp" (torch with the C++ kernels, which must build), and
-  "triton" (the Triton kernels under the interpreter). Compare each with ``reference.py``, never
-  the reference with itself.
+  "triton" (the Triton kernels under the interpreter, or on the GPU). Compare each with
+  ``reference.py``, never the reference with itself.
 """
 
+import functools
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+ON_GPU = torch.cuda.is_available() and os.environ.get("ADALORA_FAST_TEST_DEVICE", "cuda") != "cpu"
+if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REAL_IMPLS = ("torch", "cpp", "triton")
+# the public ops a test calls through ``adalora_fast.ops`` (wrapped on a GPU machine)
+_PUBLIC_OPS = ("adapter_linear", "keep_mask", "importance_update", "triplet_scores", "keep_mask_to_budget",
+               "apply_mask", "orth_penalty")
+
+
+def _on_cuda(fn):
+    """``fn`` run on the GPU for CPU callers (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        moved = []
+
+        def to_dev(v):
+            if torch.is_tensor(v) and v.device.type == "cpu":
+                c = v.to("cuda")
+                moved.append((v, c))
+                return c
+            if (isinstance(v, torch.device) and v.type == "cpu") or (isinstance(v, str) and v == "cpu"):
+                return torch.device("cuda")
+            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+                return type(v)(to_dev(x) for x in v)
+            return v
+
+        def to_cpu(v):
+            if torch.is_tensor(v):
+                return v.to("cpu") if v.device.type == "cuda" else v
+            if isinstance(v, tuple):
+                return type(v)(*map(to_cpu, v)) if hasattr(v, "_fields") else tuple(map(to_cpu, v))
+            if isinstance(v, list):
+                return [to_cpu(x) for x in v]
+            return v
+
+        dargs = [to_dev(a) for a in args]
+        dkw = {k: to_dev(v) for k, v in kwargs.items()}
+        ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cpu"))
+               if torch.is_autocast_enabled("cpu") else torch.autocast("cuda", enabled=False))
+        with ctx:
+            out = fn(*dargs, **dkw)
+        with torch.no_grad():
+            for cpu_t, dev_t in moved:  # in-place results (importance state, lora_E masking)
+                back = dev_t.to("cpu")
+                if back.shape == cpu_t.shape and not torch.equal(back, cpu_t):
+                    cpu_t.copy_(back)
+        return to_cpu(out)
+
+    return wrapped
+
+
+def _select(monkeypatch, name: str) -> None:
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", name)
+    if ON_GPU and name == "triton":
+        from adalora_fast import ops
+
+        for op in _PUBLIC_OPS:
+            monkeypatch.setattr(ops, op, _on_cuda(getattr(ops, op)))
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +102,7 @@ def _clean_backend_env(monkeypatch):
 @pytest.fixture
 def use_backend(monkeypatch):
     def _set(name: str):
-        monkeypatch.setenv("ADALORA_FAST_BACKEND", name)
+        _select(monkeypatch, name)
 
     return _set
 
@@ -45,7 +116,7 @@ def set_impl(monkeypatch, name: str) -> None:
         monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "1")
         assert cpu_ext.available(), f"the C++ CPU kernels did not build: {cpu_ext._state['error']}"
     else:
-        monkeypatch.setenv("ADALORA_FAST_BACKEND", name)
+        _select(monkeypatch, name)
         monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "0")
 
 
