@@ -249,14 +249,20 @@ def _all_gather_padded(local: torch.Tensor, n_max: int, group) -> torch.Tensor:
 
 class _GatherFull(torch.autograd.Function):
     """Whole tensors from every rank's pieces; the backward keeps this rank's part of the gradient
-    (every rank computes the same loss from the same gathered tensors, so nothing is reduced)."""
+    (every rank computes the same loss from the same gathered tensors, so nothing is reduced).
+
+    FSDP1: FSDP replaces each piece's ``.grad`` with a view of its reduce-scattered flat gradient at
+    the end of the backward, so the pieces' gradients are added to those views by a callback queued
+    on the autograd engine, which runs after FSDP's own end-of-backward callback (queued earlier,
+    by the root's pre-backward hook)."""
 
     @staticmethod
     def forward(ctx, shards, ts, *pieces):
         perm, n_max, _ = shards._plan(ts)
         local = torch.cat([p.reshape(-1) for p in pieces])
         full = _all_gather_padded(local.detach(), n_max, shards.group)[perm.to(local.device)]
-        ctx.perm, ctx.n_max = perm, n_max
+        ctx.perm, ctx.n_max, ctx.pieces_of = perm, n_max, [shards.params[t] for t in ts]
+        ctx.fsdp1 = shards.kind == "fsdp1"
         ctx.rank, ctx.world = dist.get_rank(shards.group), dist.get_world_size(shards.group)
         ctx.sizes = [p.numel() for p in pieces]
         shapes = [shards.layout.tensor_shapes[t] for t in ts]
@@ -267,8 +273,21 @@ class _GatherFull(torch.autograd.Function):
         g = torch.cat([gr.reshape(-1) for gr in grads])
         everyone = g.new_zeros(ctx.n_max * ctx.world)
         everyone.index_add_(0, ctx.perm.to(g.device), g)
-        mine = everyone[ctx.rank * ctx.n_max : ctx.rank * ctx.n_max + sum(ctx.sizes)]
-        return (None, None, *[v for v in mine.split(ctx.sizes)])
+        mine = everyone[ctx.rank * ctx.n_max : ctx.rank * ctx.n_max + sum(ctx.sizes)].split(ctx.sizes)
+        if not ctx.fsdp1:
+            return (None, None, *mine)
+        pending = [(p, g_t) for p, g_t in zip(ctx.pieces_of, mine) if g_t.numel()]
+
+        @torch.no_grad()
+        def add_to_views():
+            for p, g_t in pending:
+                if p.grad is None:  # no gradient from the model this step: the penalty's alone
+                    p.grad = g_t.to(p.dtype).clone()
+                else:
+                    p.grad.add_(g_t.to(p.grad.dtype))
+
+        torch.autograd.Variable._execution_engine.queue_callback(add_to_views)
+        return (None, None, *[None] * len(mine))
 
 
 def gather_full(shards: ShardedAdapters, params: Sequence[torch.Tensor], ts: tuple) -> list:

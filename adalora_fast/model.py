@@ -390,9 +390,9 @@ class AdaLoraModel(nn.Module):
     def orth_penalty(self) -> torch.Tensor:
         """Mean over every lora_A and lora_B of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F (PEFT's regulariser).
 
-        Under FSDP2 the sharded A and B are gathered whole on every rank (collective, differentiable:
-        each rank's gradient goes to its own shard), so the value and gradient are those of the
-        unsharded model. FSDP1 flat shards raise NotImplementedError.
+        Under FSDP the sharded A and B are gathered whole on every rank (collective, differentiable:
+        each rank's gradient goes to its own shard; ``distributed.gather_full``), so the value and
+        gradient are those of the unsharded model.
         """
         alloc = self.rankallocator
         if alloc is not None:
@@ -400,12 +400,6 @@ class AdaLoraModel(nn.Module):
             lora_A, lora_B, _ = split_kinds(params)
             sh = alloc._shards
             if sh is not None:
-                if sh.kind == "fsdp1":
-                    raise NotImplementedError(
-                        "the orthogonal penalty on FSDP1 flat shards (FullyShardedDataParallel, use_orig_params=True) is "
-                        "not supported: its gradient would bypass FSDP's flat gradient. Set orth_reg_weight=0, or use "
-                        "fully_shard (FSDP2) or DDP"
-                    )
                 n = len(lora_A)
                 ts = tuple(range(0, 3 * n, 3)) + tuple(range(1, 3 * n, 3))
                 whole = distributed.gather_full(sh, lora_A + lora_B, ts)

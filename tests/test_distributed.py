@@ -2,8 +2,8 @@
 
 One spawn of two ranks trains a tiny LLaMA three times, 30 steps through warm-up, masking and the
 final phase: under DDP, FSDP2 (``fully_shard`` on each decoder layer and the root) and FSDP1
-(``use_orig_params=True``, the decoder layers wrapped; no orthogonal penalty there, which raises on
-FSDP1 flat shards). Each rank takes half of every global batch. Checked against one process on the
+(``use_orig_params=True``, the decoder layers wrapped), all with the orthogonal penalty. Each rank
+takes half of every global batch. Checked against one process on the
 whole batch: the mean of the ranks' losses at every step, ``rank_pattern`` at every step (on both
 ranks), the allocator state gathered mid-run, the final full-rank adapters; and a checkpoint saved
 under sharding loads in one process (ours and PEFT) with the single run's logits.
@@ -42,12 +42,12 @@ def base_model():
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
-def build(orth: float = 0.5):
+def build():
     base = base_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = af.get_peft_model(base, af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS, lora_alpha=16,
-                                                         lora_dropout=0.0, orth_reg_weight=orth))
+                                                         lora_dropout=0.0, orth_reg_weight=0.5))
     for _, m in model.adapted_layers():  # E = 0 at init: give the adapters a say from step 0
         torch.nn.init.normal_(m.lora_E["default"], std=0.1)
     return model
@@ -86,7 +86,7 @@ def _rank_run(rank: int, world: int, mode: str, out: str):
     from torch.nn.parallel import DistributedDataParallel
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    model = build(orth=0.0 if mode == "fsdp1" else 0.5)
+    model = build()
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
     elif mode == "fsdp2":
@@ -133,15 +133,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both ranks' results per mode (a failing rank's traceback fails the tests), and the single-process runs."""
+    """Both ranks' results per mode (a failing rank's traceback fails the tests), and the single-process run."""
     out = str(tmp_path_factory.mktemp("dist"))
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    single = {}
     data = batches()
-    for orth in (0.5, 0.0):
-        model = build(orth=orth)
-        params = [p for p in model.parameters() if p.requires_grad]
-        single[orth] = (model, *train(model, model, lambda s: data[s], params))
+    model = build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    single = (model, *train(model, model, lambda s: data[s], params))
     ranks = {m: [torch.load(os.path.join(out, f"{m}.rank{r}.pt"), weights_only=False) for r in range(2)] for m in MODES}
     return out, ranks, single
 
@@ -159,8 +157,8 @@ def _close(a, b, what, rtol=2e-4, atol=2e-6):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sharded_training_equals_one_process(runs, mode):
-    out, ranks, single = runs
-    model, losses, patterns, mid = single[0.0 if mode == "fsdp1" else 0.5]
+    _, ranks, single = runs
+    model, losses, patterns, mid = single
     r0, r1 = ranks[mode]
     for step in range(STEPS):
         assert r0["patterns"][step] == r1["patterns"][step], f"{mode} step {step}: the ranks' rank_pattern differ"
@@ -183,7 +181,7 @@ def test_sharded_training_equals_one_process(runs, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpoint_saved_under_sharding_loads_in_one_process(runs, mode):
     out, ranks, single = runs
-    model = single[0.0 if mode == "fsdp1" else 0.5][0]
+    model = single[0]
     ids = batches()[0]
     with torch.no_grad():
         want = model(input_ids=ids).logits
