@@ -269,9 +269,9 @@ class RankAllocator:
 
     def _update_sharded(self, global_step: int, final_start: int) -> Optional[int]:
         """update_and_allocate on FSDP shards (``distributed.ShardedAdapters``): the same schedule, the
-        importance state m1, m2 holds this rank's elements only; at masking steps the triplet scores
-        are completed with an all_reduce (collective: every rank calls this with the same step) and
-        each rank zeroes its own rows of lora_E."""
+        importance state m1, m2 holds this rank's elements only; the non-finite counts are summed
+        over the ranks every step and the triplet scores at masking steps (all_reduce: every rank
+        calls this with the same step); each rank zeroes its own elements of lora_E."""
         sh, cfg = self._shards, self.config
         dev = distributed.local_flat(sh.params[0]).device
         if self.m1 is not None and not self._state_local:  # a whole state: loaded, or from before wrapping
@@ -286,13 +286,16 @@ class RankAllocator:
             fresh = self.m1 is None
             if fresh:
                 self.m1, self.m2 = sh.new_state(dev), sh.new_state(dev)
+            self._ensure_state(dev)  # the state exists (local): this makes the non-finite counter
             budget, mask_now = self.budget_schedule(global_step)
             try:
-                sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2)
+                sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2, self._skipped)
             except Exception:
                 if fresh:
                     self.reset_ipt()
                 raise
+            if not self._warned_nonfinite:
+                self._poll_nonfinite(global_step)
             if mask_now:
                 self._mask_sharded(sh.scores(self.m1, self.m2), budget)
             self.last_step = global_step

@@ -104,6 +104,7 @@ class ShardedAdapters:
         self.full_pos = torch.cat(pos)
         self.triplet = torch.cat(tri)  # int64 [n_local]: the triplet each local element scores for
         self.weight = torch.cat(w).float()  # fp32 [n_local]: 1/k (A), 1/d (B), 1 (E)
+        self.tensor_of = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(self.numels))  # [n_local]
         self._e = [t for t in range(2, len(params), 3) if self.numels[t] > 0]
         self._e_pos = torch.cat([self.triplet[self._slice(t)] for t in self._e]) if self._e else torch.zeros(0, dtype=torch.int64)
         self._plans: dict = {}
@@ -158,10 +159,11 @@ class ShardedAdapters:
         """This rank's part ([n_local]) of a whole flat state buffer ([layout.numel])."""
         return full[self.full_pos.to(full.device)].clone()
 
-    def importance_update(self, m1, m2, beta1: float, beta2: float) -> None:
+    def importance_update(self, m1, m2, beta1: float, beta2: float, skipped: torch.Tensor) -> None:
         """PEFT's ``update_ipt`` on this rank's elements, in place on the local state m1, m2 [n_local]
         (the math of ``ops.importance_update``: ipt = |p·g|, m1 = β1·m1 + (1-β1)·ipt,
-        m2 = β2·m2 + (1-β2)·|ipt - m1|; an element whose |p·g| is NaN or inf keeps its m1 and m2).
+        m2 = β2·m2 + (1-β2)·|ipt - m1|; an element whose |p·g| is NaN or inf keeps its m1 and m2 and
+        is counted in ``skipped``, int64 [T] per tensor, summed over the ranks: collective, all_reduce).
         Raises naming a tensor with local elements and no gradient, before any state changes."""
         ps, gs = [], []
         for t, p in enumerate(self.params):
@@ -171,11 +173,12 @@ class ShardedAdapters:
                 raise missing_grad_error(t, self.names, self.adapter)
             ps.append(local_flat(p.detach()))
             gs.append(local_flat(p.grad))
-        if not ps:
-            return
         with torch.no_grad():
-            ipt = torch.cat(ps).float().mul_(torch.cat(gs).float()).abs_()
+            ipt = torch.cat(ps).float().mul_(torch.cat(gs).float()).abs_() if ps else m1.new_zeros(0)
             ok = torch.isfinite(ipt)
+            step_skipped = torch.zeros_like(skipped).index_add_(0, self.tensor_of.to(ok.device), (~ok).long())
+            dist.all_reduce(step_skipped, group=self.group)
+            skipped += step_skipped
             new1 = torch.mul(m1, beta1).add_(ipt * (1 - beta1))
             new2 = torch.mul(m2, beta2).add_((ipt - new1).abs_().mul_(1 - beta2))
             torch.where(ok, new1, m1, out=m1)
