@@ -86,7 +86,7 @@ def _importance_kernel(
     if WANT_SCORES:
         trip = tl.load(rec + 7)
         part = tl.sum(tl.where(m, m1 * m2, 0.0), axis=1) / nc.to(tl.float32)
-        tl.atomic_add(SCORES + trip + rows, part, mask=rows < nr)
+        tl.atomic_add(SCORES + trip + rows, part, mask=rows < nr, sem="relaxed")
 
 
 @triton.jit
@@ -126,6 +126,8 @@ def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: to
     n_tiles = tiles.numel() // 3
     if n_tiles == 0:
         return
+    if want_scores:
+        _launch.check_deterministic("the triplet scores (importance_update / triplet_scores)")
     _launch.launch(
         _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores, skipped, float(beta1), 1.0 - float(beta1), float(beta2),
         1.0 - float(beta2), UPDATE=bool(update), WANT_SCORES=bool(want_scores), TILE_R=TILE_R, TILE_C=TILE_C,

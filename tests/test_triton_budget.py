@@ -142,10 +142,11 @@ def test_launches_importance_and_mask_all_layers(use_backend, monkeypatch):
         params += [torch.randn(r, k), torch.randn(d, r), torch.randn(r, 1)]
     grads = [torch.randn_like(p) for p in params]
     m1, m2 = torch.zeros(L.numel), torch.zeros(L.numel)
-    ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True)  # builds the tables
+    skipped = torch.zeros(len(L.tensor_shapes), dtype=torch.int64)  # the allocator's persistent counter
+    ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True, skipped=skipped)  # the tables
     c = Counter(monkeypatch)
     with c:
-        scores = ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True)
+        scores = ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True, skipped=skipped)
     with _disable_current_modes():
         keep = ops.keep_mask_to_budget(scores, 10)  # the k-th value selection, not counted
     with c:
