@@ -1,13 +1,25 @@
 """Cost on paper: bytes moved and FLOPs of our kernels and of PEFT's op sequence, H100 roofline.
 
-``python tests/cost_on_paper.py`` prints the tables of ``kernels/COST.md``. PREDICTED numbers, from
-counting bytes and FLOPs: nothing here was measured on a GPU. Roofline per op:
-time = max(bytes / 3.0 TB/s, FLOPs / peak), peak 790 TFLOP/s for bf16/fp16 operands and 395
-TFLOP/s for TF32. Launch overheads are not in the times; the launch
+``python tests/cost_on_paper.py [--sass RESULTS.json]`` prints the tables of ``kernels/COST.md``.
+PREDICTED numbers, from counting bytes and FLOPs and from the compiled SASS: nothing here was
+measured on a GPU. Roofline per op: time = max(bytes / 3.0 TB/s, FLOPs / peak), peak 790 TFLOP/s
+for bf16/fp16 operands and 395 TFLOP/s for TF32. Launch overheads are not in the times; the launch
 counts are listed separately.
+
+Our four layer kernels also get (:func:`kernel_table`) a bandwidth bound at 90 % and 70 % of the
+3.0 TB/s roofline (what real kernels reach) and an issue bound read from their sm_90 SASS
+(``tests/compile_check.py``): warp instructions = warps x (instructions per tile x tiles +
+the rest of the program x programs), issued at one per cycle per scheduler,
+/ (132 SMs x 4 schedulers x 1.755 GHz); the prediction is the larger of the two.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 BW = 3.0e12
 PEAK = {"bf16": 790e12, "tf32": 395e12}
@@ -62,6 +74,75 @@ def peft(k, d):
         ("bwd", "dropout backward: grad_xd ⊙ mask / (1-p)", H * Nk + Nk + H * Nk, 0),
         ("bwd", "dx = dx_base + grad_x", 3 * H * Nk, 0),
     ]
+
+
+# H100 SXM: SMs, warp schedulers per SM (one warp instruction each per cycle), clock under load
+SMS, SCHEDULERS, CLOCK = 132, 4, 1.755e9
+BW_FACTORS = (0.9, 0.7)  # achievable share of the copy roofline
+SASS_CONFIG = "bfloat16/bfloat16,R16"  # bf16 autocast: x, g and the adapters bf16; r = 12 pads to 16
+
+
+def sass_counts(path=None) -> dict:
+    """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths).
+    ``path``: a ``compile_check.py --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
+    if path is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "sass.json")
+            subprocess.run([sys.executable, os.path.join(here, "compile_check.py"), "--only", SASS_CONFIG,
+                            "--json", path], env=env, check=True, capture_output=True)
+            with open(path) as f:
+                results = json.load(f)
+    else:
+        with open(path) as f:
+            results = json.load(f)
+    return {r["kernel"]: r for r in results
+            if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{SASS_CONFIG}]")}
+
+
+def launch_shape(kernel: str, k: int, d: int):
+    """(programs, tiles, warps per program) of one launch at N tokens (kernels/adapter.py's grids)."""
+    return {
+        "_shrink_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(k, 64), 4),
+        "_expand_add_kernel": (cdiv(N, 64) * cdiv(d, 128), cdiv(N, 64) * cdiv(d, 128), 4),
+        "_grad_rank_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(d, 64), 4),
+        "_dA_dx_kernel": (cdiv(N, 256) * cdiv(k, 64), cdiv(N, 64) * cdiv(k, 64), 4),
+    }[kernel]
+
+
+def issue_us(rec: dict, programs: int, tiles: int, warps: int) -> float:
+    per_tile = rec["loop_insns"] or rec["insns"]
+    rest = rec["insns"] - rec["loop_insns"] if rec["loop_insns"] else 0
+    warp_insns = warps * (per_tile * tiles + rest * programs)
+    return warp_insns / (SMS * SCHEDULERS * CLOCK) * 1e6
+
+
+KERNEL_ROWS = {"_shrink_kernel": 1, "_expand_add_kernel": 2, "_grad_rank_kernel": 5, "_dA_dx_kernel": 6}
+
+
+def kernel_table(counts: dict):
+    """Markdown: per shape and kernel the bandwidth bound (90 % / 70 %), the issue bound, the prediction."""
+    out = [("| layer (k→d) | kernel | MB | bw µs @90% | bw µs @70% | SASS insns/tile | tiles | issue µs | "
+            "predicted µs |"), "|---|---|---|---|---|---|---|---|---|"]
+    totals = {}
+    for k, d in SHAPES:
+        rows = ours(k, d)
+        lo = hi = 0.0
+        for kernel, idx in KERNEL_ROWS.items():
+            _, _, b, _ = rows[idx]
+            rec = counts[kernel]
+            programs, tiles, warps = launch_shape(kernel, k, d)
+            bw90, bw70 = (b / (BW * f) * 1e6 for f in BW_FACTORS)
+            iss = issue_us(rec, programs, tiles, warps)
+            p_lo, p_hi = max(bw90, iss), max(bw70, iss)
+            lo, hi = lo + p_lo, hi + p_hi
+            out.append(f"| {k}→{d} | {kernel} | {b / 1e6:.1f} | {bw90:.1f} | {bw70:.1f} | "
+                       f"{rec['loop_insns'] or rec['insns']} | {tiles} | {iss:.1f} | {p_lo:.1f}–{p_hi:.1f} |")
+        small = sum(t_us(b, f) for ph, op, b, f in rows if "memset" in op or "cast" in op) / BW_FACTORS[1]
+        totals[(k, d)] = (lo + small, hi + small)
+        out.append(f"| {k}→{d} | adapter part (+ memset, cast) | | | | | | | **{lo + small:.0f}–{hi + small:.0f}** |")
+    return "\n".join(out), totals
 
 
 def layer_tables():
@@ -126,5 +207,8 @@ def step_tables():
 
 
 if __name__ == "__main__":
+    sass = sys.argv[sys.argv.index("--sass") + 1] if "--sass" in sys.argv else None
     print(layer_tables())
     print(step_tables())
+    print("\n## Per kernel: bandwidth bound vs issue bound (sm_90 SASS, " + SASS_CONFIG + ")\n")
+    print(kernel_table(sass_counts(sass))[0])

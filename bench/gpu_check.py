@@ -1,0 +1,119 @@
+"""Predicted vs measured time of the layer's Triton kernels on a GPU (issue 11's experiments).
+
+    python bench/gpu_check.py [--sass RESULTS.json] [--n 8192] [--repeats 50]
+
+For each LLaMA-7B layer shape of ``kernels/COST.md`` (k→d = 4096→4096, 4096→11008, 11008→4096;
+N tokens, r = 12, bf16 x / g / adapters, dropout 0.1) it prints, per kernel (shrink, expand-add,
+grad-rank, dA/dx): the bandwidth bound at 90 % and 70 % of 3.0 TB/s, the issue bound from the
+sm_90 SASS (``tests/cost_on_paper.py``), the predicted range, and, on a CUDA GPU, the measured
+median (CUDA events over ``--repeats`` launches after a warm-up), the achieved bandwidth and the
+measured/predicted ratio. A measured time above the predicted range says the kernel is bound by
+something the model leaves out (latency with one warp per scheduler, atomic throughput in L2);
+below it, that the byte count is too pessimistic (L2 hits).
+
+Without a CUDA GPU it prints the predictions only, says so on stderr, and exits with status 2 (so
+a script cannot mistake a CPU run for a measurement). Nothing in the README or COST.md has been
+measured with it yet: no GPU was available when it was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+import cost_on_paper as cop
+import torch
+
+
+def predictions(counts, k: int, d: int) -> dict:
+    """{kernel: (MB, bw µs @90 %, bw µs @70 %, issue µs)} for one layer shape."""
+    rows = cop.ours(k, d)
+    out = {}
+    for kernel, idx in cop.KERNEL_ROWS.items():
+        b = rows[idx][2]
+        programs, tiles, warps = cop.launch_shape(kernel, k, d)
+        out[kernel] = (b / 1e6, *(b / (cop.BW * f) * 1e6 for f in cop.BW_FACTORS),
+                       cop.issue_us(counts[kernel], programs, tiles, warps))
+    return out
+
+
+def _time(fn, repeats: int) -> float:
+    """Median µs of ``fn`` over ``repeats`` runs, each timed by CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def measure(n: int, k: int, d: int, repeats: int) -> dict:
+    """{kernel: measured µs} of the four kernels at one shape (bf16, r = 12, dropout 0.1)."""
+    from adalora_fast.kernels import adapter as ka
+
+    dev, dt, r, p = torch.device("cuda"), torch.bfloat16, 12, 0.1
+    torch.manual_seed(0)
+    x = torch.randn(n, k, device=dev, dtype=dt)
+    g = torch.randn(n, d, device=dev, dtype=dt)
+    A = torch.randn(r, k, device=dev, dtype=dt) * 0.02
+    E = torch.randn(r, 1, device=dev, dtype=dt)
+    B = torch.randn(d, r, device=dev, dtype=dt) * 0.02
+    s = torch.full((1,), 2.0, device=dev)
+    out = torch.randn(n, d, device=dev, dtype=dt)
+    dx = torch.randn(n, k, device=dev, dtype=dt)
+    t = ka.shrink(x, A, p, 7)
+    ge = torch.empty(n, r, device=dev)
+    dA, dB, dE = torch.zeros(r, k, device=dev), torch.zeros(d, r, device=dev), torch.zeros(r, device=dev)
+    return {
+        "_shrink_kernel": _time(lambda: ka.shrink(x, A, p, 7), repeats),
+        "_expand_add_kernel": _time(lambda: ka.expand_add(out, t, E, s, B), repeats),
+        "_grad_rank_kernel": _time(lambda: ka.grad_rank(g, t, E, s, B, ge, dB, dE), repeats),
+        "_dA_dx_kernel": _time(lambda: ka.dA_dx(x, ge, A, dx, dA, p, 7), repeats),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sass", help="a tests/compile_check.py --json result (default: compile the sm_90 binaries)")
+    ap.add_argument("--n", type=int, default=cop.N, help="tokens per layer (the predictions assume 8192)")
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args(argv)
+    if args.n != cop.N:
+        cop.N = args.n
+    counts = cop.sass_counts(args.sass)
+    on_gpu = torch.cuda.is_available()
+    print(f"{'k→d':>12} {'kernel':<20} {'MB':>7} {'bw@90%':>8} {'bw@70%':>8} {'issue':>7} {'predicted µs':>14} "
+          f"{'measured µs':>12} {'GB/s':>7} {'meas/pred':>9}")
+    for k, d in cop.SHAPES:
+        pred = predictions(counts, k, d)
+        meas = measure(args.n, k, d, args.repeats) if on_gpu else {}
+        for kernel, (mb, bw90, bw70, iss) in pred.items():
+            lo, hi = max(bw90, iss), max(bw70, iss)
+            line = f"{f'{k}→{d}':>12} {kernel[1:-7]:<20} {mb:7.1f} {bw90:8.1f} {bw70:8.1f} {iss:7.1f} {lo:6.1f}–{hi:<7.1f}"
+            if kernel in meas:
+                m = meas[kernel]
+                ratio = m / lo if m < lo else (m / hi if m > hi else 1.0)
+                line += f" {m:12.1f} {mb * 1e3 / m:7.0f} {ratio:9.2f}"
+            print(line)
+    if not on_gpu:
+        print("gpu_check: no CUDA GPU: predictions only, nothing measured (exit status 2)", file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}; meas/pred 1.00 = inside the predicted range")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
