@@ -1,7 +1,8 @@
 """Data-parallel and sharded training, 2 CPU processes on gloo, against one process on the global batch.
 
-One spawn of two ranks trains a tiny LLaMA three times, 30 steps through warm-up, masking and the
-final phase: under DDP, FSDP2 (``fully_shard`` on each decoder layer and the root) and FSDP1
+One spawn of two ranks trains a tiny LLaMA four times, 30 steps through warm-up, masking and the
+final phase: under DDP, FSDP2 (``fully_shard`` on each decoder layer and the root; resharding after
+the forward or not) and FSDP1
 (``use_orig_params=True``, the decoder layers wrapped), all with the orthogonal penalty. Each rank
 takes half of every global batch. Checked against one process on the
 whole batch: the mean of the ranks' losses at every step, ``rank_pattern`` at every step (on both
@@ -34,7 +35,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 30, 4, 12, 96
 NAN_STEP = 2  # a NaN gradient element, left out of the importance state and counted
 MID_STEP = 12  # a checkpoint with the allocator state is saved here (the state is freed at the final mask)
-MODES = ("ddp", "fsdp2", "fsdp1")
+MODES = ("ddp", "fsdp2", "fsdp2_keep", "fsdp1")  # fsdp2_keep: reshard_after_forward=False (the penalty sees whole A, B)
 
 
 def base_model():
@@ -105,10 +106,11 @@ def _rank_run(rank: int, world: int, mode: str, out: str):
     model = build()
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
-    elif mode == "fsdp2":
+    elif mode.startswith("fsdp2"):
+        keep = mode == "fsdp2_keep"
         for layer in model.model.model.layers:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
+            fully_shard(layer, reshard_after_forward=not keep)
+        wrapped = fully_shard(model, reshard_after_forward=not keep)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frozen and trained parameters in one unit
