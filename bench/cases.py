@@ -5,16 +5,17 @@ A row: ``section, case, metric, unit, ours, peft_adalora, peft_lora, x_adalora, 
 ``x_*`` is how many times better adalora_fast is than that contender: PEFT time / our time for
 times, our tokens/s / PEFT tokens/s for throughput, PEFT bytes / our bytes for memory (> 1: ours
 is better). ``spread`` is the largest (max - min) / median over the rounds among the contenders.
+The training-step rows add ``base``, the same model without adapters (the floor, see
+``common.make_contender``), and ``<contender>_vs_base``: the contender's step time / the base's.
 """
 
 from __future__ import annotations
 
 import gc
-import time
 import itertools
 import math
+import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -23,8 +24,10 @@ from .common import (
     MASK_STEP,
     NOMASK_STEP,
     PROJECTIONS,
+    STEP_CONTENDERS,
     LlamaShape,
     Timing,
+    _sync,
     adapter_params,
     alternate,
     cache_flusher,
@@ -34,12 +37,24 @@ from .common import (
     projection_names,
     repeatable,
     saved_bytes_counter,
+    schedule_kwargs,
 )
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """One model size of the training-step sweep, timed at each of ``dropouts``."""
+
+    shape: LlamaShape
+    dropouts: tuple = (0.1, 0.0)
+    inner: int = 10  # steps per timed sample; each sample holds exactly one masking step (see _step_numbers)
+    share: bool = True  # also measure the penalty + update_and_allocate share of our step (first dropout)
 
 
 @dataclass
 class Plan:
-    """Sizes of one run (the default, or ``--quick``)."""
+    """Sizes of one run (the default, or ``--quick``). ``--quick`` keeps the default's rounds,
+    warm-ups and sample length (``repeats``, ``warmup``, ``min_sample_s``) and only shrinks sizes."""
 
     name: str
     layer_tokens: int
@@ -48,15 +63,21 @@ class Plan:
     r: int
     alloc_counts: tuple
     alloc_shape: LlamaShape  # hidden / intermediate of the allocator models (layers set per count)
-    step_shape: LlamaShape
-    step_dropouts: tuple
+    step_sizes: tuple  # StepSize: the eager fp32 sweep, each against the base model
+    step_shape: LlamaShape  # the bf16-base and autocast rows, and the per-layer memory rows
+    dtype_dropouts: tuple  # dropouts of the bf16-base and autocast rows
+    compiled_shape: LlamaShape | None  # the torch.compile rows (None: none); compile time apart
+    compiled_dropouts: tuple
     repeats: int
     warmup: int
     min_sample_s: float
-    step_inner: int  # steps per timed sample (a multiple of deltaT=10 gives one mask per sample)
+    dtype_inner: int = 10  # steps per sample of the bf16-base, autocast and compiled rows
     orth_max_layers: int = 224  # PEFT's penalty loop takes seconds per call beyond this
-    compiled: bool = True  # also time the three under torch.compile (inductor); compile time apart
 
+
+_H128 = {"hidden": 128, "intermediate": 344, "heads": 2}
+_H256 = {"hidden": 256, "intermediate": 688, "heads": 4}
+_H1024 = {"hidden": 1024, "intermediate": 2752, "heads": 8}
 
 DEFAULT = Plan(
     name="default",
@@ -66,12 +87,20 @@ DEFAULT = Plan(
     r=12,
     alloc_counts=(7, 56, 224, 1024),
     alloc_shape=LlamaShape(hidden=128, layers=0, intermediate=344, heads=2),
-    step_shape=LlamaShape(hidden=256, layers=4, intermediate=688, heads=4, vocab=4096, seq=128, batch=4),
-    step_dropouts=(0.1, 0.0),
+    step_sizes=(
+        StepSize(LlamaShape(layers=4, vocab=4096, seq=128, batch=4, **_H128)),
+        StepSize(LlamaShape(layers=8, vocab=4096, seq=128, batch=4, **_H256)),
+        # ~1.3 s a step on 2 cores: 2 steps per sample (a masking step in each), no share pass
+        StepSize(LlamaShape(layers=4, vocab=4096, seq=256, batch=2, **_H1024), inner=2, share=False),
+    ),
+    step_shape=LlamaShape(layers=8, vocab=4096, seq=128, batch=4, **_H256),
+    dtype_dropouts=(0.1,),
+    # the compiled rows keep the size of the earlier runs the README cites (hidden 256, 4 layers)
+    compiled_shape=LlamaShape(layers=4, vocab=4096, seq=128, batch=4, **_H256),
+    compiled_dropouts=(0.1, 0.0),
     repeats=7,
     warmup=2,
     min_sample_s=0.05,
-    step_inner=10,
 )
 
 QUICK = Plan(
@@ -82,19 +111,29 @@ QUICK = Plan(
     r=12,
     alloc_counts=(7, 56, 224),
     alloc_shape=LlamaShape(hidden=128, layers=0, intermediate=344, heads=2),
-    step_shape=LlamaShape(hidden=128, layers=2, intermediate=344, heads=2, vocab=1024, seq=64, batch=2),
-    step_dropouts=(0.1,),
-    repeats=5,
-    warmup=1,
-    min_sample_s=0.01,
-    step_inner=10,
+    step_sizes=(
+        StepSize(LlamaShape(hidden=64, layers=2, intermediate=172, heads=2, vocab=1024, seq=64, batch=2), dropouts=(0.1,)),
+        StepSize(LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128)),
+    ),
+    step_shape=LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128),
+    dtype_dropouts=(0.1,),
+    compiled_shape=LlamaShape(layers=1, vocab=1024, seq=64, batch=2, **_H128),
+    compiled_dropouts=(0.1,),
+    repeats=DEFAULT.repeats,
+    warmup=DEFAULT.warmup,
+    min_sample_s=DEFAULT.min_sample_s,
 )
 
 
-def _row(section, case, metric, unit, vals: dict, timing: Optional[Timing] = None, higher_is_better=False):
+def _row(section, case, metric, unit, vals: dict, timing: Timing | None = None, higher_is_better=False, **meta):
+    """One table row. With ``timing``, the rounds' samples are kept in the row's unit (``samples``,
+    for the plot's error bars and the JSON) with each contender's lowest and highest round
+    (``<k>_lo``, ``<k>_hi``). With a ``base`` value, ``<k>_vs_base`` is the contender's figure over
+    the base model's: time or bytes over the base's, for throughput rows base tok/s over the
+    contender's (> 1: the contender costs more than the model without adapters)."""
     row = {"section": section, "case": case, "metric": metric, "unit": unit}
     ours = vals.get("ours")
-    for k in ("ours", "peft_adalora", "peft_lora"):
+    for k in ("ours", "peft_adalora", "peft_lora", "base"):
         row[k] = vals.get(k)
     for k, col in (("peft_adalora", "x_adalora"), ("peft_lora", "x_lora")):
         v = vals.get(k)
@@ -102,16 +141,28 @@ def _row(section, case, metric, unit, vals: dict, timing: Optional[Timing] = Non
             row[col] = None
         else:
             row[col] = ours / v if higher_is_better else v / ours
+    base = vals.get("base")
+    for k in ("ours", "peft_adalora", "peft_lora"):
+        v = vals.get(k)
+        ok = base is not None and v is not None and base > 0 and v > 0
+        row[f"{k}_vs_base"] = (base / v if higher_is_better else v / base) if ok else None
     row["spread"] = max(timing.spread(n) for n in timing.samples) if timing is not None else None
     # best round per contender, in the row's unit (CSV/JSON only): on a shared, busy machine the
     # minimum is the better estimate of the uncontended figure; the table shows medians
-    for k in ("ours", "peft_adalora", "peft_lora"):
-        best = None
+    samples = {}
+    for k in ("ours", "peft_adalora", "peft_lora", "base"):
+        best = lo = hi = None
         if timing is not None and k in timing.samples and vals.get(k) is not None:
-            med, low = timing.median(k), min(timing.samples[k])
-            if med > 0 and low > 0:
-                best = vals[k] * med / low if higher_is_better else vals[k] * low / med
+            med = timing.median(k)
+            if med > 0 and min(timing.samples[k]) > 0:
+                # each round's figure in the row's unit: the median maps to vals[k]
+                samples[k] = [vals[k] * med / s if higher_is_better else vals[k] * s / med for s in timing.samples[k]]
+                lo, hi = min(samples[k]), max(samples[k])
+                best = hi if higher_is_better else lo
         row[f"{k}_best"] = best
+        row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
+    row["samples"] = samples or None
+    row.update(meta)
     return row
 
 
@@ -265,8 +316,10 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
             rows.append(_row("update_and_allocate", case, label_c, "ms", vals, t))
             rows.append(_row("update_and_allocate", case, label_c + " / layer", "us", {k: v * 1e3 / n for k, v in vals.items()}))
             key = ("mask" if step == MASK_STEP else "nomask") + ("_cold" if before else "")
-            point[f"ours_{key}_ms"] = vals["ours"]
-            point[f"peft_{key}_ms"] = vals["peft_adalora"]
+            for who, kind in (("ours", "ours"), ("peft", "peft_adalora")):
+                point[f"{who}_{key}_ms"] = vals[kind]
+                point[f"{who}_{key}_lo_ms"] = min(t.samples[kind]) * 1e3  # the rounds' range: error bars
+                point[f"{who}_{key}_hi_ms"] = max(t.samples[kind]) * 1e3
             tick()
 
         if n > plan.orth_max_layers:
@@ -290,7 +343,9 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
         t = alternate({k: orth(k) for k in models}, device, plan.repeats, plan.warmup, plan.min_sample_s)
         vals = {k: t.median(k) * 1e3 for k in models}
         rows.append(_row("orth_penalty", case, "forward+backward", "ms", vals, t))
-        point["ours_orth_ms"], point["peft_orth_ms"] = vals["ours"], vals["peft_adalora"]
+        for who, kind in (("ours", "ours"), ("peft", "peft_adalora")):
+            point[f"{who}_orth_ms"] = vals[kind]
+            point[f"{who}_orth_lo_ms"], point[f"{who}_orth_hi_ms"] = min(t.samples[kind]) * 1e3, max(t.samples[kind]) * 1e3
         # the check that both compute the same number
         with torch.no_grad():
             a, b = float(models["ours"][0].orth_penalty()), float(_peft_orth_penalty(models["peft_adalora"][0]))
@@ -305,45 +360,152 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
 
 
 # ------------------------------------------------------------------------------ 3. training step
-def _step_fn(kind, plan: Plan, device, p, ids, compiled: bool):
-    """(one training step of contender ``kind`` as a closure, its model): forward (through
-    ``torch.compile`` when ``compiled``), backward, AdamW, update_and_allocate, zero_grad."""
-    m, upd = make_contender(kind, llama(plan.step_shape, device), plan.r, p, PROJECTIONS)
+def _step_numbers(inner: int, deltaT: int = 10):
+    """The schedule steps passed to update_and_allocate by successive calls: any ``inner``
+    consecutive calls (one timed sample, wherever the warm-up left off) hold exactly
+    ``max(1, inner // deltaT)`` masking steps, all in the budget-shrinking phase. With ``inner`` a
+    multiple of deltaT the steps are consecutive, the schedule's own rate; with a smaller ``inner``
+    (the largest model, where one step takes seconds) the counter skips ahead so that each sample
+    still masks once: masking is then more frequent than in training, which counts against the
+    AdaLoRA contenders, not for them."""
+    start = MASK_STEP - deltaT
+    if inner >= deltaT:
+        if inner % deltaT:
+            raise ValueError(f"steps per sample {inner}: a multiple of deltaT={deltaT}, or fewer than deltaT")
+        it = itertools.count(start + 1)
+    else:
+        it = (start + deltaT * (i // inner) + (deltaT - inner) + i % inner + 1 for i in itertools.count())
+    final_start = schedule_kwargs()["total_step"] - schedule_kwargs()["tfinal"]
+    for n in it:
+        if n >= final_start:
+            raise RuntimeError(f"step {n} reached the final phase: the bench ran more steps than planned")
+        yield n
+
+
+def _step_fn(kind, shape: LlamaShape, plan: Plan, device, p, ids, inner: int, compiled=False, dtype=None, autocast=False):
+    """One training step of contender ``kind`` as closures over one model: ``(step, parts, model)``.
+
+    ``step()``: forward (through ``torch.compile`` when ``compiled``; under
+    ``torch.autocast(bfloat16)`` when ``autocast``), ``loss.backward()``, AdamW on the adapters,
+    ``update_and_allocate`` (the AdaLoRA contenders), ``zero_grad``. The orthogonal penalty is in the
+    loss, as each library adds it. ``dtype``: the base model's dtype (the adapters stay fp32, PEFT's
+    default). The base contender only runs forward and backward (nothing to train).
+
+    ``parts()`` (the AdaLoRA contenders, eager): the same step with the penalty taken out of the
+    model's loss and run as its own forward+backward right after the loss's backward (the same
+    gradients: the penalty's graph meets the loss's only at the adapter leaves), timing it and
+    ``update_and_allocate``; returns seconds ``(whole step, penalty, update_and_allocate)``.
+    """
+    base = llama(shape, device)
+    if dtype is not None:
+        base = base.to(dtype)
+    m, upd = make_contender(kind, base, plan.r, p, PROJECTIONS)
     m.train()
     fwd = torch.compile(m) if compiled else m
-    opt = torch.optim.AdamW(adapter_params(m), lr=1e-4)
-    counter = [MASK_STEP - 10]
+    params = adapter_params(m)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    numbers = _step_numbers(inner)
+
+    def forward():
+        if autocast:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return fwd(input_ids=ids, labels=ids)
+        return fwd(input_ids=ids, labels=ids)
 
     def step():
-        counter[0] += 1
-        out = fwd(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
+        forward().loss.backward()
+        if opt is not None:
+            opt.step()
         if upd is not None:
-            upd(counter[0])
-        opt.zero_grad()
+            upd(next(numbers))
+        if opt is not None:
+            opt.zero_grad()
 
-    return step, m
+    parts = None
+    if kind in ("ours", "peft_adalora") and not compiled:
+        cfg = m.peft_config[m.trainable_adapter_name if kind == "ours" else "default"]
+        penalty = m.orth_penalty if kind == "ours" else (lambda: _peft_orth_penalty(m))
+
+        def parts():
+            w = cfg.orth_reg_weight
+            cfg.orth_reg_weight = 0.0  # the model leaves the penalty out of its loss
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                forward().loss.backward()
+                _sync(device)
+                t1 = time.perf_counter()
+                (w * penalty()).backward()
+                _sync(device)
+                t2 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                t3 = time.perf_counter()
+                upd(next(numbers))
+                _sync(device)
+                t4 = time.perf_counter()
+                opt.zero_grad()
+                _sync(device)
+                t5 = time.perf_counter()
+            finally:
+                cfg.orth_reg_weight = w
+            return t5 - t0, t2 - t1, t4 - t3
+
+    return step, parts, m
 
 
-def step_cases(plan: Plan, device, tick) -> list:
+def _step_case(shape: LlamaShape, r: int, p) -> str:
+    return f"hidden={shape.hidden}, {shape.layers} layers x 7 proj, {shape.batch}x{shape.seq} tokens, r={r}, p={p}"
+
+
+def _share_rows(section, case, parts, plan: Plan, inner: int, device, meta: dict) -> list:
+    """The orthogonal penalty and update_and_allocate inside our own training step (same model,
+    right after its timed rounds): ``warmup`` untimed steps, then ``repeats`` samples of ``inner``
+    steps through ``parts``; per sample, (penalty + update_and_allocate time) / step time."""
+    for _ in range(plan.warmup):
+        parts()
+    pen, upd, share = [], [], []
+    for _ in range(plan.repeats):
+        tot = tp = tu = 0.0
+        for _ in range(inner):
+            a, b, c = parts()
+            tot, tp, tu = tot + a, tp + b, tu + c
+        pen.append(tp / inner)
+        upd.append(tu / inner)
+        share.append((tp + tu) / tot)
     rows = []
-    s = plan.step_shape
-    kinds = ("ours", "peft_adalora", "peft_lora")
-    for p in plan.step_dropouts:
-        torch.manual_seed(3)
-        ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
-        fns, models = {}, {}
-        for kind in kinds:
-            fns[kind], models[kind] = _step_fn(kind, plan, device, p, ids, compiled=False)
-        # steps per sample = a multiple of deltaT, so every sample holds the same number of masking steps
-        t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=plan.step_inner, tick=tick)
-        case = f"{s.layers} layers x 7 proj, hidden={s.hidden}, tokens={s.tokens}, r={plan.r}, p={p}"
-        med = {k: t.median(k) for k in fns}
-        rows.append(_row("train step", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t))
-        rows.append(_row("train step", case, "throughput", "tok/s", {k: s.tokens / v for k, v in med.items()}, t, higher_is_better=True))
-        if plan.compiled:
-            rows += _compiled_step_rows(plan, device, p, ids, case, kinds, tick)
+    for metric, unit, xs, scale in (
+        ("orth penalty fwd+bwd inside the step", "ms", pen, 1e3),
+        ("update_and_allocate inside the step", "ms", upd, 1e3),
+        ("penalty + update_and_allocate share of the step", "%", share, 100.0),
+    ):
+        t = Timing(samples={"ours": xs})
+        rows.append(_row(section, case, metric, unit, {"ours": t.median("ours") * scale}, t, **meta))
+    return rows
+
+
+def _step_rows(section, shape: LlamaShape, plan: Plan, device, p, inner: int, tick, share=False, memory=True,
+               dtype=None, autocast=False, variant="fp32") -> list:
+    """One alternation of the four contenders' training steps (base, ours, PEFT AdaLoRA, PEFT
+    LoRA): step time and throughput rows, then our penalty + update_and_allocate share (``share``)
+    and the activation memory of one forward (``memory``)."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+    fns, parts, models = {}, {}, {}
+    for kind in STEP_CONTENDERS:
+        fns[kind], parts[kind], models[kind] = _step_fn(kind, shape, plan, device, p, ids, inner, dtype=dtype, autocast=autocast)
+    t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=inner, tick=tick)
+    case = _step_case(shape, plan.r, p)
+    meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": variant}
+    med = {k: t.median(k) for k in fns}
+    rows = [
+        _row(section, case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
+        _row(section, case, "throughput", "tok/s", {k: shape.tokens / v for k, v in med.items()}, t, higher_is_better=True, **meta),
+    ]
+    if share:
+        rows += _share_rows(section, case, parts["ours"], plan, inner, device, meta)
+        tick()
+    if memory:
         # activation memory of one forward (loss included), parameters left out
         vals = {}
         for kind, m in models.items():
@@ -351,32 +513,57 @@ def step_cases(plan: Plan, device, tick) -> list:
                 out = m(input_ids=ids, labels=ids)
             vals[kind] = c["bytes"] / 2**20
             del out
-        rows.append(_row("memory", case, "saved for backward / step", "MiB", vals))
-        del fns, models
-        _free()
+        rows.append(_row("memory", case, "saved for backward / step", "MiB", vals, **meta))
+    del fns, parts, models
+    _free()
     return rows
 
 
-def _compiled_step_rows(plan: Plan, device, p, ids, case, kinds, tick) -> list:
-    """The same step with each contender's model under ``torch.compile`` (inductor, default mode).
-    Compile time is reported apart: the wall time of the first two steps (the compile, and a
-    recompile if the second step needs one), minus two steady-state steps."""
+def step_cases(plan: Plan, device, tick) -> list:
+    """The training step: the fp32 size sweep (both dropouts), a bf16 base with fp32 adapters,
+    fp32 under ``torch.autocast(bfloat16)``, and each contender under ``torch.compile``; every
+    row against the base model (no adapters) alternated in the same rounds."""
+    rows = []
+    for size in plan.step_sizes:
+        for j, p in enumerate(size.dropouts):
+            rows += _step_rows("train step", size.shape, plan, device, p, size.inner, tick, share=size.share and j == 0)
+    for p in plan.dtype_dropouts:
+        rows += _step_rows("train step (bf16 base)", plan.step_shape, plan, device, p, plan.dtype_inner, tick,
+                           memory=False, dtype=torch.bfloat16, variant="bf16 base")
+        rows += _step_rows("train step (autocast bf16)", plan.step_shape, plan, device, p, plan.dtype_inner, tick,
+                           memory=False, autocast=True, variant="autocast")
+    if plan.compiled_shape is not None:
+        for p in plan.compiled_dropouts:
+            rows += _compiled_step_rows(plan, device, p, tick)
+    return rows
+
+
+def _compiled_step_rows(plan: Plan, device, p, tick) -> list:
+    """The same step with each contender's model under ``torch.compile`` (inductor, default mode),
+    the base model too. Compile time is reported apart: the wall time of the first two steps (the
+    compile, and a recompile if the second step needs one), minus two steady-state steps."""
+    shape = plan.compiled_shape
     torch._dynamo.reset()
+    torch.manual_seed(3)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     fns, first = {}, {}
-    for kind in kinds:
-        fns[kind], _ = _step_fn(kind, plan, device, p, ids, compiled=True)
+    for kind in STEP_CONTENDERS:
+        fns[kind], _, _ = _step_fn(kind, shape, plan, device, p, ids, plan.dtype_inner, compiled=True)
         t0 = time.perf_counter()
         fns[kind]()
         fns[kind]()
+        _sync(device)
         first[kind] = time.perf_counter() - t0
-    t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=plan.step_inner, tick=tick)
+    t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=plan.dtype_inner, tick=tick)
     med = {k: t.median(k) for k in fns}
+    case = _step_case(shape, plan.r, p)
+    meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": "compiled"}
     rows = [
-        _row("train step (compiled)", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t),
-        _row("train step (compiled)", case, "throughput", "tok/s", {k: plan.step_shape.tokens / v for k, v in med.items()},
-             t, higher_is_better=True),
+        _row("train step (compiled)", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
+        _row("train step (compiled)", case, "throughput", "tok/s", {k: shape.tokens / v for k, v in med.items()},
+             t, higher_is_better=True, **meta),
         _row("compile", case, "compile time (first 2 steps - 2 steps)", "s",
-             {k: max(0.0, first[k] - 2 * med[k]) for k in fns}),
+             {k: max(0.0, first[k] - 2 * med[k]) for k in fns}, **meta),
     ]
     del fns
     torch._dynamo.reset()
@@ -388,5 +575,8 @@ def count_ticks(plan: Plan) -> int:
     layer = len(plan.layer_shapes) * len(plan.dropouts) * 2
     mem = 6
     alloc = len(plan.alloc_counts) * 5
-    step = len(plan.step_dropouts) * plan.repeats * (2 if plan.compiled else 1)
+    step = sum(len(s.dropouts) * plan.repeats + (1 if s.share else 0) for s in plan.step_sizes)
+    step += 2 * len(plan.dtype_dropouts) * plan.repeats
+    if plan.compiled_shape is not None:
+        step += len(plan.compiled_dropouts) * plan.repeats
     return layer + mem + alloc + step

@@ -25,7 +25,9 @@ import torch
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTENDERS = ("ours", "peft_adalora", "peft_lora")
-LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA"}
+# the training-step comparisons add the same model without adapters, the floor (see make_contender)
+STEP_CONTENDERS = ("base",) + CONTENDERS
+LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA", "base": "base (no adapters)"}
 
 
 # ---------------------------------------------------------------------------------- device
@@ -272,8 +274,27 @@ MASK_STEP = 5000  # in the budget-shrinking phase, a multiple of deltaT: masks
 NOMASK_STEP = 5001  # same phase, not a multiple of deltaT: importance update only
 
 
+def _embeddings_output_requires_grad(module, inputs, output):
+    return output.requires_grad_(True)
+
+
 def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha: int = 32, causal_lm: bool = True):
-    """Wrap ``base`` with one contender's adapters. Returns (model, update_fn or None, adapted modules)."""
+    """Wrap ``base`` with one contender's adapters. Returns (model, update_fn or None).
+
+    ``kind="base"`` is the floor of the training-step comparisons: the same model with no adapters,
+    every weight frozen, and the *output of the input embeddings* made to require grad (a forward
+    hook, what transformers' ``enable_input_require_grads`` does; the embedding weight itself stays
+    frozen). ``loss.backward()`` then runs the backward of every layer (the input gradient through
+    each frozen projection, attention, the norms and the LM head) down to the embeddings' output,
+    computing no weight gradient. It does a little more than the adapter models must: their layer-0
+    q/k/v inputs do not require grad, so they skip those three input gradients (3 of the 7 x layers
+    projections' dx) and the first norm's backward; the base row is slightly above the true floor.
+    """
+    if kind == "base":
+        for q in base.parameters():
+            q.requires_grad_(False)
+        base.get_input_embeddings().register_forward_hook(_embeddings_output_requires_grad)
+        return base, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "ours":
