@@ -1,7 +1,7 @@
 """``python -m bench``: adalora_fast vs PEFT AdaLoRA vs PEFT LoRA, throughput and memory.
 
-    python -m bench             # the default run (a few minutes on a 2-core CPU)
-    python -m bench --quick     # a smaller run, under a minute (the CI smoke test)
+    python -m bench             # the default run (about a quarter of an hour on a 2-core CPU)
+    python -m bench --quick     # the same rounds and warm-ups at smaller sizes (the CI smoke test)
     python -m bench --json      # the figures as JSON on stdout (the table goes to stderr)
     python -m bench finetune    # a real fine-tune: accuracy, time and ranks (see bench/finetune.py)
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
         return finetune_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer cases: under a minute on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer cases, the same rounds and warm-ups (CI)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table to stderr)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="output folder")
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
         bar.set_postfix_str("memory")
         rows += cases.layer_memory_cases(plan, device, tick)
     bar.close()
-    order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "train step (compiled)": 4,
-             "compile": 5, "memory": 6}
+    order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "train step (bf16 base)": 4,
+             "train step (autocast bf16)": 5, "train step (compiled)": 6, "compile": 7, "memory": 8}
     rows.sort(key=lambda r: order.get(r["section"], 9))
 
     elapsed = time.perf_counter() - t_start
@@ -91,7 +91,18 @@ def main(argv=None) -> int:
         elapsed_s=round(elapsed, 1),
         repeats=plan.repeats,
         warmup=plan.warmup,
-        step_model=plan.step_shape.describe(),
+        step_models="; ".join(
+            f"{s.shape.describe()}, dropout {'/'.join(f'{p:g}' for p in s.dropouts)}, {s.inner} steps per sample"
+            for s in plan.step_sizes
+        ),
+        step_dtype_model=(
+            f"{plan.step_shape.describe()}, dropout {'/'.join(f'{p:g}' for p in plan.dtype_dropouts)}; "
+            "bf16 base: the base weights in bf16, the adapters fp32 (PEFT's default); autocast: fp32 model, "
+            "forward under torch.autocast(bfloat16)"
+        ),
+        step_compiled_model=plan.compiled_shape.describe() if plan.compiled_shape is not None else None,
+        step_base="the same model without adapters: weights frozen, embeddings' output requires grad "
+        "(backward runs through every layer to it); ours/base etc. = step time / base step time",
         allocator_models=(
             f"LlamaForCausalLM (random init) hidden={plan.alloc_shape.hidden} intermediate={plan.alloc_shape.intermediate}, "
             f"ceil(n/7) layers, the first n projections adapted, init_r={plan.r}, random grads"
@@ -105,22 +116,32 @@ def main(argv=None) -> int:
         ratios="x = PEFT time / ours, ours tok/s / PEFT tok/s, PEFT bytes / ours (> 1: adalora_fast better)",
     )
     ts = report.targets(rows, curve)
+    busy = None
     if load_before is not None:
         load_after = os.getloadavg()[0]
         meta["loadavg_1min"] = f"{load_before:.2f} at start, {load_after:.2f} at end, {os.cpu_count()} CPUs"
+        if max(load_before, load_after) > 1.25 * (os.cpu_count() or 1):
+            busy = (f"other processes were competing for the CPU (load average {load_before:.1f} at start, "
+                    f"{load_after:.1f} at end, {os.cpu_count()} CPUs); the figures are noisy (see spread)")
+            meta["warning"] = busy
 
     text = []
     text.append(f"adalora_fast bench ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
                 f"backend={info['backend']}" + (f" (C++ CPU ext: {info['cpu_ext']})" if "cpu_ext" in info else "") + f", torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}")
-    text.append(f"train step model : {meta['step_model']}")
+    text.append(f"threads          : {info['threads']} torch threads, {os.cpu_count()} CPUs")
+    if "loadavg_1min" in meta:
+        text.append(f"load avg (1 min) : {meta['loadavg_1min']}")
+        if busy:
+            text.append(f"WARNING          : {busy}")
+    text.append(f"train step models: {meta['step_models'].replace('; ', chr(10) + ' ' * 19)}")
+    text.append(f"  bf16/autocast  : {meta['step_dtype_model']}")
+    if meta["step_compiled_model"]:
+        text.append(f"  compiled       : {meta['step_compiled_model']}")
+    text.append(f"  base           : {meta['step_base']}")
     text.append(f"allocator models : {meta['allocator_models']}")
     text.append(f"layer bench      : {meta['layer_bench']}")
-    text.append(f"timing           : {meta['timing']}; {plan.repeats} rounds")
+    text.append(f"timing           : {meta['timing']}; {plan.warmup} warm-up calls, {plan.repeats} rounds")
     text.append(f"ratios           : {meta['ratios']}")
-    if "loadavg_1min" in meta:
-        text.append(f"load average     : {meta['loadavg_1min']}")
-        if max(load_before, load_after) > 1.25 * (os.cpu_count() or 1):
-            text.append("WARNING          : other processes were competing for the CPU; the figures are noisy (see spread)")
     text.append("")
     text.append(report.table(rows))
     if ts:
@@ -131,9 +152,11 @@ def main(argv=None) -> int:
         csv_path, png_path = report.default_paths(args.out, info["device"], date, "-quick" if args.quick else "")
         report.write_csv(rows, csv_path, meta)
         files["csv"] = csv_path
-        if curve or any(r["section"] == "train step" for r in rows):
+        if curve or any(r["section"].startswith("train step") for r in rows):
+            load = f", load average {meta['loadavg_1min']}" if "loadavg_1min" in meta else ""
             try:
-                report.plot(rows, curve, png_path, f"adalora_fast vs PEFT on {info['device_name']} ({info['threads']} threads), {date}")
+                report.plot(rows, curve, png_path, f"adalora_fast vs PEFT on {info['device_name']} ({info['threads']} threads{load}), "
+                            f"{date}, {plan.name} plan, {plan.repeats} rounds", warning=busy and f"WARNING: {busy}")
                 files["png"] = png_path
             except Exception as exc:  # a plot failure must not lose the figures
                 text.append(f"(plot not written: {exc})")
