@@ -1,0 +1,196 @@
+"""The bench's own machinery, without timing anything: the plans, the step counter, the base
+contender, the targets and the figure (error bars, legends, the load warning), from small fake
+results. ``python -m pytest bench -q -k report`` runs only these."""
+
+import itertools
+
+import pytest
+import torch
+
+from . import cases, report
+from .common import MASK_STEP, PROJECTIONS, LlamaShape, Timing, llama, make_contender
+
+KINDS = ("base", "ours", "peft_adalora", "peft_lora")
+
+
+def test_quick_keeps_the_default_rounds_and_warmups_at_smaller_sizes():
+    d, q = cases.DEFAULT, cases.QUICK
+    assert (q.repeats, q.warmup, q.min_sample_s) == (d.repeats, d.warmup, d.min_sample_s)
+    assert q.dtype_inner == d.dtype_inner
+    assert len(q.step_sizes) <= len(d.step_sizes)
+    assert max(s.shape.hidden for s in q.step_sizes) < max(s.shape.hidden for s in d.step_sizes)
+    assert q.step_shape.hidden * q.step_shape.layers < d.step_shape.hidden * d.step_shape.layers
+
+
+def test_default_sweep_covers_the_issue_sizes_and_both_dropouts():
+    hidden = {s.shape.hidden for s in cases.DEFAULT.step_sizes}
+    assert {128, 256, 1024} <= hidden
+    for s in cases.DEFAULT.step_sizes:
+        assert set(s.dropouts) == {0.1, 0.0}
+        assert s.shape.tokens == 512
+
+
+@pytest.mark.parametrize("inner", [1, 2, 5, 10, 20])
+def test_each_sample_holds_one_masking_step_per_ten(inner):
+    """Wherever the warm-up leaves off, any ``inner`` consecutive steps hold max(1, inner // 10)
+    masking steps (multiples of deltaT=10), and the steps increase."""
+    steps = list(itertools.islice(cases._step_numbers(inner), 200))
+    assert all(b > a for a, b in itertools.pairwise(steps))
+    for i in range(len(steps) - inner):
+        window = steps[i:i + inner]
+        assert sum(s % 10 == 0 for s in window) == max(1, inner // 10), (i, window)
+    if inner >= 10:
+        assert steps[:10] == list(range(MASK_STEP - 9, MASK_STEP + 1))
+
+
+def test_step_numbers_refuse_an_uneven_sample():
+    with pytest.raises(ValueError):
+        next(cases._step_numbers(15))
+
+
+def test_base_contender_runs_backward_through_the_frozen_layers():
+    shape = LlamaShape(hidden=32, layers=2, intermediate=64, heads=2, vocab=64, seq=8, batch=2)
+    m, upd = make_contender("base", llama(shape, torch.device("cpu")), 4, 0.1, PROJECTIONS)
+    assert upd is None and not any(p.requires_grad for p in m.parameters())
+    seen = {}
+    m.model.layers[0].register_forward_hook(lambda mod, inp, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    loss = m(input_ids=ids, labels=ids).loss
+    seen["h"].retain_grad()
+    loss.backward()
+    assert seen["h"].grad is not None and seen["h"].grad.abs().sum() > 0  # reached the first layer's output
+    assert all(p.grad is None for p in m.parameters())  # and computed no weight gradient
+
+
+def _timing(samples: dict) -> Timing:
+    return Timing(samples={k: list(v) for k, v in samples.items()})
+
+
+def _step_row(hidden, p, variant, ms: dict, section="train step"):
+    """A step-time row from per-round milliseconds (as cases._step_rows builds it)."""
+    t = _timing({k: [x / 1e3 for x in v] for k, v in ms.items()})
+    vals = {k: t.median(k) * 1e3 for k in ms}
+    return cases._row(section, f"hidden={hidden} p={p}", "step time", "ms", vals, t,
+                      hidden=hidden, layers=8, p=p, variant=variant)
+
+
+ROUNDS = {
+    "base": [100.0, 104.0, 98.0, 101.0, 120.0],
+    "ours": [110.0, 111.0, 109.0, 113.0, 140.0],
+    "peft_adalora": [130.0, 131.0, 133.0, 129.0, 150.0],
+    "peft_lora": [120.0, 119.0, 122.0, 121.0, 145.0],
+}
+
+
+def test_row_keeps_rounds_and_ratios_to_base():
+    r = _step_row(256, 0.1, "fp32", ROUNDS)
+    assert r["base"] == pytest.approx(101.0)
+    assert r["ours_vs_base"] == pytest.approx(111.0 / 101.0)
+    assert (r["ours_lo"], r["ours_hi"]) == (pytest.approx(109.0), pytest.approx(140.0))
+    assert r["samples"]["peft_lora"] == pytest.approx(ROUNDS["peft_lora"])
+    text = report.table([r])
+    assert "ours/base" in text and "LoRA/base" in text and f"{111.0 / 101.0:.3f}" in text
+
+
+def _share_row(hidden, value):
+    t = _timing({"ours": [value / 100] * 3})
+    return cases._row("train step", f"hidden={hidden}", report.SHARE_METRIC, "%", {"ours": value}, t,
+                      hidden=hidden, layers=8, p=0.1, variant="fp32")
+
+
+def test_targets_follow_issue_12():
+    rows = [
+        _step_row(256, 0.1, "fp32", ROUNDS),
+        _step_row(256, 0.0, "fp32", ROUNDS),
+        _step_row(1024, 0.1, "fp32", ROUNDS),
+        _step_row(256, 0.1, "bf16 base", ROUNDS, section="train step (bf16 base)"),
+        _step_row(256, 0.1, "autocast", ROUNDS, section="train step (autocast bf16)"),
+        _step_row(256, 0.1, "compiled", ROUNDS, section="train step (compiled)"),
+        _share_row(256, 1.5),
+        cases._row("orth_penalty", "224 layers (hidden=128)", "forward+backward", "ms", {"ours": 5.0, "peft_adalora": 30.0}),
+    ]
+    ts = {t["target"]: t for t in report.targets(rows, [])}
+    goals = {name: t["goal"] for name, t in ts.items() if "ours / base" in name}
+    assert goals == {
+        "step hidden 256 x8 p=0.1: ours / base time": "<= 1.20",
+        "step hidden 256 x8 p=0: ours / base time": "<= 1.15",
+        "step hidden 1024 x8 p=0.1: ours / base time": "<= 1.06",
+        "step hidden 256 x8 p=0.1 bf16 base: ours / base time": "<= 1.50",
+    }
+    # ours no slower than PEFT LoRA in every step row: eager sizes, bf16 base, autocast, compiled
+    assert sum(name.endswith("ours / PEFT LoRA time") for name in ts) == 6
+    assert ts["step hidden 256 x8 p=0.1: ours / base time"]["met"]  # 111 / 101
+    assert not ts["step hidden 1024 x8 p=0.1: ours / base time"]["met"]
+    share = ts["step hidden 256 x8 p=0.1: (orth penalty + update_and_allocate) / step, %"]
+    assert share["value"] == pytest.approx(1.5) and share["met"]
+    assert not any("orth penalty fwd+bwd" in name for name in ts)  # the isolated penalty target is retired
+
+
+def _curve():
+    pts = []
+    for n in (7, 56, 224):
+        p = {"layers": n}
+        for who, scale in (("ours", 1.0), ("peft", 20.0)):
+            for key in ("mask", "nomask", "mask_cold", "nomask_cold", "orth"):
+                mid = 0.01 * n * scale
+                p[f"{who}_{key}_ms"], p[f"{who}_{key}_lo_ms"], p[f"{who}_{key}_hi_ms"] = mid, 0.9 * mid, 1.3 * mid
+        pts.append(p)
+    return pts
+
+
+@pytest.fixture(scope="module")
+def fig():
+    rows = [_step_row(128, 0.1, "fp32", ROUNDS), _step_row(256, 0.0, "fp32", ROUNDS),
+            _step_row(256, 0.1, "bf16 base", ROUNDS, section="train step (bf16 base)")]
+    f = report.figure(rows, _curve(), "fake run", warning="WARNING: busy")
+    f.canvas.draw()
+    yield f
+    import matplotlib.pyplot as plt
+
+    plt.close(f)
+
+
+def test_figure_draws_the_load_warning(fig):
+    assert any(t.get_text() == "WARNING: busy" for t in fig.texts)
+
+
+def test_step_ratio_error_bars_span_the_paired_rounds(fig):
+    """The ratio panel's error bar for ours spans the lowest to the highest of (ours / base) taken
+    round by round (the contenders alternate, so one round's figures are a pair)."""
+    ax = fig.axes[3]
+    bars = [c for c in ax.containers if getattr(c, "errorbar", None) is not None]
+    ours = next(c for c in bars if c.get_label() == "adalora_fast / base")
+    segs = ours.errorbar.lines[2][0].get_segments()
+    ratios = [a / b for a, b in zip(ROUNDS["ours"], ROUNDS["base"])]
+    assert len(segs) == 3
+    for seg in segs:
+        assert seg[0][1] == pytest.approx(min(ratios)) and seg[1][1] == pytest.approx(max(ratios))
+
+
+def test_curves_have_error_bars_and_peft_in_training_order(fig):
+    labels = [h.get_label() for h in fig.axes[0].containers]
+    assert "PEFT AdaLoRA, masking, in training order" in labels
+    assert "PEFT AdaLoRA, non-masking, in training order" in labels
+    c = next(h for h in fig.axes[0].containers if h.get_label() == "adalora_fast, masking, back to back")
+    segs = c.lines[2][0].get_segments()
+    assert [s[0][1] for s in segs] == pytest.approx([0.9 * 0.01 * n for n in (7, 56, 224)])
+    assert [s[1][1] for s in segs] == pytest.approx([1.3 * 0.01 * n for n in (7, 56, 224)])
+
+
+def test_no_legend_over_data(fig):
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is None:
+            continue
+        a, b = leg.get_window_extent(renderer), ax.get_window_extent(renderer)
+        overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        assert overlap_w <= 0 or overlap_h <= 0, ax.get_title()
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [_step_row(128, 0.1, "fp32", ROUNDS)]
+    path = report.plot(rows, [], str(tmp_path / "x.png"), "fake")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
