@@ -50,21 +50,23 @@ inline uint32_t keep_threshold(double p) {
   return t >= 4294967295.0 ? 0xffffffffU : static_cast<uint32_t>(t);
 }
 
-// Writes x[n, :] * keep / (1 - p) into buf (k floats): the forward's dropped row.
-inline void dropped_row(const float* xr, float* buf, int64_t k, uint32_t key, uint32_t thr, float scale) {
+// Writes x[n, :] * keep / (1 - p) into buf (k floats, x in its own dtype): the forward's dropped row.
+template <typename TX>
+inline void dropped_row(const TX* xr, float* buf, int64_t k, uint32_t key, uint32_t thr, float scale) {
 #pragma omp simd
-  for (int64_t j = 0; j < k; ++j) buf[j] = cell(key, j) < thr ? xr[j] * scale : 0.0f;
+  for (int64_t j = 0; j < k; ++j) buf[j] = cell(key, j) < thr ? static_cast<float>(xr[j]) * scale : 0.0f;
 }
 
 // Columns [c0, c0 + n) of row `key`: kf[j] = keep / (1 - p) (0 or scale) and buf[j] = x[j] * kf[j]
 // (buf may be null when only the factors are needed): the backward's, which uses kf twice.
-inline void keep_factors(const float* xr, float* buf, float* kf, int64_t c0, int64_t n, uint32_t key, uint32_t thr,
+template <typename TX>
+inline void keep_factors(const TX* xr, float* buf, float* kf, int64_t c0, int64_t n, uint32_t key, uint32_t thr,
                          float scale) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float f = cell(key, c0 + j) < thr ? scale : 0.0f;
     kf[j] = f;
-    if (buf) buf[j] = xr[j] * f;
+    if (buf) buf[j] = static_cast<float>(xr[j]) * f;
   }
 }
 
@@ -119,9 +121,9 @@ inline void dots(const float* buf, const float* A, int64_t lda, int64_t r, int64
 
 // dx[i, 0:W] += kf[i, 0:W] * sum_q g[i][q] * A[q, 0:W] for rows i < rows (A, kf, dx at their first
 // column; row strides lda, ldk, ldx): RB independent chains per lane share each load of A.
-template <int64_t W>
+template <int64_t W, typename TD>
 inline void dx_chunk(const float* A, int64_t lda, int64_t qn, const float (*g)[QMAX], const float* kf, int64_t ldk,
-                     float* dx, int64_t ldx, int64_t rows) {
+                     TD* dx, int64_t ldx, int64_t rows) {
   float s[RB][W] = {};
   for (int64_t q = 0; q < qn; ++q) {
     const float* a = A + q * lda;
@@ -132,28 +134,38 @@ inline void dx_chunk(const float* A, int64_t lda, int64_t qn, const float (*g)[Q
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
-    float* d = dx + i * ldx;
+    TD* d = dx + i * ldx;
     const float* f = kf + i * ldk;
 #pragma omp simd
-    for (int64_t l = 0; l < W; ++l) d[l] = std::fma(f[l], s[i][l], d[l]);
+    for (int64_t l = 0; l < W; ++l) d[l] = static_cast<TD>(std::fma(f[l], s[i][l], static_cast<float>(d[l])));
   }
 }
 
-void check(const at::Tensor& t, const char* name, int64_t dim) {
+void check(const at::Tensor& t, const char* name, int64_t dim, bool any_float = false) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || (any_float && (st == at::kBFloat16 || st == at::kHalf)), name, " must be float32",
+              any_float ? ", bfloat16 or float16" : "", ", got ", st);
   TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t seed, double p) {
-  check(x, "x", 2);
-  check(A, "A", 2);
-  TORCH_CHECK(x.size(1) == A.size(1), "x is [N, ", x.size(1), "] but A is [", A.size(0), ", ", A.size(1), "]");
-  TORCH_CHECK(p > 0.0 && p < 1.0, "p must lie in (0, 1), got ", p);
-  const int64_t N = x.size(0), k = x.size(1), r = A.size(0);
-  at::Tensor t = at::zeros({N, r}, x.options());
-  const float* xp = x.data_ptr<float>();
+// Calls f(TX{}) with x's element type: float, BFloat16 or Half (the base layer's dtype: read as is,
+// no N x k fp32 copy of x; the arithmetic is fp32).
+template <typename F>
+void with_x_type(at::ScalarType st, F&& f) {
+  if (st == at::kBFloat16) {
+    f(c10::BFloat16{});
+  } else if (st == at::kHalf) {
+    f(c10::Half{});
+  } else {
+    f(float{});
+  }
+}
+
+template <typename TX>
+void shrink_impl(const TX* xp, const at::Tensor& A, int64_t seed, double p, int64_t N, int64_t k, int64_t r,
+                 at::Tensor& t) {
   const float* ap = A.data_ptr<float>();
   float* tp = t.data_ptr<float>();
   const uint32_t thr = keep_threshold(p);
@@ -180,35 +192,36 @@ at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t seed
       }
     }
   });
+}
+
+// x [N, k] (float, bfloat16 or float16), A [r, k] float -> t [N, r] float.
+at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A, int64_t seed, double p) {
+  check(x, "x", 2, true);
+  check(A, "A", 2);
+  TORCH_CHECK(x.size(1) == A.size(1), "x is [N, ", x.size(1), "] but A is [", A.size(0), ", ", A.size(1), "]");
+  TORCH_CHECK(p > 0.0 && p < 1.0, "p must lie in (0, 1), got ", p);
+  const int64_t N = x.size(0), k = x.size(1), r = A.size(0);
+  at::Tensor t = at::zeros({N, r}, A.options());
+  with_x_type(x.scalar_type(), [&](auto tag) { shrink_impl(x.data_ptr<decltype(tag)>(), A, seed, p, N, k, r, t); });
   return t;
 }
 
-// Returns dA [r, k] (or an empty tensor if !need_dA); adds the adapter term into dx in place if defined.
+
 // Rows go in blocks of RB: each dA row chunk is read and written once per block (not once per row
 // of x), each A row chunk loaded once for the block's dx rows; the keep factors are hashed once.
-at::Tensor dropout_shrink_backward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& ge,
-                                   const c10::optional<at::Tensor>& dx_opt, int64_t seed, double p, bool need_dA) {
-  check(x, "x", 2);
-  check(A, "A", 2);
-  check(ge, "ge", 2);
-  const int64_t N = x.size(0), k = x.size(1), r = A.size(0);
-  TORCH_CHECK(ge.size(0) == N && ge.size(1) == r, "ge must be [", N, ", ", r, "]");
-  const bool has_dx = dx_opt.has_value() && dx_opt->defined();
-  if (has_dx) {
-    check(*dx_opt, "dx", 2);
-    TORCH_CHECK(dx_opt->size(0) == N && dx_opt->size(1) == k, "dx must be [", N, ", ", k, "]");
-  }
-  const float* xp = x.data_ptr<float>();
+template <typename TX, typename TD>
+at::Tensor shrink_backward_impl(const TX* xp, const at::Tensor& A, const at::Tensor& ge, TD* dxp, int64_t seed,
+                                double p, bool need_dA, int64_t N, int64_t k, int64_t r) {
+  const bool has_dx = dxp != nullptr;
   const float* ap = A.data_ptr<float>();
   const float* gp = ge.data_ptr<float>();
-  float* dxp = has_dx ? dx_opt->data_ptr<float>() : nullptr;
   const uint32_t thr = keep_threshold(p);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   // One partial dA per chunk of rows; chunks are few (four per thread), summed at the end.
   const int64_t grain = 32;
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (N + grain - 1) / grain));
   const int64_t rows_per_chunk = (N + n_chunks - 1) / n_chunks;
-  at::Tensor partial = need_dA ? at::zeros({n_chunks, r, k}, x.options()) : at::Tensor();
+  at::Tensor partial = need_dA ? at::zeros({n_chunks, r, k}, A.options()) : at::Tensor();
   float* pp = need_dA ? partial.data_ptr<float>() : nullptr;
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<float> buf(RB * KC, 0.0f), kf(RB * KC);
@@ -241,7 +254,7 @@ at::Tensor dropout_shrink_backward(const at::Tensor& x, const at::Tensor& A, con
             }
             if (has_dx) {  // dx[i, c0:c0+n] += kf[i, 0:n] * sum_q g[i][q] * A[q, c0:c0+n]
               const float* a = ap + q0 * k + c0;
-              float* d = dxp + nb * k + c0;
+              TD* d = dxp + nb * k + c0;
               int64_t j = 0;
               for (; j + V <= n; j += V) dx_chunk<V>(a + j, k, qn, g, kf.data() + j, KC, d + j, k, rows);
               for (; j < n; ++j) dx_chunk<1>(a + j, k, qn, g, kf.data() + j, KC, d + j, k, rows);
@@ -251,7 +264,39 @@ at::Tensor dropout_shrink_backward(const at::Tensor& x, const at::Tensor& A, con
       }
     }
   });
-  return need_dA ? partial.sum(0) : at::empty({0}, x.options());
+  return need_dA ? partial.sum(0) : at::empty({0}, A.options());
+}
+
+// x [N, k] (float, bfloat16 or float16), A [r, k] and ge [N, r] float; dx [N, k] of x's dtype or
+// float, or none. Returns dA [r, k] float (an empty tensor if !need_dA); adds the adapter term
+// into dx in place (fp32 arithmetic, one rounding to dx's dtype).
+at::Tensor dropout_shrink_backward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& ge,
+                                   const c10::optional<at::Tensor>& dx_opt, int64_t seed, double p, bool need_dA) {
+  check(x, "x", 2, true);
+  check(A, "A", 2);
+  check(ge, "ge", 2);
+  const int64_t N = x.size(0), k = x.size(1), r = A.size(0);
+  TORCH_CHECK(ge.size(0) == N && ge.size(1) == r, "ge must be [", N, ", ", r, "]");
+  TORCH_CHECK(A.size(1) == k, "x is [N, ", k, "] but A is [", r, ", ", A.size(1), "]");
+  const bool has_dx = dx_opt.has_value() && dx_opt->defined();
+  if (has_dx) {
+    check(*dx_opt, "dx", 2, true);
+    TORCH_CHECK(dx_opt->size(0) == N && dx_opt->size(1) == k, "dx must be [", N, ", ", k, "]");
+    TORCH_CHECK(dx_opt->scalar_type() == at::kFloat || dx_opt->scalar_type() == x.scalar_type(),
+                "dx must be float32 or x's dtype (", x.scalar_type(), "), got ", dx_opt->scalar_type());
+  }
+  at::Tensor dA;
+  with_x_type(x.scalar_type(), [&](auto tag) {
+    using TX = decltype(tag);
+    const TX* xp = x.data_ptr<TX>();
+    if (has_dx && dx_opt->scalar_type() == x.scalar_type()) {
+      dA = shrink_backward_impl<TX, TX>(xp, A, ge, dx_opt->data_ptr<TX>(), seed, p, need_dA, N, k, r);
+    } else {
+      float* dxp = has_dx ? dx_opt->data_ptr<float>() : nullptr;
+      dA = shrink_backward_impl<TX, float>(xp, A, ge, dxp, seed, p, need_dA, N, k, r);
+    }
+  });
+  return dA;
 }
 
 at::Tensor keep_mask(int64_t N, int64_t k, int64_t seed, double p) {

@@ -81,14 +81,24 @@ def _fold_e(lora_E, scaling, ranknum, dtype):
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
+_KERNEL_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_x(x, lora_A):
+    """x as the C++ dropout kernels take it: a half base layer's x is read as is (fp32 arithmetic,
+    no N x k fp32 copy: PEFT's x.to(lora_A.dtype)), any other dtype cast to lora_A's."""
+    xk = x if x.dtype in _KERNEL_X_DTYPES else x.to(lora_A.dtype)
+    return xk if xk.is_contiguous() else xk.contiguous()
+
+
 def _forward_torch(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     w = weight.t() if fan_in_fan_out else weight  # [d, k]
     out = F.linear(x, w, bias)
     _, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
-    xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if cpu_ext.usable(x.device, lora_A.dtype, dropout_p):
-        t = torch.ops.adalora_fast_cpu.dropout_shrink(xa.contiguous(), lora_A.contiguous(), seed, dropout_p)
+        t = torch.ops.adalora_fast_cpu.dropout_shrink(_kernel_x(x, lora_A), lora_A.contiguous(), seed, dropout_p)
     else:
+        xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
         if dropout_p > 0.0:
             xa = _keep_float(xa.shape, xa.dtype, xa.device, seed, dropout_p).mul_(xa).mul_(1.0 / (1.0 - dropout_p))
         t = xa @ lora_A.t()  # [N, r]
@@ -115,11 +125,12 @@ def _backward_torch(
     ge = gB * e
     dx = g @ w if need_x else None  # [N, k], base dtype
     if cpu_ext.usable(x.device, lora_A.dtype, dropout_p):
-        xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
-        in_place = dx is not None and dx.dtype == torch.float32 and dx.is_contiguous()
+        xk = _kernel_x(x, lora_A)
+        # the kernel adds into dx in fp32 and rounds once to dx's dtype (fp32 or x's)
+        in_place = dx is not None and dx.dtype in (torch.float32, xk.dtype) and dx.is_contiguous()
         lora_dx = dx if in_place else (torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None)
         dA = torch.ops.adalora_fast_cpu.dropout_shrink_backward(
-            xa.contiguous(), lora_A.contiguous(), ge.contiguous(), lora_dx, seed, dropout_p, bool(need_lora)
+            xk, lora_A.contiguous(), ge.contiguous(), lora_dx, seed, dropout_p, bool(need_lora)
         )
         if need_x and not in_place:
             dx += lora_dx
