@@ -116,14 +116,12 @@ def main(argv=None) -> int:
         ratios="x = PEFT time / ours, ours tok/s / PEFT tok/s, PEFT bytes / ours (> 1: adalora_fast better)",
     )
     ts = report.targets(rows, curve)
-    busy = None
+    load_after = os.getloadavg()[0] if load_before is not None else None
     if load_before is not None:
-        load_after = os.getloadavg()[0]
         meta["loadavg_1min"] = f"{load_before:.2f} at start, {load_after:.2f} at end, {os.cpu_count()} CPUs"
-        if max(load_before, load_after) > 1.25 * (os.cpu_count() or 1):
-            busy = (f"other processes were competing for the CPU (load average {load_before:.1f} at start, "
-                    f"{load_after:.1f} at end, {os.cpu_count()} CPUs); the figures are noisy (see spread)")
-            meta["warning"] = busy
+    busy = report.busy_warning(rows, load_before, load_after, os.cpu_count() or 1)
+    if busy:
+        meta["warning"] = busy
 
     text = []
     text.append(f"adalora_fast bench ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
@@ -131,8 +129,8 @@ def main(argv=None) -> int:
     text.append(f"threads          : {info['threads']} torch threads, {os.cpu_count()} CPUs")
     if "loadavg_1min" in meta:
         text.append(f"load avg (1 min) : {meta['loadavg_1min']}")
-        if busy:
-            text.append(f"WARNING          : {busy}")
+    if busy:
+        text.append(f"WARNING          : {busy}")
     text.append(f"train step models: {meta['step_models'].replace('; ', chr(10) + ' ' * 19)}")
     text.append(f"  bf16/autocast  : {meta['step_dtype_model']}")
     if meta["step_compiled_model"]:

@@ -166,6 +166,20 @@ def targets(rows: list, curve: list) -> list:
     return out
 
 
+def busy_warning(rows: list, load_before, load_after, cpus: int) -> str | None:
+    """Why the figures are noisy, or None: the 1-minute load average passed 1.25 x the CPUs at the
+    start or the end, or (a burst the two readings missed) a training-step row's rounds spread wider
+    than their median, (max - min) / median > 1."""
+    if load_before is not None and max(load_before, load_after) > 1.25 * cpus:
+        return (f"other processes were competing for the CPU (load average {load_before:.1f} at start, "
+                f"{load_after:.1f} at end, {cpus} CPUs); the figures are noisy (see spread)")
+    worst = max((r["spread"] for r in rows if _is_step(r) and r["spread"] is not None), default=0.0)
+    if worst > 1.0:
+        return (f"some training-step rounds were far off their median (spread up to {100 * worst:.0f} %): another "
+                "process was probably running; compare the medians with care")
+    return None
+
+
 def targets_table(ts: list) -> str:
     w = max(len(t["target"]) for t in ts) if ts else 10
     lines = [f"{'target'.ljust(w)}  {'value':>8}  {'goal':<20}  met  note"]
@@ -264,7 +278,8 @@ def _step_ratio_panel(ax, steps) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     # the scale follows the medians: a round disturbed by another process may leave its bar's top outside
     top = max([r[f"{k}_vs_base"] for r in steps for k, _, _ in STEP_KINDS] + [1.3])
-    ax.set_ylim(0.9, 1 + (top - 1) * 1.6)
+    low = min([r[f"{k}_vs_base"] for r in steps for k, _, _ in STEP_KINDS] + [1.0])
+    ax.set_ylim(min(0.9, low - 0.05), 1 + (top - 1) * 1.6)
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([step_label(r) for r in steps], fontsize=7)
     ax.set_ylabel("step time / base model's step time")

@@ -126,6 +126,15 @@ def test_targets_follow_issue_12():
     assert not any("orth penalty fwd+bwd" in name for name in ts)  # the isolated penalty target is retired
 
 
+def test_busy_warning_from_the_load_or_a_wild_round():
+    calm = _step_row(256, 0.1, "fp32", ROUNDS)  # spread (140 - 109) / 111 < 1
+    assert report.busy_warning([calm], 0.5, 1.0, 2) is None
+    assert "load average 3.0 at start" in report.busy_warning([calm], 3.0, 1.0, 2)
+    wild = _step_row(256, 0.0, "fp32", {**ROUNDS, "peft_lora": [120.0, 119.0, 900.0, 121.0, 145.0]})
+    assert "spread up to" in report.busy_warning([calm, wild], 0.5, 1.0, 2)
+    assert report.busy_warning([calm, wild], None, None, 2) is not None  # no load average (not Linux)
+
+
 def _curve():
     pts = []
     for n in (7, 56, 224):
