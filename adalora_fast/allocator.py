@@ -64,7 +64,7 @@ class RankAllocator:
         self.target_bgt = config.target_r * len(self.layers)
         # The module holding FSDP1 units (AdaLoraModel sets itself): where flat-shard ranges are read.
         self.shard_root = None
-        self._state_local = False  # m1, m2 hold this rank's shard only (set by _update_sharded)
+        self._state_local = False  # m1, m2 hold this rank's shard only (set by update_and_allocate under FSDP)
         self.refresh()
         self.m1: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
@@ -137,12 +137,15 @@ class RankAllocator:
         self._state0 = (distributed.is_flat_shard(ps[0]), ps[0].dim()) if ps else None
         self._params = ps
 
-    def _ensure_state(self, device) -> None:
+    def _ensure_state(self, device, numel: Optional[int] = None) -> None:
+        """The state on ``device`` (moved there if the model moved; zeros of ``numel`` elements, the
+        whole layout by default, if there is none yet) and the non-finite counter beside it."""
         if self.m1 is not None and self.m1.device != device:  # the model was moved after training began
             self.m1, self.m2 = self.m1.to(device), self.m2.to(device)
         if self.m1 is None:
-            self.m1 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
-            self.m2 = torch.zeros(self.layout.numel, dtype=torch.float32, device=device)
+            n = self.layout.numel if numel is None else numel
+            self.m1 = torch.zeros(n, dtype=torch.float32, device=device)
+            self.m2 = torch.zeros(n, dtype=torch.float32, device=device)
         if self._skipped is None or self._skipped.device != device:
             n = len(self.layout.tensor_shapes)
             self._skipped = (torch.zeros(n, dtype=torch.int64) if self._skipped is None else self._skipped).to(device)
@@ -167,9 +170,14 @@ class RankAllocator:
                 "increase (each call updates the importance averages once); nothing was changed"
             )
         params = self.params()
-        if self._shards is not None:
-            return self._update_sharded(global_step, final_start)
-        _, _, E = split_kinds(params)
+        sh = self._shards
+        if sh is not None:  # FSDP shards: the state holds this rank's elements (distributed.ShardedAdapters)
+            dev = distributed.local_flat(sh.params[0]).device
+            if self.m1 is not None and not self._state_local:  # a whole state: loaded, or from before wrapping
+                self.m1, self.m2 = sh.local_state(self.m1.to(dev)), sh.local_state(self.m2.to(dev))
+            self._state_local = True
+        else:
+            dev = params[0].device
         if global_step < final_start:
             if self.finalized:
                 raise RuntimeError(
@@ -177,30 +185,23 @@ class RankAllocator:
                     "the step counter must not go back"
                 )
             fresh = self.m1 is None
-            self._ensure_state(params[0].device)
+            self._ensure_state(dev, sh.n_local if sh is not None else None)
             budget, mask_now = self.budget_schedule(global_step)
-            # grads=None: the backend reads each .grad (the C++ kernel in C++; a Python list of
-            # 672 grads costs ~0.1 ms), and names of missing ones are looked up only on failure.
             try:
-                scores = ops.importance_update(
-                    self.layout, params, None, self.m1, self.m2, cfg.beta1, cfg.beta2, want_scores=mask_now,
-                    skipped=self._skipped,
-                )
+                scores = self._update(params, mask_now)
             except (RuntimeError, ValueError, TypeError, AttributeError):
                 if fresh:  # leave no trace of a failed first call
                     self.reset_ipt()
                 missing = next((t for t, p in enumerate(params) if p.grad is None), None)
-                if missing is not None:
+                if missing is not None and sh is None:
                     raise missing_grad_error(missing, self.names, self.adapter_name) from None
                 raise
             if not self._warned_nonfinite:
                 self._poll_nonfinite(global_step)
             if mask_now:
-                self._mask(E, scores, budget)
-                self.last_step = global_step
-                return budget
+                self._mask(scores, budget)
             self.last_step = global_step
-            return None
+            return budget if mask_now else None
         if not self.finalized:
             # PEFT fixes the final mask at exactly total_step - tfinal and crashes if that step
             # is skipped; any first step at or past it finalises here.
@@ -215,18 +216,42 @@ class RankAllocator:
                     "is_trainable=True) from save_pretrained(..., save_allocator_state=True); or "
                     "model.rankallocator.load_state_dict(...)). Nothing was changed."
                 )
-            self._ensure_state(params[0].device)  # moves the state if the model moved
-            scores = ops.triplet_scores(self.layout, self.m1, self.m2)
-            self._mask(E, scores, self.target_bgt)
+            self._ensure_state(dev)  # moves the state if the model moved
+            scores = sh.scores(self.m1, self.m2) if sh is not None else ops.triplet_scores(self.layout, self.m1, self.m2)
+            self._mask(scores, self.target_bgt)
             self.finalized = True
             self.reset_ipt()
             self.last_step = global_step
             return self.target_bgt
-        if self._keep.device != E[0].device:
-            self._keep = self._keep.to(E[0].device)
-        ops.apply_mask(E, self._keep)
+        if self._keep.device != dev:
+            self._keep = self._keep.to(dev)
+        self._apply(self._keep)
         self.last_step = global_step
         return None
+
+    def _update(self, params, want_scores: bool) -> Optional[torch.Tensor]:
+        """The importance update of this step; the triplet scores when ``want_scores``. Whole tensors:
+        one op (grads=None: the op reads each .grad itself, no Python list of 672 grads); FSDP
+        shards: each rank's elements, the scores completed by an all_reduce."""
+        cfg, sh = self.config, self._shards
+        if sh is None:
+            return ops.importance_update(self.layout, params, None, self.m1, self.m2, cfg.beta1, cfg.beta2,
+                                         want_scores=want_scores, skipped=self._skipped)
+        sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2, self._skipped)
+        return sh.scores(self.m1, self.m2) if want_scores else None
+
+    def _apply(self, keep: torch.Tensor) -> None:
+        """Zero the pruned lora_E entries (under FSDP, each rank its own)."""
+        if self._shards is not None:
+            self._shards.apply_mask(keep)
+        else:
+            ops.apply_mask(split_kinds(self._params)[2], keep)
+
+    def _mask(self, scores, budget: int) -> None:
+        keep = ops.keep_mask_to_budget(scores, max(0, self.init_bgt - budget))
+        self._apply(keep)
+        self._keep = keep
+        self.mask_version += 1
 
     @property
     def nonfinite_skipped(self) -> dict:
@@ -266,68 +291,6 @@ class RankAllocator:
             RuntimeWarning,
             stacklevel=5,
         )
-
-    def _update_sharded(self, global_step: int, final_start: int) -> Optional[int]:
-        """update_and_allocate on FSDP shards (``distributed.ShardedAdapters``): the same schedule, the
-        importance state m1, m2 holds this rank's elements only; the non-finite counts are summed
-        over the ranks every step and the triplet scores at masking steps (all_reduce: every rank
-        calls this with the same step); each rank zeroes its own elements of lora_E."""
-        sh, cfg = self._shards, self.config
-        dev = distributed.local_flat(sh.params[0]).device
-        if self.m1 is not None and not self._state_local:  # a whole state: loaded, or from before wrapping
-            self.m1, self.m2 = sh.local_state(self.m1.to(dev)), sh.local_state(self.m2.to(dev))
-        self._state_local = True
-        if global_step < final_start:
-            if self.finalized:
-                raise RuntimeError(
-                    f"global_step={global_step} comes after the final mask was fixed at step {final_start}; "
-                    "the step counter must not go back"
-                )
-            fresh = self.m1 is None
-            if fresh:
-                self.m1, self.m2 = sh.new_state(dev), sh.new_state(dev)
-            self._ensure_state(dev)  # the state exists (local): this makes the non-finite counter
-            budget, mask_now = self.budget_schedule(global_step)
-            try:
-                sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2, self._skipped)
-            except Exception:
-                if fresh:
-                    self.reset_ipt()
-                raise
-            if not self._warned_nonfinite:
-                self._poll_nonfinite(global_step)
-            if mask_now:
-                self._mask_sharded(sh.scores(self.m1, self.m2), budget)
-            self.last_step = global_step
-            return budget if mask_now else None
-        if not self.finalized:
-            if self.m1 is None:
-                raise RuntimeError(
-                    f"update_and_allocate(global_step={global_step}) would fix the final mask (the final phase "
-                    f"starts at step {final_start}), but the allocator has no importance scores; restore the "
-                    "allocator state of the run. Nothing was changed."
-                )
-            self._mask_sharded(sh.scores(self.m1, self.m2), self.target_bgt)
-            self.finalized = True
-            self.reset_ipt()
-            self.last_step = global_step
-            return self.target_bgt
-        sh.apply_mask(self._keep.to(dev))
-        self.last_step = global_step
-        return None
-
-    def _mask_sharded(self, scores, budget: int) -> None:
-        keep = ops.keep_mask_to_budget(scores, max(0, self.init_bgt - budget))
-        self._shards.apply_mask(keep)
-        self._keep = keep
-        self.mask_version += 1
-
-    def _mask(self, E, scores, budget: int) -> None:
-        n_prune = max(0, self.init_bgt - budget)
-        keep = ops.keep_mask_to_budget(scores, n_prune)
-        ops.apply_mask(E, keep)
-        self._keep = keep
-        self.mask_version += 1
 
     # ------------------------------------------------------------------ reporting and resume
     @property

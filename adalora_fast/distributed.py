@@ -152,9 +152,6 @@ class ShardedAdapters:
         return slice(s, s + self.numels[t])
 
     # ------------------------------------------------------------------ the allocator's work
-    def new_state(self, device) -> torch.Tensor:
-        return torch.zeros(self.n_local, dtype=torch.float32, device=device)
-
     def local_state(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part ([n_local]) of a whole flat state buffer ([layout.numel])."""
         return full[self.full_pos.to(full.device)].clone()
