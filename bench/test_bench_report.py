@@ -107,6 +107,7 @@ def test_targets_follow_issue_12():
         _step_row(256, 0.1, "autocast", ROUNDS, section="train step (autocast bf16)"),
         _step_row(256, 0.1, "compiled", ROUNDS, section="train step (compiled)"),
         _share_row(256, 1.5),
+        _share_row(128, 3.0),  # printed in the table, no target at hidden 128
         cases._row("orth_penalty", "224 layers (hidden=128)", "forward+backward", "ms", {"ours": 5.0, "peft_adalora": 30.0}),
     ]
     ts = {t["target"]: t for t in report.targets(rows, [])}
@@ -123,6 +124,7 @@ def test_targets_follow_issue_12():
     assert not ts["step hidden 1024 x8 p=0.1: ours / base time"]["met"]
     share = ts["step hidden 256 x8 p=0.1: (orth penalty + update_and_allocate) / step, %"]
     assert share["value"] == pytest.approx(1.5) and share["met"]
+    assert sum("(orth penalty + update_and_allocate)" in name for name in ts) == 1
     assert not any("orth penalty fwd+bwd" in name for name in ts)  # the isolated penalty target is retired
 
 
