@@ -271,7 +271,8 @@ def _step_ratio_panel(ax, steps) -> None:
         bars = ax.bar(pos, vals, width, label=f"{lab} / base", color=col,
                       yerr=_range_err(vals, [a for a, _ in rng], [b for _, b in rng]), capsize=2, ecolor="black")
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f" {v:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
+            # left of the bar's centre, where its error bar runs
+            ax.text(b.get_x() + b.get_width() * 0.28, v, f" {v:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
         if k == "ours":
             goals = [(x, base_goal(r)) for x, r in zip(pos, steps) if base_goal(r) is not None]
             if goals:
