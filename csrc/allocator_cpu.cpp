@@ -91,20 +91,35 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
       const float* gp = grads[t].data_ptr<float>();
       float* a1 = s1 + off;
       float* a2 = s2 + off;
-      // p, grad, m1 and m2 never alias (distinct tensors / disjoint state ranges): vectorise. The
-      // finite test is a select, not a branch, so the loop stays one vector pass.
-      int64_t bad = 0;
-#pragma omp simd reduction(+ : bad)
-      for (int64_t i = 0; i < n; ++i) {
-        const float ipt = std::fabs(pp[i] * gp[i]);
-        const bool ok = ipt - ipt == 0.0f;  // false for NaN and inf
-        const float e1 = b1 * a1[i] + c1 * ipt;
-        const float e2 = b2 * a2[i] + c2 * std::fabs(ipt - e1);
-        a1[i] = ok ? e1 : a1[i];
-        a2[i] = ok ? e2 : a2[i];
-        bad += ok ? 0 : 1;
+      // A first pass only looks for a non-finite |p * grad| (x * 0 is NaN exactly for NaN and inf,
+      // a float sum that vectorises; p and grad are then read from cache). Selecting and counting
+      // in the update loop itself stopped it from vectorising: 3.6x slower at 940k elements.
+      float chk = 0.0f;
+#pragma omp simd reduction(+ : chk)
+      for (int64_t i = 0; i < n; ++i) chk += std::fabs(pp[i] * gp[i]) * 0.0f;
+      if (chk == 0.0f) {
+        // p, grad, m1 and m2 never alias (distinct tensors / disjoint state ranges): vectorise.
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const float ipt = std::fabs(pp[i] * gp[i]);
+          const float e1 = b1 * a1[i] + c1 * ipt;
+          a1[i] = e1;
+          a2[i] = b2 * a2[i] + c2 * std::fabs(ipt - e1);
+        }
+      } else {  // rare: the non-finite elements keep their state and are counted
+        int64_t bad = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const float ipt = std::fabs(pp[i] * gp[i]);
+          if (!std::isfinite(ipt)) {
+            ++bad;
+            continue;
+          }
+          const float e1 = b1 * a1[i] + c1 * ipt;
+          a1[i] = e1;
+          a2[i] = b2 * a2[i] + c2 * std::fabs(ipt - e1);
+        }
+        nskip[t] += bad;
       }
-      nskip[t] += bad;
       if (!scores || n == 0) continue;
       const int64_t to = mp[3 * t + 1];
       const int64_t kind = mp[3 * t + 2];
