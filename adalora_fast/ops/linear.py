@@ -91,12 +91,18 @@ def _kernel_x(x, lora_A):
     return xk if xk.is_contiguous() else xk.contiguous()
 
 
+def _f32(t):
+    """t as the C++ kernels take it: contiguous fp32 (a copy only for half adapters, [r, k] or [N, r])."""
+    return t.contiguous() if t.dtype == torch.float32 else t.float().contiguous()
+
+
 def _forward_torch(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     w = weight.t() if fan_in_fan_out else weight  # [d, k]
     out = F.linear(x, w, bias)
     _, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
     if cpu_ext.usable(x.device, lora_A.dtype, dropout_p):
-        t = torch.ops.adalora_fast_cpu.dropout_shrink(_kernel_x(x, lora_A), lora_A.contiguous(), seed, dropout_p)
+        t = torch.ops.adalora_fast_cpu.dropout_shrink(_kernel_x(x, lora_A), _f32(lora_A), seed, dropout_p)
+        t = t.to(lora_A.dtype)  # half adapters: fp32 sums rounded once, as a half matmul rounds its output
     else:
         xa = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
         if dropout_p > 0.0:
@@ -130,8 +136,8 @@ def _backward_torch(
         in_place = dx is not None and dx.dtype in (torch.float32, xk.dtype) and dx.is_contiguous()
         lora_dx = dx if in_place else (torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None)
         dA = torch.ops.adalora_fast_cpu.dropout_shrink_backward(
-            xk, lora_A.contiguous(), ge.contiguous(), lora_dx, seed, dropout_p, bool(need_lora)
-        )
+            xk, _f32(lora_A), _f32(ge), lora_dx, seed, dropout_p, bool(need_lora)
+        ).to(lora_A.dtype)
         if need_x and not in_place:
             dx += lora_dx
         return dx, (dA if need_lora else None), dE, dB
