@@ -171,7 +171,9 @@ def _run_triton(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2
         params = [_fp32_contig(p) for p in params]  # fp32 copies (if any) live until the launch returns
         grads = [_fp32_contig(g) for g in grads]
     tens, tiles = _tables(layout, params if update else None, grads if update else None, dev)
-    _ki.importance(tens, tiles, m1, m2, scores if want_scores else m1, skipped, beta1, beta2, update, want_scores)
+    # without an update the counter is never touched: the int64 table stands in for it
+    _ki.importance(tens, tiles, m1, m2, scores if want_scores else m1, skipped if update else tens, beta1, beta2,
+                   update, want_scores)
     return scores
 
 
@@ -180,8 +182,7 @@ def _update_triton(layout, params, grads, m1, m2, skipped, beta1, beta2, want_sc
 
 
 def _scores_triton(layout, m1, m2):
-    no_counter = torch.zeros(max(1, len(layout.tensor_shapes)), dtype=torch.int64, device=m1.device)  # not written
-    return _run_triton(layout, None, None, m1, m2, no_counter, 0.0, 0.0, False, True)
+    return _run_triton(layout, None, None, m1, m2, None, 0.0, 0.0, False, True)
 
 
 # ---------------------------------------------------------------------------------- reference (forced)
