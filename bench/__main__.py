@@ -7,7 +7,8 @@
 
 Writes ``bench/results/<device>-<date>T<time>.csv`` and ``.png`` (``-quick`` added for ``--quick``);
 a run never overwrites an earlier one's files.
-On a CUDA machine it runs on the GPU (adalora_fast's Triton path); otherwise on the CPU (torch path).
+On a CUDA machine it runs on the GPU at the GPU plan's sizes (``cases.GPU``: LLaMA-7B projection shapes in bf16,
+a 4-layer hidden-2048 model for the steps); otherwise on the CPU (torch path).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     setup_threads(args.threads)
     device = pick_device(args.device)
-    plan = cases.QUICK if args.quick else cases.DEFAULT
+    plan = cases.QUICK if args.quick else (cases.GPU if device.type == "cuda" else cases.DEFAULT)
     if args.repeats:
         import dataclasses
 
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             f"LlamaForCausalLM (random init) hidden={plan.alloc_shape.hidden} intermediate={plan.alloc_shape.intermediate}, "
             f"ceil(n/7) layers, the first n projections adapted, init_r={plan.r}, random grads"
         ),
-        layer_bench=f"one nn.Linear (no bias) adapted, N={plan.layer_tokens} tokens, r={plan.r}, x requires grad",
+        layer_bench=f"one nn.Linear (no bias) adapted, N={plan.layer_tokens} tokens, r={plan.r}, x requires grad"
+        + (f", the layer (adapters too) and x in {str(plan.layer_dtype)[6:]}" if plan.layer_dtype is not None else ""),
         schedule="tinit=10 tfinal=1000 deltaT=10 total_step=10000; masking step 5000, non-masking step 5001",
         timing=(
             "alternating contenders in one process, warm-up, median over rounds of time per call; "

@@ -72,6 +72,7 @@ class Plan:
     warmup: int
     min_sample_s: float
     dtype_inner: int = 10  # steps per sample of the bf16-base, autocast and compiled rows
+    layer_dtype: torch.dtype | None = None  # the one-layer rows: the whole adapted layer cast to it (None: fp32)
     orth_max_layers: int = 224  # PEFT's penalty loop takes seconds per call beyond this
 
 
@@ -122,6 +123,30 @@ QUICK = Plan(
     repeats=DEFAULT.repeats,
     warmup=DEFAULT.warmup,
     min_sample_s=DEFAULT.min_sample_s,
+)
+
+_H2048 = {"hidden": 2048, "intermediate": 5504, "heads": 16}
+
+# On a CUDA GPU: the LLaMA-7B projection shapes of kernels/COST.md for the one-layer rows, in bf16
+# (the adapters too, so the Triton kernels run; fp32 adapters under torch's default full-fp32
+# matmul precision take torch's cuBLAS path), and a 4-layer hidden-2048 model for the steps.
+GPU = Plan(
+    name="gpu",
+    layer_tokens=8192,
+    layer_shapes=((4096, 4096), (4096, 11008), (11008, 4096)),
+    dropouts=(0.0, 0.1),
+    r=12,
+    alloc_counts=(7, 56, 224),
+    alloc_shape=LlamaShape(layers=0, **_H2048),
+    step_sizes=(StepSize(LlamaShape(layers=4, vocab=32000, seq=1024, batch=4, **_H2048)),),
+    step_shape=LlamaShape(layers=4, vocab=32000, seq=1024, batch=4, **_H2048),
+    dtype_dropouts=(0.1, 0.0),
+    compiled_shape=None,
+    compiled_dropouts=(),
+    repeats=DEFAULT.repeats,
+    warmup=DEFAULT.warmup,
+    min_sample_s=DEFAULT.min_sample_s,
+    layer_dtype=torch.bfloat16,
 )
 
 
@@ -179,11 +204,13 @@ class _Holder(nn.Module):
         self.proj = nn.Linear(k, d, bias=False)
 
 
-def _one_layer(kind, k, d, r, p, device, seed=0):
+def _one_layer(kind, k, d, r, p, device, seed=0, dtype=None):
     torch.manual_seed(seed)
     holder = _Holder(k, d).to(device)
     make_contender(kind, holder, r, p, ["proj"], causal_lm=False)
     layer = holder.proj  # both libraries replace the attribute in place
+    if dtype is not None:
+        layer.to(dtype)
     layer.train()
     return layer
 
@@ -193,11 +220,13 @@ def layer_cases(plan: Plan, device, tick) -> list:
     N = plan.layer_tokens
     for k, d in plan.layer_shapes:
         for p in plan.dropouts:
-            layers = {kind: _one_layer(kind, k, d, plan.r, p, device) for kind in ("ours", "peft_adalora", "peft_lora")}
+            dt = plan.layer_dtype
+            layers = {kind: _one_layer(kind, k, d, plan.r, p, device, dtype=dt)
+                      for kind in ("ours", "peft_adalora", "peft_lora")}
             torch.manual_seed(1)
-            x = torch.randn(N, k, device=device, requires_grad=True)
-            g = torch.randn(N, d, device=device)
-            case = f"N={N} k={k} d={d} r={plan.r} p={p}"
+            x = torch.randn(N, k, device=device, dtype=dt, requires_grad=True)
+            g = torch.randn(N, d, device=device, dtype=dt)
+            case = f"N={N} k={k} d={d} r={plan.r} p={p}" + (f" {str(dt)[6:]}" if dt is not None else "")
 
             def fwd(layer):
                 return lambda: layer(x)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One call on a lent CUDA machine: what only a GPU can check, in one go, logs under $OUT.
+#
+#   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,bench (default: all)
+#
+# env    : nvidia-smi, torch / triton / peft versions
+# check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes)
+# tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
+# graphs : tests/test_cuda_graphs.py (a training step captured and replayed)
+# bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
+#
+# Wheels in .whl/ (peft, pinned like the CPU suite) install to /tmp/site first; the package itself
+# installs there too (non-editable: kernels/ maps to adalora_fast.kernels only through setup.py).
+# Each part has its own time limit, so one that hangs does not cost the others.
+set -u
+OUT=${OUT:?set OUT to a folder for the logs}
+PARTS=${1:-env,check,tests,graphs,bench}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+mkdir -p "$OUT" /tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+t0=$SECONDS
+stamp() { echo "== $1 done at $((SECONDS - t0)) s"; }
+
+if has env; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv | tee "$OUT/env.txt"
+    $PY -c "import torch, triton, peft, transformers, adalora_fast; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'adalora_fast at', adalora_fast.__file__)" | tee -a "$OUT/env.txt"
+    stamp env
+fi
+if has check; then
+    timeout 150 $PY bench/gpu_check.py --repeats 50 2>&1 | tee "$OUT/gpu_check.txt"
+    stamp check
+fi
+if has tests; then
+    timeout 330 $PY -m pytest tests -q -p no:cacheprovider -n 8 -k "triton or gpu" -rfEs --ignore tests/test_triton_compile.py \
+        --junitxml "$OUT/junit.xml" 2>&1 | tail -150 | tee "$OUT/tests.txt"
+    stamp tests
+fi
+if has graphs && [ -f tests/test_cuda_graphs.py ]; then
+    timeout 120 $PY -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider -rfEs 2>&1 | tail -60 | tee "$OUT/graphs.txt"
+    stamp graphs
+fi
+if has bench; then
+    timeout 240 $PY -m bench --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | tail -80
+    stamp bench
+fi
