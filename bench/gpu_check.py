@@ -85,11 +85,102 @@ def measure(n: int, k: int, d: int, repeats: int) -> dict:
     }
 
 
+def _configs(kind: str):
+    """Launch configurations tried by ``--sweep`` for one kernel (the shipped one first)."""
+    if kind == "shrink":
+        for bn in (64, 32, 16):
+            for bk in (64, 128, 256):
+                for st in (3, 4, 5):
+                    yield dict(BLOCK_N=bn, BLOCK_K=bk, num_stages=st, num_warps=4)
+    elif kind == "grad_rank":
+        for bn in (64, 32, 16):
+            for bd in (64, 128):
+                for st in (3, 4):
+                    yield dict(BLOCK_N=bn, BLOCK_D=bd, num_stages=st, num_warps=4)
+    elif kind == "dA_dx":
+        for rb in (4, 2, 1, 8):
+            for bk in (64, 128, 32):
+                for st in (2, 3):
+                    yield dict(ROW_BLOCKS=rb, BLOCK_K=bk, BLOCK_N=64, num_stages=st, num_warps=4)
+    elif kind == "expand_add":
+        for bn in (64, 128, 32):
+            for bd in (128, 256, 64):
+                yield dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+
+
+def sweep(n: int, k: int, d: int, repeats: int) -> list:
+    """[(kernel, config, p, µs)]: every configuration of :func:`_configs` at one shape, bf16, r = 12."""
+    import triton
+
+    from adalora_fast.kernels import _launch
+    from adalora_fast.kernels import adapter as ka
+
+    dev, dt, r = torch.device("cuda"), torch.bfloat16, 12
+    torch.manual_seed(0)
+    x = torch.randn(n, k, device=dev, dtype=dt)
+    g = torch.randn(n, d, device=dev, dtype=dt)
+    A = torch.randn(r, k, device=dev, dtype=dt) * 0.02
+    E = torch.randn(r, 1, device=dev, dtype=dt)
+    B = torch.randn(d, r, device=dev, dtype=dt) * 0.02
+    s = torch.full((1,), 2.0, device=dev)
+    out = torch.randn(n, d, device=dev, dtype=dt)
+    dx = torch.randn(n, k, device=dev, dtype=dt)
+    t = torch.empty(n, r, device=dev)
+    ge = torch.randn(n, r, device=dev)
+    dA, dB, dE = torch.zeros(r, k, device=dev), torch.zeros(d, r, device=dev), torch.zeros(r, device=dev)
+    com = dict(R_PAD=16, UPCAST=False, DOT_PREC="tf32")
+    rows = []
+    ref = {}
+    for p in (0.1, 0.0):
+        da = ka.dropout_args(p, 7)
+        for kind in ("shrink", "grad_rank", "dA_dx", "expand_add"):
+            for cfg in _configs(kind):
+                c = dict(com, **cfg)
+                if kind == "shrink":
+                    fn = lambda c=c: _launch.launch(ka._shrink_kernel, (triton.cdiv(n, c["BLOCK_N"]),), x, A, t, n, k, r,
+                                                    x.stride(0), x.stride(1), *da, **c)
+                    check = lambda: t.clone()
+                elif kind == "grad_rank":
+                    fn = lambda c=c: _launch.launch(ka._grad_rank_kernel, (triton.cdiv(n, c["BLOCK_N"]),), g, t, E, s, B,
+                                                    ge, dB, dE, n, d, r, g.stride(0), g.stride(1), **c)
+                    check = None
+                elif kind == "dA_dx":
+                    grid = (triton.cdiv(n, c["BLOCK_N"] * c["ROW_BLOCKS"]), triton.cdiv(k, c["BLOCK_K"]))
+                    fn = lambda c=c, grid=grid: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, n, k, r, x.stride(0),
+                                                               x.stride(1), dx.stride(0), *da, 1, **c)
+                    check = None
+                else:
+                    grid = (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(d, c["BLOCK_D"]))
+                    fn = lambda c=c, grid=grid: _launch.launch(ka._expand_add_kernel, grid, t, E, s, B, out, n, d, r,
+                                                               out.stride(0), **c)
+                    check = None
+                if kind == "expand_add" and p:
+                    continue  # no dropout in expand_add
+                try:
+                    us = _time(fn, repeats)
+                except Exception as exc:  # a config that does not compile (shared memory, registers)
+                    rows.append((kind, cfg, p, None, f"{type(exc).__name__}: {str(exc)[:80]}"))
+                    continue
+                note = ""
+                if check is not None:  # every shrink config must give the shipped config's t
+                    got = check()
+                    key = (kind, p)
+                    if key not in ref:
+                        ref[key] = got
+                    elif not torch.allclose(got, ref[key], rtol=1e-2, atol=1e-2):
+                        note = "WRONG RESULT"
+                rows.append((kind, cfg, p, us, note))
+                print(f"sweep {k}->{d} p={p} {kind:<10} {cfg} {us:8.1f} us {note}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sass", help="a tests/compile_check.py --json result (default: compile the sm_90 binaries)")
     ap.add_argument("--n", type=int, default=cop.N, help="tokens per layer (the predictions assume 8192)")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--sweep", action="store_true", help="also time every launch configuration of _configs "
+                    "(4096→4096 and 4096→11008) and print the best per kernel")
     args = ap.parse_args(argv)
     if args.n != cop.N:
         cop.N = args.n
@@ -112,6 +203,15 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA GPU: predictions only, nothing measured (exit status 2)", file=sys.stderr)
         return 2
     print(f"device: {torch.cuda.get_device_name()}; meas/pred 1.00 = inside the predicted range")
+    if args.sweep:
+        for k, d in cop.SHAPES[:2]:
+            rows = sweep(args.n, k, d, max(10, args.repeats // 2))
+            for kind in ("shrink", "grad_rank", "dA_dx", "expand_add"):
+                for p in (0.1, 0.0):
+                    ok = [r for r in rows if r[0] == kind and r[2] == p and r[3] is not None and not r[4]]
+                    if ok:
+                        ship, best = ok[0], min(ok, key=lambda r: r[3])
+                        print(f"best {k}->{d} {kind:<10} p={p}: {best[3]:7.1f} us {best[1]}  (shipped {ship[3]:7.1f} us)")
     return 0
 
 

@@ -4,13 +4,14 @@
 #   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,bench (default: all)
 #
 # env    : nvidia-smi, torch / triton / peft versions
-# check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes)
+# check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
+#          SWEEP=1 adds its --sweep over launch configurations)
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
 # graphs : tests/test_cuda_graphs.py (a training step captured and replayed)
 # bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
 #
-# Wheels in .whl/ (peft, pinned like the CPU suite) install to /tmp/site first; the package itself
-# installs there too (non-editable: kernels/ maps to adalora_fast.kernels only through setup.py).
+# Wheels in .whl/ (peft, pinned like the CPU suite) install to /tmp/site; the package runs from the
+# checkout, with kernels/ and csrc/ linked into adalora_fast/ for the run (setup.py's mapping).
 # Each part has its own time limit, so one that hangs does not cost the others.
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
@@ -21,8 +22,9 @@ mkdir -p "$OUT" /tmp/site
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
+# the checkout itself is imported (cwd comes first on sys.path): map kernels/ and csrc/ in as setup.py does
+for d in kernels csrc; do [ -e adalora_fast/$d ] || { ln -s ../$d adalora_fast/$d; trap 'rm -f adalora_fast/kernels adalora_fast/csrc' EXIT; }; done
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 t0=$SECONDS
 stamp() { echo "== $1 done at $((SECONDS - t0)) s"; }
@@ -33,7 +35,7 @@ if has env; then
     stamp env
 fi
 if has check; then
-    timeout 150 $PY bench/gpu_check.py --repeats 50 2>&1 | tee "$OUT/gpu_check.txt"
+    timeout ${CHECK_S:-150} $PY bench/gpu_check.py --repeats 50 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^sweep"
     stamp check
 fi
 if has tests; then
@@ -46,6 +48,6 @@ if has graphs && [ -f tests/test_cuda_graphs.py ]; then
     stamp graphs
 fi
 if has bench; then
-    timeout 240 $PY -m bench --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | tail -80
+    timeout ${BENCH_S:-300} $PY -m bench --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | grep -v "it/s" | tail -80
     stamp bench
 fi
