@@ -44,10 +44,20 @@ from ._launch import INTERPRET, RANK_PADS, TL_DTYPE, dot_precision, pad_rank
 
 BLOCK_N = 64  # rows of x / out / g per tile (M of the tensor-core tiles: >= 64 for HGMMA)
 BLOCK_K = 64  # columns of x per tile (multiple of 8: the dropout counter groups 8 columns)
-BLOCK_D = 64  # columns of out / g per tile
-EXPAND_BLOCK_D = 128
-DA_ROW_BLOCKS = 4  # row tiles per _dA_dx program: 4x fewer fp32 atomics into dA
 NUM_WARPS = 4
+# Launch configurations picked by timing every candidate on an H100 (``bench/gpu_check.py --sweep``,
+# bf16, r = 12, N = 8192, k→d 4096→4096 and 4096→11008; medians of CUDA-event timings, run to run
+# noise ~10 %): shrink with 5 stages (was 3: 127→117 µs at p = 0.1, 72→62 at p = 0); dA_dx with one
+# row tile and 128 columns per program (was 4 x 64 rows, 64 columns: 270→136 µs and 164→121 µs at
+# k = 4096): more programs in flight beat 4x fewer dA atomics. grad_rank stays at 64-column tiles of
+# g: 128 was ~15 % faster at d = 11008 but reaches 255 registers and spills at R_PAD 64 and with
+# fp32 adapters (tests/compile_check.py).
+SHRINK_STAGES = 5
+GRAD_BLOCK_D = 64
+EXPAND_BLOCK_D = 128
+DA_BLOCK_K = 128
+DA_ROW_BLOCKS = 1
+DA_STAGES = 2
 SEED_OFFSET = 1 << 62  # seeds (< 2**62) are passed as seed + 2**62: always an int64, never 1
 
 # (base dtype, adapter dtype) pairs the kernels are compiled for: the adapter dtype is fp32
@@ -331,7 +341,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> tor
     _launch.launch(
         _shrink_kernel, (triton.cdiv(n, BLOCK_N),),
         x, lora_A, t, n, k, r, x.stride(0), x.stride(1), *dropout_args(dropout_p, seed),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_common(lora_A.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_stages=SHRINK_STAGES, **_common(lora_A.dtype, r),
     )
     return t
 
@@ -355,7 +365,7 @@ def grad_rank(g, t, lora_E, s, lora_B, ge, dB, dE) -> None:
     _launch.launch(
         _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, lora_E, s, lora_B, ge, dB, dE, n, d, r,
         g.stride(0), g.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **_common(lora_B.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D, **_common(lora_B.dtype, r),
     )
 
 
@@ -364,13 +374,13 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     n, k = x.shape
     r = lora_A.shape[0]
     _launch.check_deterministic("the adapter backward (dA)")
-    grid = (triton.cdiv(n, BLOCK_N * DA_ROW_BLOCKS), triton.cdiv(k, BLOCK_K))
+    grid = (triton.cdiv(n, BLOCK_N * DA_ROW_BLOCKS), triton.cdiv(k, DA_BLOCK_K))
     _launch.launch(
         _dA_dx_kernel, grid, x, ge, lora_A, dx if dx is not None else x, dA, n, k, r,
         x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, *dropout_args(dropout_p, seed),
         int(dx is not None),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        ROW_BLOCKS=DA_ROW_BLOCKS, **_common(lora_A.dtype, r),
+        BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS, num_stages=DA_STAGES,
+        **_common(lora_A.dtype, r),
     )
 
 
@@ -379,7 +389,8 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
 
 
 def compile_variants():
-    """Yield (name, jit fn, signature, constexprs, num_warps) for every config the launchers pick.
+    """Yield (name, jit fn, signature, constexprs, options) for every config the launchers pick;
+    options: num_warps, or a dict of compile options (num_warps, num_stages).
 
     Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC "tf32" for fp32 adapters
     (the only fp32 binaries the GPU runs, see ``ops/linear._impl``); dropout and need-dx are runtime
@@ -409,7 +420,8 @@ def compile_variants():
                     "inv_keep": "fp32", "has_dropout": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
                     "DOT_PREC": "constexpr"},
-                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), num_warps(rp))
+                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
+                   {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES})
             yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
                    {"T": "*fp32", "E": p(adt), "S": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
                     "D": "i32", "R": "i32", "stride_on": "i32", "R_PAD": "constexpr",
@@ -420,7 +432,7 @@ def compile_variants():
                     "DB": "*fp32", "DE": "*fp32", "N": "i32", "D": "i32", "R": "i32", "stride_gn": "i32",
                     "stride_gd": "constexpr", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D), num_warps(rp))
+                   dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D), num_warps(rp))
             yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,
                    {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "N": "i32",
                     "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
@@ -428,8 +440,8 @@ def compile_variants():
                     "has_dropout": "i32", "need_dx": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
                     "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N,
-                        BLOCK_K=BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS), num_warps(rp))
+                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
+                   {"num_warps": num_warps(rp), "num_stages": DA_STAGES})
 
 
 __all__ = ["DTYPE_PAIRS", "check_dtypes", "keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",

@@ -153,11 +153,13 @@ def unaligned_too(variant) -> bool:
 
 def _compile_one(job):
     idx, arch, aligned = job
-    name, fn, sig, consts, num_warps = variants()[idx]
+    name, fn, sig, consts, opts = variants()[idx]
+    opts = opts if isinstance(opts, dict) else {"num_warps": opts}  # a bare int is num_warps
+    num_warps = opts["num_warps"]
     if not aligned:
         name += "[unaligned]"
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, sig, aligned))
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
         path = f.name
@@ -172,7 +174,8 @@ def _compile_one(job):
         raise RuntimeError(f"cannot parse cuobjdump resource usage for {name} sm_{arch}:\n{res}")
     reg, stack, shared, local = (int(v) for v in m.groups())
     return {
-        "name": name, "kernel": fn.__name__, "arch": arch, "num_warps": num_warps, "aligned": aligned,
+        "name": name, "kernel": fn.__name__, "arch": arch, "num_warps": num_warps,
+        "num_stages": opts.get("num_stages"), "aligned": aligned,
         "registers": reg, "stack": stack, "local": local, "static_shared": shared,
         "dyn_shared": int(ck.metadata.shared), "smem_limit": SMEM_LIMIT[arch],
         "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),

@@ -47,7 +47,7 @@ def ours(k, d):
         ("bwd", "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
          H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R, 4 * N * d * RP),
         ("bwd", "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
-         H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 256) * R * k, 4 * N * k * RP),
+         H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 64) * R * k, 4 * N * k * RP),
         ("bwd", "cast accumulator to bf16", 6 * (R * k + d * R + R), 0),
     ]
 
@@ -107,7 +107,7 @@ def launch_shape(kernel: str, k: int, d: int):
         "_shrink_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(k, 64), 4),
         "_expand_add_kernel": (cdiv(N, 64) * cdiv(d, 128), cdiv(N, 64) * cdiv(d, 128), 4),
         "_grad_rank_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(d, 64), 4),
-        "_dA_dx_kernel": (cdiv(N, 256) * cdiv(k, 64), cdiv(N, 64) * cdiv(k, 64), 4),
+        "_dA_dx_kernel": (cdiv(N, 64) * cdiv(k, 128), cdiv(N, 64) * cdiv(k, 128), 4),
     }[kernel]
 
 
