@@ -12,9 +12,15 @@ set-up): the interpreter stays off, and wherever a test selects the "triton" imp
 come back to the CPU leaves), the compiled kernels run there, half-precision branches included,
 and results come back to the CPU, where the test compares them with ``reference.py`` as it does
 here. Tensors an op changes in place (the importance state, ``lora_E``) are copied back. CPU
-autocast in a test becomes CUDA autocast of the same dtype for the call. The fp32 tolerance
-(``tests/tolerances.py``) stays 1e-5: the kernels' fp32 dots are full fp32 unless torch's TF32
-switch is on (``kernels/_launch.dot_precision``). GPU-only tests are in ``tests/test_triton_gpu.py``.
+autocast in a test becomes CUDA autocast of the same dtype for the call. The ops that do not
+differentiate through their inputs (the allocator's: importance, scores, masks) get detached
+copies that carry each tensor's ``.grad`` along (``importance_update(grads=None)`` reads
+``p.grad``). A call whose tensors are all on CUDA already is passed through untouched: tests that
+check what happens on the device itself (registered ops under opcheck, kernel launchers, launch
+counts, saved tensors, bitwise equality with a base layer run there) build their tensors on
+:data:`TRITON_DEVICE` (:func:`device_for`). The fp32 tolerance (``tests/tolerances.py``) stays
+1e-5: the kernels' fp32 dots are full fp32 unless torch's TF32 switch is on
+(``kernels/_launch.dot_precision``). GPU-only tests are in ``tests/test_triton_gpu.py``.
 
 Fixtures:
 * ``use_backend(name)`` forces one implementation ("reference", "torch" or "triton") for the test;
@@ -34,22 +40,58 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("ADALORA_FAST_TEST_DEVICE"
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# where the "triton" implementation runs: the GPU, or the CPU under the interpreter
+TRITON_DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
+
 REAL_IMPLS = ("torch", "cpp", "triton")
 # the public ops a test calls through ``adalora_fast.ops`` (wrapped on a GPU machine)
 _PUBLIC_OPS = ("adapter_linear", "keep_mask", "importance_update", "triplet_scores", "keep_mask_to_budget",
                "apply_mask", "orth_penalty")
+# the ops autograd differentiates through (their inputs move with a differentiable ``.to``); the
+# others get detached copies that carry ``.grad``
+_DIFFERENTIABLE_OPS = ("adapter_linear", "orth_penalty")
 
 
-def _on_cuda(fn):
-    """``fn`` run on the GPU for CPU callers (see the module docstring)."""
+def device_for(impl: str) -> torch.device:
+    """Where a test builds the tensors it hands to implementation ``impl`` itself (registered ops,
+    kernels, a layer compared bit for bit): :data:`TRITON_DEVICE` for "triton", else the CPU."""
+    return TRITON_DEVICE if impl == "triton" else torch.device("cpu")
+
+
+def _holds(v, kind: str) -> bool:
+    """Whether a call argument is (or holds) a tensor on a ``kind`` device, or names one."""
+    if torch.is_tensor(v):
+        return v.device.type == kind
+    if isinstance(v, torch.device):
+        return v.type == kind
+    if isinstance(v, str):
+        return v == kind
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return any(_holds(x, kind) for x in v)
+    return False
+
+
+def _on_cuda(fn, differentiable: bool):
+    """``fn`` run on the GPU for CPU callers (see the module docstring); CUDA callers call ``fn``."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        every = list(args) + list(kwargs.values())
+        if _holds(every, "cuda") or not _holds(every, "cpu"):
+            # a caller on the GPU already (a CPU seed tensor beside CUDA inputs included): no copies,
+            # the caller's autocast as it is
+            return fn(*args, **kwargs)
         moved = []
 
         def to_dev(v):
             if torch.is_tensor(v) and v.device.type == "cpu":
-                c = v.to("cuda")
+                if differentiable:
+                    c = v.to("cuda")  # gradients flow back to the CPU leaf
+                else:
+                    c = v.detach().to("cuda")
+                    g = v.grad if v.is_leaf or v.retains_grad else None  # (a non-leaf's .grad warns)
+                    if g is not None:  # importance_update(grads=None) reads p.grad
+                        c.grad = g.detach().to("cuda")
                 moved.append((v, c))
                 return c
             if (isinstance(v, torch.device) and v.type == "cpu") or (isinstance(v, str) and v == "cpu"):
@@ -89,7 +131,7 @@ def _select(monkeypatch, name: str) -> None:
         from adalora_fast import ops
 
         for op in _PUBLIC_OPS:
-            monkeypatch.setattr(ops, op, _on_cuda(getattr(ops, op)))
+            monkeypatch.setattr(ops, op, _on_cuda(getattr(ops, op), op in _DIFFERENTIABLE_OPS))
 
 
 @pytest.fixture(autouse=True)

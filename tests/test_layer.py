@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import device_for
 from tolerances import assert_close
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -41,6 +42,12 @@ def test_adalora_linear_init_is_identity_of_base(impl, kind, bias):
     assert layer.ranknum["default"].item() == 12.0 and not layer.ranknum["default"].requires_grad
     assert not base.weight.requires_grad
     x = torch.randn(2, 3, 13, generator=torch.Generator().manual_seed(21))
+    # E = 0 adds exactly zero to the op's base product: bit for bit the base layer, run on the same
+    # device (on a GPU, "triton" runs there: the layer, its base and x move to CUDA)
+    dev = device_for(impl)
+    layer.to(dev)
+    x = x.to(dev)
+    assert base.weight.device.type == dev.type
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))
 

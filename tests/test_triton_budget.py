@@ -11,11 +11,19 @@ call, and its implementation runs below the mode. The counter records the custom
 ``custom`` and redispatches it to its device's implementation with the mode pushed again, so
 what runs inside it (the base GEMM, the Triton launches, any small torch op) is counted too.
 (Re-entering the mode and calling the op again would dispatch back into the mode: recursion.)
+
+Pointer tables the kernels' launchers upload (``_launch.to_device_table``) are counted apart, in
+``tables``: free on the CPU, one pinned host-to-device copy each on CUDA.
+
+The inputs are built on ``TRITON_DEVICE`` (conftest): the CPU here; on a GPU machine CUDA, so that
+conftest's wrapper passes the calls straight through and what is counted is what runs on the GPU
+(not the wrapper's copies between the CPU and the GPU).
 """
 
 from __future__ import annotations
 
 import torch
+from conftest import TRITON_DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from adalora_fast import ops
@@ -41,14 +49,22 @@ class Counter(TorchDispatchMode):
         self.ops: list = []
         self.triton: list = []
         self.custom: list = []
+        self.tables: list = []
         real = _launch.launch
+        real_table = _launch.to_device_table
 
         def counted(kernel, grid, *a, **kw):
             self.triton.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
             with _disable_current_modes():
                 return real(kernel, grid, *a, **kw)
 
+        def table(vals, device):
+            self.tables.append(len(vals))
+            with _disable_current_modes():
+                return real_table(vals, device)
+
         monkeypatch.setattr(_launch, "launch", counted)
+        monkeypatch.setattr(_launch, "to_device_table", table)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -66,17 +82,23 @@ class Counter(TorchDispatchMode):
         self.ops.clear()
         self.triton.clear()
         self.custom.clear()
+        self.tables.clear()
 
     @property
     def total(self):
         return len(self.ops) + len(self.triton)
 
 
+def _dev(t, requires_grad=False):
+    """t drawn on the CPU, on TRITON_DEVICE (a leaf there when it requires grad)."""
+    return t.to(TRITON_DEVICE).requires_grad_(requires_grad)
+
+
 def _layer(N=64, k=48, d=40, r=12, dtype=torch.float32):
-    x = torch.randn(N, k, dtype=dtype, requires_grad=True)
-    W, b = torch.randn(d, k, dtype=dtype), torch.randn(d, dtype=dtype)
-    A, E, B = (torch.randn(*s, requires_grad=True) for s in ((r, k), (r, 1), (d, r)))
-    return x, W, b, A, E, B, torch.tensor([float(r)])
+    x = _dev(torch.randn(N, k, dtype=dtype), requires_grad=True)
+    W, b = _dev(torch.randn(d, k, dtype=dtype)), _dev(torch.randn(d, dtype=dtype))
+    A, E, B = (_dev(torch.randn(*s), requires_grad=True) for s in ((r, k), (r, 1), (d, r)))
+    return x, W, b, A, E, B, _dev(torch.tensor([float(r)]))
 
 
 def test_saved_for_backward_nothing_of_size_Nk_but_x(use_backend):
@@ -92,6 +114,7 @@ def test_saved_for_backward_nothing_of_size_Nk_but_x(use_backend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, dropout_p=0.1, training=True, seed=7)
+    assert out.device.type == TRITON_DEVICE.type
     big = [t for t in saved if t.numel() >= N * min(k, d)]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr() and big[0].shape == x.shape
     total = sum(t.numel() * t.element_size() for t in saved)
@@ -115,13 +138,14 @@ def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
     for dtype, autocast in ((torch.float32, None), (torch.float32, torch.bfloat16)):
         x, W, b, A, E, B, rk = _layer()
         c = Counter(monkeypatch)
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with torch.autocast(TRITON_DEVICE.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             # under autocast the dispatcher's casts of the inputs are not the layer's: take them out
             xa, Wa, ba, Aa, Ea, Ba = (t.to(autocast) if autocast else t for t in (x, W, b, A, E, B))
             with c:
                 out = ops.adapter_linear(xa, Wa, ba, Aa, Ea, Ba, 2.0, rk, dropout_p=0.1, training=True, seed=3)
         assert c.custom == ["adapter_linear"], c.custom
         assert c.triton == ["_shrink_kernel", "_expand_add_kernel"]
+        assert c.tables == []
         assert c.total <= 7, (c.ops, c.triton)
         g = torch.randn_like(out)
         c.reset()
@@ -129,6 +153,7 @@ def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
             torch.autograd.grad(out, (xa, Aa, Ea, Ba), g)
         assert c.custom == ["adapter_linear_backward"], c.custom
         assert c.triton == ["_grad_rank_kernel", "_dA_dx_kernel"]
+        assert c.tables == []
         assert c.total <= 11, (c.ops, c.triton)
 
 
@@ -139,10 +164,10 @@ def test_launches_importance_and_mask_all_layers(use_backend, monkeypatch):
     L = FlatLayout(shapes)
     params, grads = [], []
     for r, k, d in shapes:
-        params += [torch.randn(r, k), torch.randn(d, r), torch.randn(r, 1)]
+        params += [_dev(torch.randn(r, k)), _dev(torch.randn(d, r)), _dev(torch.randn(r, 1))]
     grads = [torch.randn_like(p) for p in params]
-    m1, m2 = torch.zeros(L.numel), torch.zeros(L.numel)
-    skipped = torch.zeros(len(L.tensor_shapes), dtype=torch.int64)  # the allocator's persistent counter
+    m1, m2 = _dev(torch.zeros(L.numel)), _dev(torch.zeros(L.numel))
+    skipped = _dev(torch.zeros(len(L.tensor_shapes), dtype=torch.int64))  # the allocator's persistent counter
     ops.importance_update(L, params, grads, m1, m2, 0.85, 0.85, want_scores=True, skipped=skipped)  # the tables
     c = Counter(monkeypatch)
     with c:
@@ -153,6 +178,9 @@ def test_launches_importance_and_mask_all_layers(use_backend, monkeypatch):
         ops.apply_mask(params[2::3], keep)
     assert c.custom == ["importance_update", "apply_mask"], c.custom
     assert c.triton == ["_importance_kernel", "_apply_mask_kernel"]
+    # importance_update's tables are cached (built by the first call); apply_mask uploads its
+    # [layers x 3] pointer table each call (on CUDA one pinned host-to-device copy, not a kernel)
+    assert c.tables == [3 * (len(shapes) - 1)], c.tables
     # + the memset of the score vector
     assert c.total <= 3, (c.ops, c.triton)
 
@@ -161,8 +189,8 @@ def test_launches_orth_penalty(use_backend, monkeypatch):
     use_backend("triton")
     torch.manual_seed(3)
     shapes = [(12, 40, 24)] * 4 + [(6, 24, 70)] * 2
-    lora_A = [torch.randn(r, k, requires_grad=True) for r, k, _ in shapes]
-    lora_B = [torch.randn(d, r, requires_grad=True) for r, _, d in shapes]
+    lora_A = [_dev(torch.randn(r, k), requires_grad=True) for r, k, _ in shapes]
+    lora_B = [_dev(torch.randn(d, r), requires_grad=True) for r, _, d in shapes]
     ops.orth_penalty(lora_A, lora_B)  # builds the pointer tables once
     c = Counter(monkeypatch)
     with c:
@@ -170,6 +198,7 @@ def test_launches_orth_penalty(use_backend, monkeypatch):
         torch.autograd.grad(loss, lora_A + lora_B)
     assert c.custom == ["orth_penalty", "orth_penalty_backward"], c.custom
     assert c.triton == ["_orth_fwd_kernel", "_orth_bwd_kernel"]
+    assert c.tables == [], "the forward's and the backward's tables come from the first call's cache"
     # + the zeroed scalar of the loss, autograd's ones_like seed of the backward, and the zero
     # gradients autograd makes for the op's two other outputs (gram and norms, saved for backward)
     assert c.total <= 6, (c.ops, c.triton)

@@ -1,6 +1,9 @@
 """How the Triton kernels are launched, checked on the CPU (the interpreter): one device per launch,
 the dot precision following torch's TF32 switch, what is specialised, dropout p = 1, and the
-deterministic-algorithms switch. What needs a GPU is in ``tests/test_triton_gpu.py``."""
+deterministic-algorithms switch. What needs a GPU is in ``tests/test_triton_gpu.py``.
+
+The tests that call a kernel launcher themselves build its tensors on ``TRITON_DEVICE`` (conftest):
+the CPU here, CUDA on a GPU machine (without the interpreter a launch takes device tensors only)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 from adalora_fast.kernels import _launch
 from adalora_fast.kernels import adapter as ka
 from adalora_fast.kernels import orth as ko
+from conftest import TRITON_DEVICE
 from tolerances import assert_close
 
 from adalora_fast import ops
@@ -72,12 +76,14 @@ def test_width_d_specialised(kernel):
 
 
 def test_dropout_p_one_drops_everything():
+    dev = TRITON_DEVICE
     torch.manual_seed(0)
-    x, A = torch.randn(70, 24), torch.randn(12, 24)
+    x, A = torch.randn(70, 24).to(dev), torch.randn(12, 24).to(dev)
     t = ka.shrink(x, A, 1.0, seed=5)
+    assert t.device.type == dev.type
     assert torch.equal(t, torch.zeros_like(t))
-    assert not ka.keep_mask(5, 70, 24, 1.0, "cpu").any()
-    assert ka.keep_mask(5, 70, 24, 0.0, "cpu").all()
+    assert not ka.keep_mask(5, 70, 24, 1.0, dev).any()
+    assert ka.keep_mask(5, 70, 24, 0.0, dev).all()
     with pytest.raises(ValueError, match="dropout_p"):
         ka.shrink(x, A, 1.5, seed=5)
 
@@ -85,9 +91,10 @@ def test_dropout_p_one_drops_everything():
 def test_strided_x_with_a_large_column_stride():
     """x read through a column stride (x = xt.T): the column offset is computed in int64."""
     torch.manual_seed(1)
-    xt = torch.randn(24, 70)
+    xt = torch.randn(24, 70).to(TRITON_DEVICE)
     x = xt.t()  # [70, 24], strides (1, 70)
-    A = torch.randn(12, 24)
+    assert x.stride() == (1, 70)
+    A = torch.randn(12, 24).to(TRITON_DEVICE)
     assert_close(ka.shrink(x, A, 0.0, seed=0), x @ A.t(), what="t")
 
 
@@ -134,9 +141,12 @@ def test_orth_penalty_has_no_atomics_and_repeats_bit_for_bit(use_backend, determ
     torch.manual_seed(4)
     lora_A = [torch.randn(6, 40) for _ in range(5)]
     lora_B = [torch.randn(24, 6) for _ in range(5)]
-    first = ko.forward(lora_A, lora_B)[0]
-    again = ko.forward(lora_A, lora_B)[0]
+    dev_A, dev_B = [a.to(TRITON_DEVICE) for a in lora_A], [b.to(TRITON_DEVICE) for b in lora_B]
+    first = ko.forward(dev_A, dev_B)[0]
+    again = ko.forward(dev_A, dev_B)[0]
+    assert first.device.type == TRITON_DEVICE.type
     assert torch.equal(first, again)
+    # the expected loss from the CPU matrices (no cuBLAS under the deterministic switch)
     norms = [torch.linalg.norm(a @ a.t() - torch.eye(6)) for a in lora_A]
     norms += [torch.linalg.norm(b.t() @ b - torch.eye(6)) for b in lora_B]
-    assert_close(first, torch.stack(norms).mean(), what="loss")
+    assert_close(first.cpu(), torch.stack(norms).mean(), what="loss")
