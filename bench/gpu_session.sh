@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One call on a lent CUDA machine: what only a GPU can check, in one go, logs under $OUT.
 #
-#   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,bench (default: all)
+#   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,profile,bench (default: all)
 #
 # env    : nvidia-smi, torch / triton / peft versions
 # check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
 #          SWEEP=1 adds its --sweep over launch configurations)
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
 # graphs : tests/test_cuda_graphs.py (a training step captured and replayed)
+# profile: bench/gpu_profile.py (host vs device time of a training step, top ops)
 # bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
 #
 # Wheels in .whl/ (peft, pinned like the CPU suite) install to /tmp/site; the package runs from the
@@ -15,14 +16,14 @@
 # Each part has its own time limit, so one that hangs does not cost the others.
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
-PARTS=${1:-env,check,tests,graphs,bench}
+PARTS=${1:-env,check,tests,graphs,profile,bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$OUT" /tmp/site
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=$PWD:/tmp/site  # $PWD: scripts run from tests/ or bench/ import the checkout too
 # the checkout itself is imported (cwd comes first on sys.path): map kernels/ and csrc/ in as setup.py does
 for d in kernels csrc; do [ -e adalora_fast/$d ] || { ln -s ../$d adalora_fast/$d; trap 'rm -f adalora_fast/kernels adalora_fast/csrc' EXIT; }; done
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -46,6 +47,10 @@ fi
 if has graphs && [ -f tests/test_cuda_graphs.py ]; then
     timeout 120 $PY -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider -rfEs 2>&1 | tail -60 | tee "$OUT/graphs.txt"
     stamp graphs
+fi
+if has profile; then
+    timeout ${PROFILE_S:-150} $PY bench/gpu_profile.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt" | tail -${PROFILE_TAIL:-8}
+    stamp profile
 fi
 if has bench; then
     timeout ${BENCH_S:-300} $PY -m bench --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt" | grep -v "it/s" | tail -80
