@@ -32,10 +32,17 @@ def launch_device(args) -> torch.device:
     """The one device of every tensor argument of a launch; a clear error when they differ.
 
     (Pointer tables hold raw addresses: their builders check the tensors they point to.)"""
-    devs = {a.device for a in args if torch.is_tensor(a)}
-    if len(devs) != 1:
-        raise ValueError(f"a Triton launch needs all its tensors on one device, got {sorted(map(str, devs))}")
-    return devs.pop()
+    dev = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if dev is None:
+                dev = a.device
+            elif a.device != dev:
+                devs = sorted({str(t.device) for t in args if isinstance(t, torch.Tensor)})
+                raise ValueError(f"a Triton launch needs all its tensors on one device, got {devs}")
+    if dev is None:
+        raise ValueError("a Triton launch needs at least one tensor argument")
+    return dev
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -43,9 +50,12 @@ def launch(kernel, grid, *args, **kwargs):
 
     Triton launches on the *current* CUDA device and its current stream: with layers spread over
     GPUs (``device_map``) a layer on cuda:1 would run on cuda:0. The launch is guarded by the
-    tensors' device (``torch.cuda.device``), so it runs there, on that device's current stream."""
-    dev = launch_device(list(args) + list(kwargs.values()))
-    if dev.type == "cuda":
+    tensors' device (``torch.cuda.device``), so it runs there, on that device's current stream.
+    The guard is entered only when that device is not the current one: on an H100 this wrapper's
+    host time (every launch of a training step goes through it) was ~1/3 of Triton's own launch
+    path, most of it the guard (``bench/gpu_profile.py --cprofile``)."""
+    dev = launch_device(args)
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
             kernel[grid](*args, **kwargs)
     else:
