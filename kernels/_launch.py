@@ -24,6 +24,13 @@ def to_device_table(vals, device) -> torch.Tensor:
     """An int64 pointer/geometry table on ``device`` (pinned, non-blocking host-to-device copy on CUDA)."""
     t = torch.tensor(vals, dtype=torch.int64)
     if torch.device(device).type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # the captured copy would read this host buffer again at every replay, after it is freed
+            raise RuntimeError(
+                "adalora_fast (triton): a pointer table would be copied from host memory during CUDA graph "
+                "capture; run the captured region once eagerly first (the tables of the layer ops and the "
+                "orthogonal penalty are then cached) and keep update_and_allocate out of the graph"
+            )
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

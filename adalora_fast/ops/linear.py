@@ -276,6 +276,12 @@ def no_autocast(device: torch.device):
 def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"adapter_linear: dropout_p={dropout_p} must lie in [0, 1)")
+    if dropout_p > 0.0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # the seed is a host value: a captured graph would replay one dropout mask at every step
+        raise RuntimeError(
+            "adapter_linear: dropout under CUDA graph capture is not supported (the dropout seed is drawn on "
+            "the host, so every replay would reuse one mask); capture with lora_dropout=0 or run eagerly"
+        )
     if seed is None:
         # torch's default CPU generator: torch.manual_seed reproduces it; no device sync
         seed_t = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
