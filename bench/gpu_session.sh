@@ -7,7 +7,8 @@
 # check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
 #          SWEEP=1 adds its --sweep over launch configurations)
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
-# graphs : tests/test_cuda_graphs.py (a training step captured and replayed)
+# graphs : tests/test_cuda_graphs.py (a layer without dropout captured and replayed; dropout and
+#          pointer-table uploads under capture raise)
 # profile: bench/gpu_profile.py (host vs device time of a training step, top ops)
 # bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
 #
