@@ -164,6 +164,14 @@ def test_streaming_loads_are_128_bit(compiled):
                                   f"loop, the streamed tile needs {streamed}: {loads}")
 
 
+def _one_tile_per_program() -> set:
+    """The kernels whose programs handle one tile (no tile loop in the SASS): expand_add always,
+    dA_dx with one row tile per program (``DA_ROW_BLOCKS = 1``, the H100 sweep's choice)."""
+    from adalora_fast.kernels import adapter
+
+    return {"_expand_add_kernel"} | ({"_dA_dx_kernel"} if adapter.DA_ROW_BLOCKS == 1 else set())
+
+
 def test_instructions_per_tile_within_budget(compiled):
     bad = []
     for r in compiled:
@@ -171,7 +179,7 @@ def test_instructions_per_tile_within_budget(compiled):
             per_tile = r["loop_insns"] or r["insns"]
             if per_tile > TILE_INSN_BUDGET[r["kernel"]]:
                 bad.append((r["name"], r["arch"], per_tile))
-            if r["kernel"] != "_expand_add_kernel":
+            if r["kernel"] not in _one_tile_per_program():
                 assert r["loop_insns"] > 0, f"{r['name']}: no tile loop found in the SASS"
     assert not bad, f"SASS instructions per tile over {TILE_INSN_BUDGET}: {bad}"
 
