@@ -60,28 +60,34 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _operands(n: int, k: int, d: int, device="cuda"):
+    """The four kernels' operands at one shape: bf16 x [n, k], g / out [n, d], dx [n, k], A, E, B
+    (r = 12), s [1] fp32, ge [n, r] fp32, zeroed fp32 dA / dB / dE; random data, never zeros."""
+    import types
+
+    dev, dt, r = torch.device(device), torch.bfloat16, 12
+    torch.manual_seed(0)
+    return types.SimpleNamespace(
+        r=r, x=torch.randn(n, k, device=dev, dtype=dt), g=torch.randn(n, d, device=dev, dtype=dt),
+        A=torch.randn(r, k, device=dev, dtype=dt) * 0.02, E=torch.randn(r, 1, device=dev, dtype=dt),
+        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02, s=torch.full((1,), 2.0, device=dev),
+        out=torch.randn(n, d, device=dev, dtype=dt), dx=torch.randn(n, k, device=dev, dtype=dt),
+        ge=torch.randn(n, r, device=dev), dA=torch.zeros(r, k, device=dev), dB=torch.zeros(d, r, device=dev),
+        dE=torch.zeros(r, device=dev),
+    )
+
+
 def measure(n: int, k: int, d: int, repeats: int) -> dict:
     """{kernel: measured µs} of the four kernels at one shape (bf16, r = 12, dropout 0.1)."""
     from adalora_fast.kernels import adapter as ka
 
-    dev, dt, r, p = torch.device("cuda"), torch.bfloat16, 12, 0.1
-    torch.manual_seed(0)
-    x = torch.randn(n, k, device=dev, dtype=dt)
-    g = torch.randn(n, d, device=dev, dtype=dt)
-    A = torch.randn(r, k, device=dev, dtype=dt) * 0.02
-    E = torch.randn(r, 1, device=dev, dtype=dt)
-    B = torch.randn(d, r, device=dev, dtype=dt) * 0.02
-    s = torch.full((1,), 2.0, device=dev)
-    out = torch.randn(n, d, device=dev, dtype=dt)
-    dx = torch.randn(n, k, device=dev, dtype=dt)
-    t = ka.shrink(x, A, p, 7)
-    ge = torch.empty(n, r, device=dev)
-    dA, dB, dE = torch.zeros(r, k, device=dev), torch.zeros(d, r, device=dev), torch.zeros(r, device=dev)
+    p, o = 0.1, _operands(n, k, d)
+    t = ka.shrink(o.x, o.A, p, 7)
     return {
-        "_shrink_kernel": _time(lambda: ka.shrink(x, A, p, 7), repeats),
-        "_expand_add_kernel": _time(lambda: ka.expand_add(out, t, E, s, B), repeats),
-        "_grad_rank_kernel": _time(lambda: ka.grad_rank(g, t, E, s, B, ge, dB, dE), repeats),
-        "_dA_dx_kernel": _time(lambda: ka.dA_dx(x, ge, A, dx, dA, p, 7), repeats),
+        "_shrink_kernel": _time(lambda: ka.shrink(o.x, o.A, p, 7), repeats),
+        "_expand_add_kernel": _time(lambda: ka.expand_add(o.out, t, o.E, o.s, o.B), repeats),
+        "_grad_rank_kernel": _time(lambda: ka.grad_rank(o.g, t, o.E, o.s, o.B, o.ge, o.dB, o.dE), repeats),
+        "_dA_dx_kernel": _time(lambda: ka.dA_dx(o.x, o.ge, o.A, o.dx, o.dA, p, 7), repeats),
     }
 
 
@@ -115,19 +121,10 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
     from adalora_fast.kernels import _launch
     from adalora_fast.kernels import adapter as ka
 
-    dev, dt, r = torch.device("cuda"), torch.bfloat16, 12
-    torch.manual_seed(0)
-    x = torch.randn(n, k, device=dev, dtype=dt)
-    g = torch.randn(n, d, device=dev, dtype=dt)
-    A = torch.randn(r, k, device=dev, dtype=dt) * 0.02
-    E = torch.randn(r, 1, device=dev, dtype=dt)
-    B = torch.randn(d, r, device=dev, dtype=dt) * 0.02
-    s = torch.full((1,), 2.0, device=dev)
-    out = torch.randn(n, d, device=dev, dtype=dt)
-    dx = torch.randn(n, k, device=dev, dtype=dt)
-    t = torch.empty(n, r, device=dev)
-    ge = torch.randn(n, r, device=dev)
-    dA, dB, dE = torch.zeros(r, k, device=dev), torch.zeros(d, r, device=dev), torch.zeros(r, device=dev)
+    o = _operands(n, k, d)
+    r, x, g, A, E, B, s, out, dx, ge, dA, dB, dE = (o.r, o.x, o.g, o.A, o.E, o.B, o.s, o.out, o.dx, o.ge, o.dA, o.dB,
+                                                    o.dE)
+    t = torch.empty(n, r, device=x.device)
     com = dict(R_PAD=16, UPCAST=False, DOT_PREC="tf32")
     rows = []
     ref = {}
