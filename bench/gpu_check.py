@@ -117,7 +117,6 @@ def _configs(kind: str):
 def sweep(n: int, k: int, d: int, repeats: int) -> list:
     """[(kernel, config, p, µs)]: every configuration of :func:`_configs` at one shape, bf16, r = 12."""
     import triton
-
     from adalora_fast.kernels import _launch
     from adalora_fast.kernels import adapter as ka
 
@@ -134,7 +133,7 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
             for cfg in _configs(kind):
                 c = dict(com, **cfg)
                 if kind == "shrink":
-                    fn = lambda c=c: _launch.launch(ka._shrink_kernel, (triton.cdiv(n, c["BLOCK_N"]),), x, A, t, n, k, r,
+                    fn = lambda c=c, da=da: _launch.launch(ka._shrink_kernel, (triton.cdiv(n, c["BLOCK_N"]),), x, A, t, n, k, r,
                                                     x.stride(0), x.stride(1), *da, **c)
                     check = lambda: t.clone()
                 elif kind == "grad_rank":
@@ -143,7 +142,7 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
                     check = None
                 elif kind == "dA_dx":
                     grid = (triton.cdiv(n, c["BLOCK_N"] * c["ROW_BLOCKS"]), triton.cdiv(k, c["BLOCK_K"]))
-                    fn = lambda c=c, grid=grid: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, n, k, r, x.stride(0),
+                    fn = lambda c=c, grid=grid, da=da: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, n, k, r, x.stride(0),
                                                                x.stride(1), dx.stride(0), *da, 1, **c)
                     check = None
                 else:
@@ -155,7 +154,7 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
                     continue  # no dropout in expand_add
                 try:
                     us = _time(fn, repeats)
-                except Exception as exc:  # a config that does not compile (shared memory, registers)
+                except Exception as exc:  # noqa: BLE001 -- a config that does not compile (shared memory, registers)
                     rows.append((kind, cfg, p, None, f"{type(exc).__name__}: {str(exc)[:80]}"))
                     continue
                 note = ""

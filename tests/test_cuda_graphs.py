@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from adalora_fast.kernels import _launch
 
 from adalora_fast import ops
-from adalora_fast.kernels import _launch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: CUDA graph capture (no GPU on this machine)")
