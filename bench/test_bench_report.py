@@ -30,6 +30,21 @@ def test_default_sweep_covers_the_issue_sizes_and_both_dropouts():
         assert s.shape.tokens == 512
 
 
+def test_gpu_plan_times_bf16_layers_at_llama_shapes_and_runs_its_layer_rows():
+    """The GPU plan (chosen on CUDA): LLaMA-7B projection shapes in bf16 (so the Triton kernels run,
+    not the fp32 torch path); its one-layer rows, shrunk, run here on the CPU in bf16."""
+    import dataclasses
+
+    g = cases.GPU
+    assert g.layer_dtype == torch.bfloat16 and g.layer_tokens == 8192
+    assert (4096, 11008) in g.layer_shapes and set(g.dropouts) == {0.0, 0.1}
+    assert g.compiled_shape is None and g.repeats >= 5
+    small = dataclasses.replace(g, layer_tokens=16, layer_shapes=((32, 24),), repeats=1, warmup=1, min_sample_s=0.0)
+    rows = cases.layer_cases(small, torch.device("cpu"), lambda: None)
+    assert len(rows) == 4 and all(r["case"].endswith("bfloat16") for r in rows)
+    assert all(r[k] > 0 for r in rows for k in ("ours", "peft_adalora", "peft_lora"))
+
+
 @pytest.mark.parametrize("inner", [1, 2, 5, 10, 20])
 def test_each_sample_holds_one_masking_step_per_ten(inner):
     """Wherever the warm-up leaves off, any ``inner`` consecutive steps hold max(1, inner // 10)
