@@ -2,7 +2,7 @@
 
     python -m bench.cpu_kernel_ab [--rev REV] [--threads 1] [--rounds 100]
 
-Builds ``csrc/dropout_lora_cpu.cpp`` as it was at ``REV`` (default ``HEAD~1``) under another op
+Builds ``csrc/adapter_linear_cpu.cpp`` as it was at ``REV`` (default ``HEAD~1``) under another op
 namespace, checks that both give the same forward, dA and dx (fp32 tolerance) on each shape, then
 times forward and backward (dA + dx) of both, alternating in a shuffled order each round (a fixed
 order lets one contender inherit the other's warm cache), by thread CPU time (a shared machine's
@@ -30,7 +30,7 @@ def _build_old(rev: str):
     from torch.utils import cpp_extension
 
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:csrc/dropout_lora_cpu.cpp"], check=True,
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:csrc/adapter_linear_cpu.cpp"], check=True,
                          capture_output=True, text=True).stdout
     d = Path(tempfile.mkdtemp())
     (d / "old.cpp").write_text(src.replace("adalora_fast_cpu", "adalora_fast_ab_old"))

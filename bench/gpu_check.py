@@ -79,7 +79,7 @@ def _operands(n: int, k: int, d: int, device="cuda"):
 
 def measure(n: int, k: int, d: int, repeats: int) -> dict:
     """{kernel: measured µs} of the four kernels at one shape (bf16, r = 12, dropout 0.1)."""
-    from adalora_fast.kernels import adapter as ka
+    from adalora_fast.kernels import adapter_linear as ka
 
     p, o = 0.1, _operands(n, k, d)
     t = ka.shrink(o.x, o.A, p, 7)
@@ -102,10 +102,10 @@ _AXES = {
 
 def _configs(kind: str):
     """Launch configurations tried by ``--sweep`` for one kernel: the one its launcher ships first
-    (``kernels/adapter.py``; num_stages 3 is Triton's default), then the rest of :data:`_AXES`."""
+    (``kernels/triton_ops/adapter_linear.py``; num_stages 3 is Triton's default), then the rest of :data:`_AXES`."""
     import itertools
 
-    from adalora_fast.kernels import adapter as ka
+    from adalora_fast.kernels import adapter_linear as ka
 
     shipped = {
         "shrink": dict(BLOCK_N=ka.BLOCK_N, BLOCK_K=ka.BLOCK_K, num_stages=ka.SHRINK_STAGES),
@@ -125,7 +125,7 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
     """[(kernel, config, p, µs)]: every configuration of :func:`_configs` at one shape, bf16, r = 12."""
     import triton
     from adalora_fast.kernels import _launch
-    from adalora_fast.kernels import adapter as ka
+    from adalora_fast.kernels import adapter_linear as ka
 
     o = _operands(n, k, d)
     r, x, g, A, E, B, s, out, dx, ge, dA, dB, dE = (o.r, o.x, o.g, o.A, o.E, o.B, o.s, o.out, o.dx, o.ge, o.dA, o.dB,

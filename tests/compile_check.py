@@ -36,7 +36,7 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max shared memory per block (op
 
 
 def variants():
-    from adalora_fast.kernels import adapter, importance, orth
+    from adalora_fast.kernels import adapter_linear as adapter, importance, orth
 
     out = []
     for mod in (adapter, importance, orth):

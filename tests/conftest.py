@@ -20,7 +20,7 @@ check what happens on the device itself (registered ops under opcheck, kernel la
 counts, saved tensors, bitwise equality with a base layer run there) build their tensors on
 :data:`TRITON_DEVICE` (:func:`device_for`). The fp32 tolerance (``tests/tolerances.py``) stays
 1e-5: the kernels' fp32 dots are full fp32 unless torch's TF32 switch is on
-(``kernels/_launch.dot_precision``). GPU-only tests are in ``tests/test_triton_gpu.py``.
+(``kernels/triton_ops/_launch.dot_precision``). GPU-only tests are in ``tests/test_triton_gpu.py``.
 
 Fixtures:
 * ``use_backend(name)`` forces one implementation ("reference", "torch" or "triton") for the test;

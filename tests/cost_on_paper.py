@@ -102,7 +102,7 @@ def sass_counts(path=None) -> dict:
 
 
 def launch_shape(kernel: str, k: int, d: int):
-    """(programs, tiles, warps per program) of one launch at N tokens (kernels/adapter.py's grids)."""
+    """(programs, tiles, warps per program) of one launch at N tokens (kernels/triton_ops/adapter_linear.py's grids)."""
     return {
         "_shrink_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(k, 64), 4),
         "_expand_add_kernel": (cdiv(N, 64) * cdiv(d, 128), cdiv(N, 64) * cdiv(d, 128), 4),

@@ -36,7 +36,7 @@ MATMUL_KERNELS = {"_shrink_kernel", "_expand_add_kernel", "_grad_rank_kernel", "
                   "_orth_fwd_kernel", "_orth_bwd_kernel"}
 ALL_KERNELS = MATMUL_KERNELS | {"_keep_mask_kernel", "_importance_kernel", "_apply_mask_kernel"}
 # the kernels that stream an N x k / N x d operand, and the elements of it one tile loads (the
-# block sizes of kernels/adapter.py): x [64, 64]; out [64, 128]; g [64, 64]; x and dx [64, 128] each
+# block sizes of kernels/triton_ops/adapter_linear.py): x [64, 64]; out [64, 128]; g [64, 64]; x and dx [64, 128] each
 STREAMED_TILES = {"_shrink_kernel": 64 * 64, "_expand_add_kernel": 64 * 128, "_grad_rank_kernel": 64 * 64,
                   "_dA_dx_kernel": 2 * 64 * 128}
 STREAMING = set(STREAMED_TILES)
@@ -87,7 +87,7 @@ def compiled(tmp_path_factory):
 
 def _expected_configs():
     """Config names the launchers can pick, from the kernel modules (the interpreter is fine here)."""
-    from adalora_fast.kernels import adapter, importance, orth
+    from adalora_fast.kernels import adapter_linear as adapter, importance, orth
 
     return {v[0] for mod in (adapter, importance, orth) for v in mod.compile_variants()}
 
@@ -167,7 +167,7 @@ def test_streaming_loads_are_128_bit(compiled):
 def _one_tile_per_program() -> set:
     """The kernels whose programs handle one tile (no tile loop in the SASS): expand_add always,
     dA_dx with one row tile per program (``DA_ROW_BLOCKS = 1``, the H100 sweep's choice)."""
-    from adalora_fast.kernels import adapter
+    from adalora_fast.kernels import adapter_linear as adapter
 
     return {"_expand_add_kernel"} | ({"_dA_dx_kernel"} if adapter.DA_ROW_BLOCKS == 1 else set())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from adalora_fast.kernels import _launch
-from adalora_fast.kernels import adapter as ka
+from adalora_fast.kernels import adapter_linear as ka
 from adalora_fast.kernels import orth as ko
 from conftest import TRITON_DEVICE
 from tolerances import assert_close

@@ -28,7 +28,7 @@ import torch
 
 from .importance import importance_update, triplet_scores
 from .layout import IMPLS, FlatLayout, impl_for
-from .linear import adapter_linear, keep_mask
+from .adapter_linear import adapter_linear, keep_mask
 from .mask import apply_mask, keep_mask_to_budget
 from .orth import orth_penalty
 

@@ -1,5 +1,5 @@
 """The C++ CPU kernels (``csrc/``): fused dropout + shrink and its backward
-(``dropout_lora_cpu.cpp``); the importance update of all layers in one pass, the exact-k
+(``adapter_linear_cpu.cpp``); the importance update of all layers in one pass, the exact-k
 selection of the triplets to prune and the masking of every ``lora_E`` (``allocator_cpu.cpp``).
 
 Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 _state: dict = {"loaded": None, "error": None}
-_SOURCES = ("dropout_lora_cpu.cpp", "allocator_cpu.cpp")
+_SOURCES = ("adapter_linear_cpu.cpp", "allocator_cpu.cpp")
 
 
 def source_dir() -> Optional[Path]:

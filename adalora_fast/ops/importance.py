@@ -20,7 +20,7 @@ Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
 * CPU, "torch": fp32 parameters: one C++ pass (``csrc/allocator_cpu.cpp``, reads each ``.grad``
   itself; p, g, m1, m2 read once, m1, m2 written once, 24 B per element); other dtypes ~10 flat
   torch ops plus two ``torch.stack`` per (kind, shape) group, whatever the number of layers.
-* CUDA, "triton": ``kernels/importance.py``, one launch over every tensor (pointer tables built
+* CUDA, "triton": ``kernels/triton_ops/importance.py``, one launch over every tensor (pointer tables built
   here, cached per set of addresses) + 1 memset of the score vector.
 * "reference" (forced, tests only): ``reference.importance_update`` one tensor at a time.
 """

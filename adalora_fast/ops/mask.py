@@ -11,7 +11,7 @@ stable ``torch.sort`` of Σr scores on the device, no host sync.
 ``apply_mask``: zero every pruned ``lora_E`` entry in place, as PEFT's ``masked_fill_`` (``keep``:
 [Σr] bool in layer order, ``lora_E[i]`` [r_i, 1]); each E's version counter moves, so a backward
 through a stale saved E fails loudly (the Triton path moves them after its launch). CPU fp32: one
-C++ call; CUDA: one Triton launch per E dtype (``kernels/importance.py``); otherwise a split and
+C++ call; CUDA: one Triton launch per E dtype (``kernels/triton_ops/importance.py``); otherwise a split and
 one foreach multiply.
 """
 

@@ -14,7 +14,7 @@ Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
 
 * CPU, "torch": per (kind, shape) group one stack, one bmm and one norm forward; one bmm and one
   unbind backward (an autograd graph of the same ops would add ~10 nodes per group).
-* CUDA, "triton": ``kernels/orth.py``, one launch forward, one backward (r <= 64; larger ranks run
+* CUDA, "triton": ``kernels/triton_ops/orth.py``, one launch forward, one backward (r <= 64; larger ranks run
   the torch implementation, the same math).
 * "reference" (forced, tests only): ``reference.orth_penalty``, its gradient by autograd.
 """
@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .layout import LIB, autograd_inside_op, define_op, forced_impl, impl_for
-from .linear import no_autocast
+from .adapter_linear import no_autocast
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)

@@ -18,9 +18,9 @@ makes dropout reproducible, eagerly and compiled alike, without a graph break or
 Implementations by device (PyTorch's dispatcher picks; ``ADALORA_FAST_BACKEND`` forces one):
 
 * CPU, "torch": torch ops; fp32 adapters with dropout use the C++ kernel ``dropout_shrink``
-  (``csrc/dropout_lora_cpu.cpp``: the keep mask hashed from the seed, fused into the shrink, one
+  (``csrc/adapter_linear_cpu.cpp``: the keep mask hashed from the seed, fused into the shrink, one
   pass over x each way), other dtypes a seeded ``bernoulli_`` (two more passes each way).
-* CUDA, "triton": ``kernels/adapter.py``: shrink with in-kernel Philox dropout, expand-add in
+* CUDA, "triton": ``kernels/triton_ops/adapter_linear.py``: shrink with in-kernel Philox dropout, expand-add in
   place; backward one pass over g and one over x (ranks above 64 run the torch implementation:
   the same math). On CPU tensors it runs under Triton's interpreter when forced.
 * "reference" (forced, tests only): ``reference.adapter_linear``, its gradients by autograd.
@@ -47,7 +47,7 @@ def keep_mask(seed: int, shape, p: float, device, dtype=torch.float32, impl: Opt
     the C++ kernel's hash (fp32 CPU with the extension), or torch's seeded ``bernoulli_``."""
     impl = impl or impl_for(torch.device(device))
     if impl == "triton":
-        from ..kernels import adapter as _ka
+        from ..kernels import adapter_linear as _ka
 
         return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device)
     if cpu_ext.usable(device, dtype, p):
@@ -61,7 +61,7 @@ def _keep_float(shape, dtype, device, seed: int, p: float) -> torch.Tensor:
         # on CUDA the torch implementation draws the Triton kernels' Philox mask: a layer whose forward
         # ran one implementation and backward the other (the deterministic switch flipped in between,
         # see _impl) still sees one mask
-        from ..kernels import adapter as _ka
+        from ..kernels import adapter_linear as _ka
 
         return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device).to(dtype)
     gen = torch.Generator(device=device)
@@ -161,7 +161,7 @@ def _backward_torch(
 
 # ---------------------------------------------------------------------------------- triton (CUDA)
 def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
-    from ..kernels import adapter as _ka
+    from ..kernels import adapter_linear as _ka
 
     _ka.check_dtypes(x.dtype, lora_A.dtype)
     if weight.dtype != x.dtype:
@@ -183,7 +183,7 @@ def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, d
 def _backward_triton(
     g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
 ):
-    from ..kernels import adapter as _ka
+    from ..kernels import adapter_linear as _ka
 
     w = weight.t() if fan_in_fan_out else weight  # [d, k]
     n, k = x.shape
@@ -251,7 +251,7 @@ def _impl(device: torch.device, rank: int, dtype: torch.dtype):
         elif device.type == "cuda" and not forced_impl() and torch.are_deterministic_algorithms_enabled():
             # the Triton backward sums dA/dB/dE with fp32 atomics: under torch.use_deterministic_algorithms
             # the same math runs in torch ops (the same Philox dropout mask, see _keep_float); a forced
-            # triton raises in the backward instead (kernels/_launch.check_deterministic)
+            # triton raises in the backward instead (kernels/triton_ops/_launch.check_deterministic)
             name = "torch"
         elif device.type == "cuda" and not forced_impl() and _launch.dot_precision(dtype) == "ieee":
             # fp32 adapter products under torch's full-fp32 default (no TF32): cuBLAS SGEMM in the torch

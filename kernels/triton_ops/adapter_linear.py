@@ -1,13 +1,13 @@
 """Triton kernels of one adapted layer: shrink, expand-add, and the two backward kernels.
 
 Notation: x [N, k] (N tokens, base dtype), W [d, k] frozen, A [r, k], E [r, 1], B [d, r] (adapter
-dtype), s = scaling / (ranknum + eps) (a [1] fp32 device tensor the caller forms, ``ops/linear.py``),
+dtype), s = scaling / (ranknum + eps) (a [1] fp32 device tensor the caller forms, ``ops/adapter_linear.py``),
 e = E * s (an r-vector folded inside the kernels from E and s: no ``A*E`` tensor, no host read of
 ``ranknum``), p = dropout rate.
 The rank is padded inside the kernels to R_PAD in {16, 64} with zeros (masked loads), so any
 r <= 64 (init_r = 6, 12, 32 ...) runs on the tensor cores.
 
-Forward (the op ``adalora_fast::adapter_linear`` in ``ops/linear.py`` owns autograd):
+Forward (the op ``adalora_fast::adapter_linear`` in ``ops/adapter_linear.py`` owns autograd):
   1. out = x Wᵀ + b                                   cuBLAS (torch), 1 launch
   2. t = dropout(x) Aᵀ            [N, r] fp32        ``_shrink_kernel``, 1 launch, 1 pass over x
   3. out += (t ⊙ e) Bᵀ            in place           ``_expand_add_kernel``, 1 launch, 1 RMW of out
@@ -397,7 +397,7 @@ def compile_variants():
     options: num_warps, or a dict of compile options (num_warps, num_stages).
 
     Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC "tf32" for fp32 adapters
-    (the only fp32 binaries the GPU runs, see ``ops/linear._impl``); dropout and need-dx are runtime
+    (the only fp32 binaries the GPU runs, see ``ops/adapter_linear._impl``); dropout and need-dx are runtime
     flags (one binary serves both values). Integer arguments get the specialisation a contiguous
     LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
     the widths K / D 16-divisible); ``tests/compile_check.py`` also compiles the widths unaligned.
@@ -412,7 +412,7 @@ def compile_variants():
     for base, adt in DTYPE_PAIRS:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}"
         # fp32 operands: only the TF32 binaries ship for the GPU; with torch's full-fp32 default the
-        # layer op runs the torch implementation on CUDA (see ops/linear._impl): the FMA ("ieee")
+        # layer op runs the torch implementation on CUDA (see ops/adapter_linear._impl): the FMA ("ieee")
         # dots of these 64-wide tiles spill 0.4-7.6 KB of stack per thread on sm_90 and sm_80
         for rp, prec in [(rp, "tf32") for rp in RANK_PADS]:
             common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
