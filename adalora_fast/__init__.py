@@ -15,7 +15,7 @@ from .ops import backend_name
 def __getattr__(name):
     # The Trainer callback imports transformers.TrainerCallback (and accelerate): load it on demand.
     if name == "AdaLoraCallback":
-        from .trainer import AdaLoraCallback
+        from .callback import AdaLoraCallback
 
         return AdaLoraCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,40 +19,6 @@ CONFIG_NAME = "adapter_config.json"
 # The PEFT version whose on-disk format we write (peft reads "peft_version" only for information).
 PEFT_FORMAT_VERSION = "0.21.2"
 
-# Default target modules by `model.config.model_type`, as PEFT's
-# TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (the subset with nn.Linear/Conv1D layers).
-DEFAULT_TARGET_MODULES = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gpt_bigcode": ["c_attn"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-}
-
-
-# Modules PEFT trains whole (ModulesToSaveWrapper) for a task type, as its PeftModelFor<Task> classes add
-# them to ``modules_to_save``: PeftModelForSequenceClassification / ...TokenClassification add
-# ["classifier", "score"], PeftModelForQuestionAnswering ["qa_outputs"].
-TASK_MODULES_TO_SAVE = {
-    "SEQ_CLS": ["classifier", "score"],
-    "TOKEN_CLS": ["classifier", "score"],
-    "QUESTION_ANS": ["qa_outputs"],
-}
-
 
 class PeftType(str, enum.Enum):
     """PEFT's ``PeftType`` for the one type we have: a ``str`` enum, so ``PeftType.ADALORA == "ADALORA"``
@@ -233,3 +199,12 @@ class AdaLoraConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def as_config(config: Any) -> AdaLoraConfig:
+    """Our config as is; a ``peft.AdaLoraConfig`` (or anything with ``to_dict()``) converted."""
+    if isinstance(config, AdaLoraConfig):
+        return config
+    if type(config).__name__ == "AdaLoraConfig" or hasattr(config, "to_dict"):
+        return AdaLoraConfig.from_peft(config)
+    raise TypeError(f"config must be an adalora_fast.AdaLoraConfig or a peft.AdaLoraConfig, got {type(config).__name__}")

@@ -27,12 +27,21 @@ except ImportError:  # transformers is a dependency, but keep the layer importab
     Conv1D = None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D``: a linear layer whose weight is stored [in, out] (``fan_in_fan_out``)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 class AdaLoraLinear(nn.Module):
-    """One adapted linear layer. ``in_features`` = k, ``out_features`` = d."""
+    """One adapted linear layer. ``in_features`` = k, ``out_features`` = d.
+
+    ``fan_in_fan_out`` is taken for PEFT's ``SVDLinear`` signature and not read: the layout is the
+    base layer's (Conv1D: [in, out]; nn.Linear: [out, in]). AdaLoraModel warns when the config's
+    ``fan_in_fan_out`` disagrees with a target module."""
 
     def __init__(
         self,
@@ -49,17 +58,10 @@ class AdaLoraLinear(nn.Module):
             raise ValueError(
                 f"AdaLoraLinear adapts torch.nn.Linear and transformers' Conv1D, got {type(base_layer).__name__}"
             )
-        is_conv1d = Conv1D is not None and isinstance(base_layer, Conv1D)
-        if fan_in_fan_out is not None and fan_in_fan_out != is_conv1d:
-            warnings.warn(
-                f"fan_in_fan_out={fan_in_fan_out} does not fit a {type(base_layer).__name__} base layer; "
-                f"setting fan_in_fan_out to {is_conv1d}.",
-                stacklevel=2,
-            )
-        self.fan_in_fan_out = is_conv1d
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.base_layer = base_layer
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if is_conv1d else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         # Registration order matches PEFT's (A, B, E, ranknum), so named_parameters() agree.
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()

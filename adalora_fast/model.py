@@ -1,12 +1,10 @@
-"""AdaLoraModel: inject adapters by ``target_modules``, train ``modules_to_save`` copies, add the
-orthogonal penalty to the loss, run the rank allocator, save and load in PEFT's on-disk format,
-merge and unmerge.
+"""AdaLoraModel: the wrapper a user holds. It injects adapters (``targets.py`` says where), wraps
+``modules_to_save`` (``modules_to_save.py``), adds the orthogonal penalty to the loss, runs the rank
+allocator (``update_and_allocate``), merges and unmerges, and has PEFT's surface; saving and loading
+are in ``save_load.py``.
 
 State-dict keys match PEFT's ``AdaLoraModel`` (``model.<module>.lora_A.<adapter>``,
-``model.<module>.modules_to_save.<adapter>.weight``), and saved checkpoints match
-``PeftModel.save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A``, resized by the rank pattern, no ``ranknum``;
-``base_model.model.<module>.weight`` for a module to save), so either side loads the other's adapters.
+``model.<module>.modules_to_save.<adapter>.weight``), so either side loads the other's state dicts.
 
 One object plays both of PEFT's roles: the ``PeftModel`` a user holds and the tuner at
 ``peft_model.base_model`` (``model.base_model is model``; ``model.base_model.model`` and
@@ -16,107 +14,26 @@ One object plays both of PEFT's roles: the ``PeftModel`` a user holds and the tu
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import numbers
-import os
-import re
 import warnings
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, save_load
 from .allocator import RankAllocator
-from .config import DEFAULT_TARGET_MODULES, TASK_MODULES_TO_SAVE, AdaLoraConfig, PeftType
-from .layer import AdaLoraLinear, Conv1D, is_adaptable
+from .config import AdaLoraConfig, PeftType, as_config
+from .layer import AdaLoraLinear, is_conv1d
+from .modules_to_save import ModulesToSaveWrapper, add_task_defaults, wrap_modules_to_save
 from .ops.layout import split_kinds
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-ALLOCATOR_STATE_NAME = "adalora_allocator_state.safetensors"
-_KEY_PREFIX = "base_model.model."
-
-
-def _as_config(config: Any) -> AdaLoraConfig:
-    if isinstance(config, AdaLoraConfig):
-        return config
-    if type(config).__name__ == "AdaLoraConfig" or hasattr(config, "to_dict"):
-        return AdaLoraConfig.from_peft(config)
-    raise TypeError(f"config must be an adalora_fast.AdaLoraConfig or a peft.AdaLoraConfig, got {type(config).__name__}")
-
-
-def _layer_index(key: str, layers_pattern) -> Optional[int]:
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        return int(m.group("idx")) if m else None
-    for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
-        if m:
-            return int(m.group("idx"))
-    return None
-
-
-def _matches(config: AdaLoraConfig, key: str) -> bool:
-    """PEFT's ``check_target_module_exists`` for the cases adalora_fast supports."""
-    ex = config.exclude_modules
-    if ex:
-        if isinstance(ex, str):
-            if re.fullmatch(ex, key):
-                return False
-        elif key in ex or any(key.endswith(f".{e}") for e in ex):
-            return False
-    # PEFT never adapts a module to save, nor anything inside one.
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
-        return False
-    tm = config.target_modules
-    if isinstance(tm, str):
-        return re.fullmatch(tm, key) is not None
-    if key in tm:  # an exact name is taken as is; layers_to_transform filters suffix matches only (PEFT)
-        return True
-    found = any(key.endswith(f".{t}") for t in tm)
-    if found and config.layers_to_transform is not None:
-        idx = _layer_index(key, config.layers_pattern)
-        wanted = config.layers_to_transform
-        wanted = [wanted] if isinstance(wanted, int) else wanted
-        found = idx is not None and idx in wanted
-    return found
-
-
-def _resolve_targets(model: nn.Module, config: AdaLoraConfig) -> None:
-    tm = config.target_modules
-    if tm is None:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        if mt not in DEFAULT_TARGET_MODULES:
-            raise ValueError(
-                f"AdaLoraConfig.target_modules=None and no default is known for model_type={mt!r}; "
-                "pass target_modules (a list of names, a regex, or 'all-linear')"
-            )
-        config.target_modules = set(DEFAULT_TARGET_MODULES[mt])
-    elif isinstance(tm, str) and tm.lower() == "all-linear":
-        names = {n for n, m in model.named_modules() if is_adaptable(m)}
-        get_out = getattr(model, "get_output_embeddings", None)
-        out_emb = get_out() if callable(get_out) else None
-        if out_emb is not None:
-            names -= {n for n, m in model.named_modules() if m is out_emb}
-        config.target_modules = names
+from .targets import find_targets, resolve_target_modules
 
 
 def _clean_name(name: str) -> str:
     """A module name without the ``_fsdp_wrapped_module`` segments FSDP1 inserts (checkpoint keys must not change)."""
     return name.replace("_fsdp_wrapped_module.", "") if "_fsdp_wrapped_module" in name else name
-
-
-def _strip_adapter(key: str, adapter_name: str) -> str:
-    """PEFT's ``_remove_adapter_name_from_state_dict_key``: the checkpoint key of a model state-dict key."""
-    if "." not in key:
-        return key
-    if key.endswith(f".{adapter_name}"):
-        return key[: -len(adapter_name) - 1]
-    head, _, tail = key.rpartition(".")
-    head = re.sub(re.escape(f".{adapter_name}") + r"$", "", head)
-    return f"{head}.{tail}"
 
 
 def _as_step(global_step: Any) -> int:
@@ -141,39 +58,6 @@ def _as_step(global_step: Any) -> int:
     return v
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """PEFT's ``ModulesToSaveWrapper``: the frozen ``original_module`` and a trainable copy in
-    ``modules_to_save[adapter]``, which the forward uses unless adapters are disabled. Attributes
-    the wrapper lacks (``weight``, ``out_features``, ...) are read from the module in use."""
-
-    def __init__(self, module_to_save: nn.Module, adapter_name: str = "default", inference_mode: bool = False) -> None:
-        super().__init__()
-        self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict({adapter_name: copy.deepcopy(module_to_save)})
-        self.active_adapter = adapter_name
-        self.disable_adapters = False
-        module_to_save.requires_grad_(False)
-        self.modules_to_save[adapter_name].requires_grad_(not inference_mode)
-
-    @property
-    def active_module(self) -> nn.Module:
-        return self.original_module if self.disable_adapters else self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "_modules" not in self.__dict__ or name in ("original_module", "modules_to_save"):
-                raise
-        mods = self.__dict__["_modules"]
-        if self.__dict__.get("disable_adapters", False):
-            return getattr(mods["original_module"], name)
-        return getattr(mods["modules_to_save"][self.__dict__["active_adapter"]], name)
-
-
 class AdaLoraModel(nn.Module):
     """A transformers (or any torch) model with AdaLoRA adapters on its target linear layers.
 
@@ -195,19 +79,16 @@ class AdaLoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default") -> None:
         super().__init__()
-        config = _as_config(config)
+        config = as_config(config)
         self.model = model
         self.peft_config = {adapter_name: config}
         self.active_adapter = adapter_name
         self.trainable_adapter_name = adapter_name
         self._synced_mask_version = None
-        _resolve_targets(model, config)
-        asked = list(config.modules_to_save or [])
-        defaults = TASK_MODULES_TO_SAVE.get(config.task_type, [])
-        if defaults:  # PEFT's PeftModelFor<Task> adds these (we skip the duplicates PEFT appends)
-            config.modules_to_save = asked + [m for m in defaults if m not in asked]
+        resolve_target_modules(model, config)
+        asked, defaults = add_task_defaults(config)
         self._inject(config, adapter_name)
-        self._wrap_modules_to_save(config, adapter_name, asked, defaults)
+        wrap_modules_to_save(model, config, adapter_name, asked, defaults, [n for n, _ in self.adapted_layers()])
         self._set_trainable(config)
         self.rankallocator: Optional[RankAllocator] = None
         if not config.inference_mode:
@@ -216,38 +97,20 @@ class AdaLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ injection
     def _inject(self, config: AdaLoraConfig, adapter_name: str) -> None:
-        targets = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, AdaLoraLinear) or not name:
-                continue
-            if ".base_layer" in f".{name}" or not _matches(config, name):
-                continue
-            if not is_adaptable(module):
-                if list(module.children()) and not isinstance(config.target_modules, str):
-                    continue
-                raise ValueError(
-                    f"target module {name!r} is a {type(module).__name__}; adalora_fast adapts torch.nn.Linear "
-                    "and transformers' Conv1D only"
-                )
-            targets.append(name)
-        if not targets:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matched no nn.Linear/Conv1D module of the model; "
-                "linear modules are, for example: "
-                + ", ".join([n for n, m in self.model.named_modules() if is_adaptable(m)][:8])
-            )
+        """Put an AdaLoraLinear in place of every target module; ``config.fan_in_fan_out`` is set to
+        the targets' layout (with PEFT's warning, once, when it said otherwise)."""
         warned = False
-        for name in targets:
+        for name in find_targets(self.model, config):
             base = self.model.get_submodule(name)
-            is_conv1d = Conv1D is not None and isinstance(base, Conv1D)
-            if config.fan_in_fan_out != is_conv1d and not warned:
+            conv1d = is_conv1d(base)
+            if config.fan_in_fan_out != conv1d and not warned:
                 warnings.warn(
                     f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
-                    f"{type(base).__name__}. Setting fan_in_fan_out to {is_conv1d}.",
+                    f"{type(base).__name__}. Setting fan_in_fan_out to {conv1d}.",
                     stacklevel=3,
                 )
                 warned = True
-            config.fan_in_fan_out = is_conv1d
+            config.fan_in_fan_out = conv1d
             new = AdaLoraLinear(
                 base,
                 adapter_name,
@@ -256,42 +119,7 @@ class AdaLoraModel(nn.Module):
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
             )
-            self._swap(name, new)
-
-    def _swap(self, name: str, module: nn.Module) -> None:
-        """Put ``module`` at the dotted path ``name`` of the base model."""
-        parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, child, module)
-
-    def _wrap_modules_to_save(self, config: AdaLoraConfig, adapter_name: str, asked: list, defaults: list) -> None:
-        """PEFT's ``_set_trainable``: wrap every module whose name ends with a ``modules_to_save`` entry."""
-        names = config.modules_to_save
-        if not names:
-            return
-        adapted = [n for n, _ in self.adapted_layers()]
-        wrapped, matched = [], set()
-        for key, module in list(self.model.named_modules()):
-            hits = [t for t in names if key.endswith(t)]
-            if not key or not hits or any(key.startswith(f"{w}.") for w in wrapped):
-                continue
-            if isinstance(module, (AdaLoraLinear, ModulesToSaveWrapper)) or any(key.startswith(f"{a}.") for a in adapted):
-                raise ValueError(
-                    f"modules_to_save={names!r}: {key!r} is an adapted layer or part of one; a module cannot be "
-                    "both adapted (target_modules) and trained whole (modules_to_save)"
-                )
-            self._swap(key, ModulesToSaveWrapper(module, adapter_name, inference_mode=config.inference_mode))
-            wrapped.append(key)
-            matched.update(hits)
-        missing = [m for m in asked if m not in matched and m not in defaults]
-        if defaults and not matched.intersection(defaults):
-            missing.append(f"any of {defaults} (the defaults of task_type={config.task_type!r})")
-        if missing:
-            warnings.warn(
-                f"modules_to_save: no module of the model is named {', '.join(map(str, missing))}; "
-                "nothing was made trainable for it",
-                stacklevel=3,
-            )
+            self.model.set_submodule(name, new)
 
     def _set_trainable(self, config: AdaLoraConfig) -> None:
         for n, p in self.model.named_parameters():
@@ -496,9 +324,9 @@ class AdaLoraModel(nn.Module):
                 m.merge(safe_merge=safe_merge)
             elif not merge and m.merged:
                 m.unmerge()
-            self._swap(name, m.base_layer)
+            self.model.set_submodule(name, m.base_layer)
         for name, w in self.modules_to_save_wrappers():
-            self._swap(name, w.modules_to_save[w.active_adapter])
+            self.model.set_submodule(name, w.modules_to_save[w.active_adapter])
         return self.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -514,53 +342,11 @@ class AdaLoraModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    # ------------------------------------------------------------------ save / load (PEFT's format)
+    # ------------------------------------------------------------------ save / load (save_load.py)
     def adapter_state_dict(self) -> dict:
         """The tensors PEFT saves, under PEFT's keys, resized by the rank pattern when one exists.
         Under FSDP the adapters are gathered whole (collective: call it on every rank)."""
-        a = self.trainable_adapter_name
-        config = self.peft_config[a]
-        pattern = self.rank_pattern
-        whole = self._whole_adapters()
-        out = {}
-        for i, (name, m) in enumerate(self.adapted_layers()):
-            if whole is not None:
-                A, B, E = whole[3 * i : 3 * i + 3]
-            else:
-                A, B, E = m.lora_A[a].detach(), m.lora_B[a].detach(), m.lora_E[a].detach()
-            keep = None
-            if pattern is not None:
-                keep = pattern.get(f"{name}.lora_E.{a}", pattern.get(f"{name}.lora_E"))
-            if keep is not None and len(keep) == A.shape[0] and sum(keep) != A.shape[0]:
-                kt = torch.tensor(keep, dtype=torch.bool, device=A.device)
-                A, B, E = A[kt], B[:, kt], E[kt]
-            pre = f"{_KEY_PREFIX}{name}"
-            out[f"{pre}.lora_A"] = A.contiguous()
-            out[f"{pre}.lora_B"] = B.contiguous()
-            out[f"{pre}.lora_E"] = E.contiguous()
-            if config.bias == "lora_only" and m.base_layer.bias is not None:
-                out[f"{pre}.base_layer.bias"] = m.base_layer.bias.detach()
-        if config.bias == "all":
-            # PEFT's keys: every bias of the model state dict, the adapter name taken out (so a module to
-            # save also writes "<m>.original_module.bias" and "<m>.modules_to_save.bias", as PEFT does)
-            for n, p in self.model.named_parameters():
-                if n.endswith("bias"):
-                    out[_KEY_PREFIX + _strip_adapter(n, a)] = p.detach()
-        out.update(self._modules_to_save_tensors())
-        return out
-
-    def _whole_adapters(self) -> Optional[list]:
-        """[A, B, E of every layer] as whole detached tensors when the adapters are FSDP shards (collective), else None."""
-        sh = self.rankallocator.shards if self.rankallocator is not None else None
-        return None if sh is None else sh.full_tensors(range(len(sh.params)))
-
-    def _modules_to_save_tensors(self) -> dict:
-        """``base_model.model.<module>.<key>`` -> the trained copy's state-dict entry (PEFT's keys)."""
-        out = {}
-        for name, w in self.modules_to_save_wrappers():
-            for k, v in w.modules_to_save[w.active_adapter].state_dict().items():
-                out[f"{_KEY_PREFIX}{name}.{k}"] = v.detach()
-        return out
+        return save_load.adapter_state_dict(self)
 
     def save_pretrained(
         self,
@@ -579,93 +365,9 @@ class AdaLoraModel(nn.Module):
         adapters go to ``adalora_allocator_state.safetensors`` beside them, so training can resume
         exactly (``from_pretrained(..., is_trainable=True)``, or ``AdaLoraCallback`` on resume).
         """
-        from safetensors.torch import save_file
-
-        a = self.trainable_adapter_name
-        if selected_adapters is not None and list(selected_adapters) != [a]:
-            raise ValueError(f"selected_adapters={selected_adapters!r}: this model holds the one adapter {a!r}")
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory={save_directory!r} is a file, expected a directory")
-        # Under FSDP every rank takes part in gathering the tensors; only the main process writes them.
-        sharded = self.rankallocator is not None and self.rankallocator.shards is not None
-        if not is_main_process and not sharded:
-            return
-        # FSDP2 shards of modules to save and biases: gathered whole (collective, the same order on every rank)
-        state = {k: v.full_tensor() if distributed.is_dtensor(v) else v for k, v in self.adapter_state_dict().items()}
-        alloc_state = self.allocator_checkpoint() if save_allocator_state and self.rankallocator is not None else None
-        if not is_main_process:
-            return
-        config = self.peft_config[a]
-        path = save_directory if a == "default" else os.path.join(save_directory, a)
-        os.makedirs(path, exist_ok=True)
-        pattern = self.rank_pattern
-        tensors, seen = {}, set()
-        for k, v in state.items():
-            v = v.cpu().contiguous()
-            if v.data_ptr() in seen:  # bias="all" with a module to save: two keys, one tensor (safetensors refuses aliases)
-                v = v.clone()
-            seen.add(v.data_ptr())
-            tensors[k] = v
-        if safe_serialization:
-            save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, os.path.join(path, LEGACY_WEIGHTS_NAME))
-        d = config.to_dict()
-        d["inference_mode"] = True
-        if pattern is not None:
-            d["rank_pattern"] = {k.replace(f".{a}", ""): list(v) for k, v in pattern.items()}
-        if d.get("base_model_name_or_path") is None:
-            d["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
-        saved = AdaLoraConfig.from_dict(d)
-        saved.save_pretrained(path)
-        if alloc_state is not None:
-            save_file(alloc_state, os.path.join(path, ALLOCATOR_STATE_NAME))
-
-    def allocator_checkpoint(self) -> dict:
-        """What an exact resume needs beyond the saved adapter: the allocator's state (importance
-        averages, mask, phase, last step) as ``allocator.<key>`` and the full-rank adapters as
-        ``adapter.<module>.lora_{A,B,E}`` (the adapter file is resized by the rank pattern, but
-        pruned triplets can come back at later masking steps)."""
-        if self.rankallocator is None:
-            raise RuntimeError("this AdaLoraModel was built with inference_mode=True; it has no rank allocator")
-        a = self.trainable_adapter_name
-        sd = {f"allocator.{k}": v for k, v in self.rankallocator.state_dict().items()}
-        whole = self._whole_adapters()  # under FSDP: gathered (collective, as state_dict() above)
-        for i, (name, m) in enumerate(self.adapted_layers()):
-            for j, kind in enumerate(("lora_A", "lora_B", "lora_E")):
-                sd[f"adapter.{name}.{kind}"] = getattr(m, kind)[a] if whole is None else whole[3 * i + j]
-        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-
-    def _adapters_in_checkpoint(self, sd: dict, where: str) -> list:
-        """[(parameter, saved tensor)] for every full-rank adapter of an allocator checkpoint; checks names and shapes."""
-        a = self.trainable_adapter_name
-        out = []
-        for name, m in self.adapted_layers():
-            for kind in ("lora_A", "lora_B", "lora_E"):
-                key = f"adapter.{name}.{kind}"
-                if key not in sd:
-                    raise ValueError(f"{where} lacks {key!r}")
-                p = getattr(m, kind)[a]
-                if tuple(sd[key].shape) != tuple(p.shape):
-                    raise ValueError(f"{where}: {key} has shape {tuple(sd[key].shape)}, the model's is {tuple(p.shape)}")
-                out.append((p, sd[key]))
-        return out
-
-    def load_allocator_checkpoint(self, sd: dict, load_adapters: bool = True, where: str = "allocator checkpoint") -> None:
-        """Restore what ``allocator_checkpoint()`` returned: the full-rank adapters (unless
-        ``load_adapters`` is False) and the allocator state."""
-        if self.rankallocator is None:
-            raise RuntimeError("this AdaLoraModel was built with inference_mode=True; it has no rank allocator")
-        pairs = self._adapters_in_checkpoint(sd, where)
-        alloc_sd = {k[len("allocator.") :]: v for k, v in sd.items() if k.startswith("allocator.")}
-        if "ranks" not in alloc_sd:
-            raise ValueError(f"{where} holds no allocator state")
-        if load_adapters:
-            with torch.no_grad():
-                for p, v in pairs:
-                    p.copy_(v.to(p.dtype))
-        self.rankallocator.refresh()
-        self.rankallocator.load_state_dict(alloc_sd)
+        save_load.save_pretrained(
+            self, save_directory, safe_serialization, selected_adapters, is_main_process, save_allocator_state
+        )
 
     @classmethod
     def from_pretrained(
@@ -682,83 +384,19 @@ class AdaLoraModel(nn.Module):
         loaded. With ``is_trainable`` and an ``adalora_allocator_state.safetensors`` beside the
         adapter, the full-rank adapters and the allocator state are restored for an exact resume.
         """
-        config = _as_config(config) if config is not None else AdaLoraConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        pattern = config.rank_pattern
-        config.rank_pattern = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # fan_in_fan_out notes were given at training time
-            self = cls(model, config, adapter_name)
-        layers = dict(self.adapted_layers())
-        state_path = os.path.join(model_id, ALLOCATOR_STATE_NAME)
-        resume = is_trainable and os.path.isfile(state_path)
-        if resume:
-            from safetensors.torch import load_file
+        return save_load.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
 
-            self.load_allocator_checkpoint(load_file(state_path), where=repr(state_path))
-        elif pattern:
-            for key, keep in pattern.items():
-                mod = re.sub(rf"\.lora_E(\.{re.escape(adapter_name)})?$", "", key)
-                if mod not in layers:
-                    raise ValueError(f"rank_pattern names {key!r}, but {mod!r} is not an adapted module")
-                if sum(keep) != len(keep):
-                    layers[mod].resize(adapter_name, torch.tensor(keep, dtype=torch.bool))
-            config.rank_pattern = pattern
-        self._load_adapter_file(_load_adapter_tensors(model_id), model_id, layers, adapter_name, with_lora=not resume)
-        if is_trainable and not resume:
-            self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
-            self.rankallocator.shard_root = self  # FSDP1 units inside this model hold flat-shard ranges
-        return self
+    def allocator_checkpoint(self) -> dict:
+        """What an exact resume needs beyond the saved adapter: the allocator's state (importance
+        averages, mask, phase, last step) as ``allocator.<key>`` and the full-rank adapters as
+        ``adapter.<module>.lora_{A,B,E}`` (the adapter file is resized by the rank pattern, but
+        pruned triplets can come back at later masking steps)."""
+        return save_load.allocator_checkpoint(self)
 
-    def _load_adapter_file(self, tensors: dict, model_id: str, layers: dict, adapter_name: str, with_lora: bool) -> None:
-        """Copy a PEFT-format adapter file into the model: lora_A/B/E (unless ``with_lora`` is False:
-        a resume took them at full rank from the allocator state), the modules to save, trained biases."""
-        own = {}
-        if with_lora:
-            for name, m in layers.items():
-                for kind in ("lora_A", "lora_B", "lora_E"):
-                    own[f"{_KEY_PREFIX}{name}.{kind}"] = getattr(m, kind)[adapter_name]
-        own.update(self._modules_to_save_tensors())
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise ValueError(f"{model_id!r} lacks adapter tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        lora_suffixes = (".lora_A", ".lora_B", ".lora_E")
-        params = dict(self.model.named_parameters())
-        by_saved_name = {_strip_adapter(n, adapter_name): p for n, p in params.items()}
-        unexpected = []
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k in own:
-                    p = own[k]
-                    if tuple(v.shape) != tuple(p.shape):
-                        raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)}, model shape {tuple(p.shape)}")
-                    p.copy_(v.to(p.dtype))
-                elif not with_lora and k.endswith(lora_suffixes):
-                    continue  # resized copies of what the allocator state restored at full rank
-                elif k.endswith("bias"):
-                    name = k[len(_KEY_PREFIX) :] if k.startswith(_KEY_PREFIX) else k
-                    target = params.get(name, params.get(name.replace(".bias", ".base_layer.bias")))
-                    target = by_saved_name.get(name) if target is None else target
-                    if target is None:
-                        unexpected.append(k)
-                    else:
-                        target.copy_(v.to(target.dtype))
-                else:
-                    unexpected.append(k)
-        if unexpected:
-            raise ValueError(f"{model_id!r} has tensors this model cannot take: {unexpected[:4]}")
-
-
-def _load_adapter_tensors(model_id: str) -> dict:
-    st = os.path.join(model_id, WEIGHTS_NAME)
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    legacy = os.path.join(model_id, LEGACY_WEIGHTS_NAME)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {model_id!r}")
+    def load_allocator_checkpoint(self, sd: dict, load_adapters: bool = True, where: str = "allocator checkpoint") -> None:
+        """Restore what ``allocator_checkpoint()`` returned: the full-rank adapters (unless
+        ``load_adapters`` is False) and the allocator state."""
+        save_load.load_allocator_checkpoint(self, sd, load_adapters, where)
 
 
 def get_peft_model(model: nn.Module, peft_config: Union[AdaLoraConfig, Any], adapter_name: str = "default") -> AdaLoraModel:

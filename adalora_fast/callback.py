@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .model import ALLOCATOR_STATE_NAME
+from .save_load import ALLOCATOR_STATE_NAME, checkpoint_adapters
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -103,7 +103,13 @@ class AdaLoraCallback(TrainerCallback):
     # ------------------------------------------------------------------ resume
     @staticmethod
     def _trainer_resume_path() -> Optional[str]:
-        """The ``resume_from_checkpoint`` local of the Trainer's training loop that fired this event."""
+        """The ``resume_from_checkpoint`` local of the Trainer's training loop that fired this event.
+
+        Read from the caller's frames because the Trainer hands callbacks no checkpoint path: the
+        events carry args, state, control, model, optimizer, scheduler and dataloaders; the Trainer
+        stores the path nowhere, not in ``args.resume_from_checkpoint``, nor in ``TrainerState``;
+        and ``trainer_state.json`` cannot name its own folder, which may have been moved or copied.
+        """
         from transformers import Trainer
 
         frame = sys._getframe(1)
@@ -141,7 +147,7 @@ class AdaLoraCallback(TrainerCallback):
             if saved_step is not None and saved_step != global_step - 1:
                 why.append(f"{folder!r}: saved after step {saved_step}, the Trainer resumes at step {global_step}")
                 continue
-            pairs = self.model._adapters_in_checkpoint(sd, repr(path))
+            pairs = checkpoint_adapters(self.model, sd, repr(path))
             if not all(torch.equal(p.detach().cpu(), v.to(p.dtype)) for p, v in pairs):
                 why.append(f"{folder!r}: its adapters differ from the weights the Trainer restored (another run?)")
                 continue
