@@ -3,7 +3,7 @@
     python -m bench             # the default run (about a quarter of an hour on a 2-core CPU)
     python -m bench --quick     # the same rounds and warm-ups at smaller sizes (the CI smoke test)
     python -m bench --json      # the figures as JSON on stdout (the table goes to stderr)
-    python -m bench finetune    # a real fine-tune: accuracy, time and ranks (see bench/finetune.py)
+    python -m bench finetune    # a real fine-tune: accuracy, time and ranks (see bench/finetune/)
 
 Writes ``bench/results/<device>-<date>T<time>.csv`` and ``.png`` (``-quick`` added for ``--quick``);
 a run never overwrites an earlier one's files.

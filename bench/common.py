@@ -27,7 +27,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CONTENDERS = ("ours", "peft_adalora", "peft_lora")
 # the training-step comparisons add the same model without adapters, the floor (see make_contender)
 STEP_CONTENDERS = ("base",) + CONTENDERS
-LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA", "base": "base (no adapters)"}
+# their names and colours in tables and pictures: report.LABELS, report.COLORS
 
 
 # ---------------------------------------------------------------------------------- device

@@ -1,4 +1,5 @@
-"""Table, CSV, plot and the target checks of a benchmark run."""
+"""Table, CSV, plot and the target checks of a benchmark run; the contenders' names and colours,
+the CSV writer and the results' file names that ``python -m bench finetune`` shares."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ COLUMNS = [
     "ours_best", "peft_adalora_best", "peft_lora_best", "base_best",
     "ours_lo", "ours_hi", "peft_adalora_lo", "peft_adalora_hi", "peft_lora_lo", "peft_lora_hi", "base_lo", "base_hi",
 ]
-STEP_KINDS = (("ours", "adalora_fast", "tab:blue"), ("peft_adalora", "PEFT AdaLoRA", "tab:red"), ("peft_lora", "PEFT LoRA", "tab:gray"))
+# One name and one colour per contender, in every table and picture of the bench and of the
+# fine-tune, so a reader who learnt "red is PEFT AdaLoRA" in one figure can trust it in the next.
+LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA", "base": "base (no adapters)"}
+COLORS = {"ours": "tab:blue", "peft_adalora": "tab:red", "peft_lora": "tab:gray", "base": "black"}
+# the adapted contenders of the training-step panels, in their bars' order
+STEP_KINDS = ("ours", "peft_adalora", "peft_lora")
 SHARE_METRIC = "penalty + update_and_allocate share of the step"
 
 
@@ -37,6 +43,22 @@ def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def text_table(head: list, body: list, right, gaps=()) -> str:
+    """``head`` over ``body`` (lists of cells) in aligned columns, the columns in ``right``
+    right-aligned; a blank line before each body row whose index is in ``gaps``."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(head), line(["-" * w for w in widths])]
+    for i, cells in enumerate(body):
+        if i in gaps:
+            out.append("")
+        out.append(line(cells))
+    return "\n".join(out)
+
+
 def table(rows: list) -> str:
     """The rows as a text table. ``base`` is the model without adapters (training-step rows only);
     ``ours/base``, ``AdaLoRA/base``, ``LoRA/base``: each contender's figure over the base's (step
@@ -53,30 +75,20 @@ def table(rows: list) -> str:
                 "-" if r["spread"] is None else f"{100 * r['spread']:.0f}%",
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    right = set(range(4, len(head)))
-
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [line(head), line(["-" * w for w in widths])]
-    prev = None
-    for r, cells in zip(rows, body):
-        if prev is not None and r["section"] != prev:
-            out.append("")
-        prev = r["section"]
-        out.append(line(cells))
-    return "\n".join(out)
+    gaps = {i for i in range(1, len(rows)) if rows[i]["section"] != rows[i - 1]["section"]}
+    return text_table(head, body, right=set(range(4, len(head))), gaps=gaps)
 
 
-def write_csv(rows: list, path: str, meta: dict) -> None:
+def write_csv(rows: list, path: str, meta: dict, columns: list = COLUMNS) -> None:
+    """``meta`` as ``# key: value`` lines, then one line per row with ``columns`` (a missing or None
+    value left empty, any other key of a row ignored)."""
     with open(path, "x", newline="") as f:  # never over an earlier run's file
         for k, v in meta.items():
             f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS}, )
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
 def _find(rows, section, metric, case_has="", unit=None):
@@ -98,7 +110,7 @@ def step_label(r, sep="\n") -> str:
 
 
 def base_goal(r) -> float | None:
-    """Issue 12's bound on ours / base step time for a training-step row, or None where it sets none:
+    """The bound on ours / base step time for a training-step row, or None where none is set:
     hidden 256 fp32 (1.20 at dropout 0.1, 1.15 at dropout 0), hidden 1024 fp32 (1.06), a bf16 base
     with fp32 adapters at hidden 256 (1.5)."""
     variant, hidden, p = r.get("variant"), r.get("hidden"), r.get("p")
@@ -113,7 +125,7 @@ def base_goal(r) -> float | None:
 
 def targets(rows: list, curve: list) -> list:
     """The tracker's targets, each as {name, value, goal, met}: per training-step row, ours no slower
-    than PEFT LoRA and ours / base within issue 12's bound; our penalty + update_and_allocate share
+    than PEFT LoRA and ours / base within ``base_goal``'s bound; our penalty + update_and_allocate share
     of a step; update_and_allocate against PEFT and per layer; memory."""
     out = []
 
@@ -130,11 +142,13 @@ def targets(rows: list, curve: list) -> list:
         if goal is not None and r.get("ours_vs_base") is not None:
             v = r["ours_vs_base"]
             add(f"{where}: ours / base time", v, f"<= {goal:.2f}", v <= goal)
-        if r.get("variant") == "fp32" and r.get("hidden") == 256:  # the package issue's target, at its size
+        # the package's first target, at the size it was set for
+        if r.get("variant") == "fp32" and r.get("hidden") == 256:
             add(f"{where}: PEFT AdaLoRA / ours time", r["x_adalora"], ">= 1.15", r["x_adalora"] >= 1.15)
     for r in rows:
-        # at hidden 256, the issue's size; the penalty's cost per layer does not shrink with the hidden
-        # size as the step's does, so the hidden-128 share (printed in the table) is larger by design
+        # at hidden 256, the size the target was set for; the penalty's cost per layer does not shrink
+        # with the hidden size as the step's does, so the hidden-128 share (printed in the table) is
+        # larger by design
         if r["metric"] == SHARE_METRIC and r["ours"] is not None and r.get("hidden") == 256:
             add(f"step {step_label(r, sep=' ')}: (orth penalty + update_and_allocate) / step, %", r["ours"], "<= 2.0", r["ours"] <= 2.0)
     for label in ("masking step", "non-masking step", "masking step, in training order", "non-masking step, in training order"):
@@ -153,8 +167,8 @@ def targets(rows: list, curve: list) -> list:
                 b = by[hi][f"ours_{key}_ms"] / hi
                 label = ("masking" if key.startswith("mask") else "non-masking") + (", in training order" if key.endswith("cold") else "")
                 add(f"update_and_allocate per layer, {label}: {hi} / {ref} layers", b / a, "<= 1.25 (near-flat)", b / a <= 1.25)
-    # the isolated orthogonal penalty's old target (>= 10x PEFT) is retired (issue 12): its row stays in
-    # the table for information, and the penalty's cost is judged inside a training step (above)
+    # the isolated orthogonal penalty has no target of its own (it once had >= 10x PEFT): its row stays
+    # in the table for information, and the penalty's cost is judged inside a training step (above)
     for r in rows:
         if r["section"] == "memory" and r["metric"] == "PEFT LoRA minus dropout copy":
             v = r["ours"] / r["peft_lora"]
@@ -216,13 +230,15 @@ def _range_err(mid, lo, hi) -> list:
     return [[max(0.0, m - a) for m, a in zip(mid, lo)], [max(0.0, b - m) for m, b in zip(mid, hi)]]
 
 
-# the update_and_allocate curves: (curve key, label, marker/line, colour per contender)
+# the update_and_allocate curves: (curve key, label, marker/line, hollow marker). The colour names
+# the contender (COLORS); marker, line and fill name what was timed.
 _UA_CURVES = (
-    ("mask", "masking, back to back", "o-", {"ours": "tab:blue", "peft": "tab:red"}),
-    ("nomask", "non-masking, back to back", "s--", {"ours": "tab:blue", "peft": "tab:red"}),
-    ("mask_cold", "masking, in training order", "o-", {"ours": "tab:cyan", "peft": "tab:orange"}),
-    ("nomask_cold", "non-masking, in training order", "s--", {"ours": "tab:cyan", "peft": "tab:orange"}),
+    ("mask", "masking, back to back", "o-", False),
+    ("nomask", "non-masking, back to back", "s--", False),
+    ("mask_cold", "masking, in training order", "o:", True),
+    ("nomask_cold", "non-masking, in training order", "s-.", True),
 )
+_ORTH_CURVE = ("orth", "orth penalty fwd+bwd", "^:", False)
 
 
 def _curve_panel(ax, curve, per_layer: bool) -> None:
@@ -230,9 +246,9 @@ def _curve_panel(ax, curve, per_layer: bool) -> None:
     layers, for ours and PEFT AdaLoRA, back to back and in training order; error bars span the
     lowest to the highest round."""
     xs = [p["layers"] for p in curve]
-    keys = list(_UA_CURVES) + ([("orth", "orth penalty fwd+bwd", "^:", {"ours": "navy", "peft": "darkred"})] if per_layer else [])
-    for who, lab in (("ours", "adalora_fast"), ("peft", "PEFT AdaLoRA")):
-        for key, what, fmt, colors in keys:
+    keys = _UA_CURVES + ((_ORTH_CURVE,) if per_layer else ())
+    for who, kind in (("ours", "ours"), ("peft", "peft_adalora")):  # the curve's key prefix, the contender
+        for key, what, fmt, hollow in keys:
             pts = [p for p in curve if f"{who}_{key}_ms" in p]
             if not pts:
                 continue
@@ -240,8 +256,8 @@ def _curve_panel(ax, curve, per_layer: bool) -> None:
             mid = [p[f"{who}_{key}_ms"] * c for p, c in zip(pts, scale)]
             lo = [p.get(f"{who}_{key}_lo_ms", p[f"{who}_{key}_ms"]) * c for p, c in zip(pts, scale)]
             hi = [p.get(f"{who}_{key}_hi_ms", p[f"{who}_{key}_ms"]) * c for p, c in zip(pts, scale)]
-            ax.errorbar([p["layers"] for p in pts], mid, yerr=_range_err(mid, lo, hi), fmt=fmt, color=colors[who],
-                        capsize=2, ms=4, label=f"{lab}, {what}")
+            ax.errorbar([p["layers"] for p in pts], mid, yerr=_range_err(mid, lo, hi), fmt=fmt, color=COLORS[kind],
+                        mfc="white" if hollow else COLORS[kind], capsize=2, ms=4, label=f"{LABELS[kind]}, {what}")
     if per_layer:
         _log_layers_axes(ax, xs, "µs per adapted layer (median, bars: min-max of rounds)",
                          "per-layer cost (flat = scales linearly)")
@@ -262,13 +278,13 @@ def _paired_ratio_range(r, k) -> tuple:
 def _step_ratio_panel(ax, steps) -> None:
     """Each training-step row's time over the base model's (1 = the base model, no adapters): bars
     are medians' ratios, error bars the lowest and highest ratio of one round's pair; a black tick
-    marks issue 12's bound for ours where it sets one."""
+    marks ``base_goal``'s bound for ours where there is one."""
     width = 0.8 / len(STEP_KINDS)
-    for j, (k, lab, col) in enumerate(STEP_KINDS):
+    for j, k in enumerate(STEP_KINDS):
         pos = [i + (j - 1) * width for i in range(len(steps))]
         vals = [r[f"{k}_vs_base"] for r in steps]
         rng = [_paired_ratio_range(r, k) for r in steps]
-        bars = ax.bar(pos, vals, width, label=f"{lab} / base", color=col,
+        bars = ax.bar(pos, vals, width, label=f"{LABELS[k]} / base", color=COLORS[k],
                       yerr=_range_err(vals, [a for a, _ in rng], [b for _, b in rng]), capsize=2, ecolor="black")
         for b, v in zip(bars, vals):
             # left of the bar's centre, where its error bar runs
@@ -280,8 +296,8 @@ def _step_ratio_panel(ax, steps) -> None:
                            label="target for ours / base")
     ax.axhline(1.0, color="black", lw=0.8)
     # the scale follows the medians: a round disturbed by another process may leave its bar's top outside
-    top = max([r[f"{k}_vs_base"] for r in steps for k, _, _ in STEP_KINDS] + [1.3])
-    low = min([r[f"{k}_vs_base"] for r in steps for k, _, _ in STEP_KINDS] + [1.0])
+    top = max([r[f"{k}_vs_base"] for r in steps for k in STEP_KINDS] + [1.3])
+    low = min([r[f"{k}_vs_base"] for r in steps for k in STEP_KINDS] + [1.0])
     ax.set_ylim(min(0.9, low - 0.05), 1 + (top - 1) * 1.6)
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([step_label(r) for r in steps], fontsize=7)
@@ -294,14 +310,14 @@ def _step_ratio_panel(ax, steps) -> None:
 
 def _step_abs_panel(ax, steps) -> None:
     """Absolute step time of every contender, base included, per training-step row (log scale)."""
-    kinds = (*STEP_KINDS, ("base", "base (no adapters)", "black"))
+    kinds = (*STEP_KINDS, "base")
     width = 0.8 / len(kinds)
-    for j, (k, lab, col) in enumerate(kinds):
+    for j, k in enumerate(kinds):
         pos = [i + (j - 1.5) * width for i in range(len(steps))]
         vals = [r[k] for r in steps]
         lo = [r.get(f"{k}_lo") or v for r, v in zip(steps, vals)]
         hi = [r.get(f"{k}_hi") or v for r, v in zip(steps, vals)]
-        ax.bar(pos, vals, width, label=lab, color=col, yerr=_range_err(vals, lo, hi), capsize=1.5, ecolor="dimgray")
+        ax.bar(pos, vals, width, label=LABELS[k], color=COLORS[k], yerr=_range_err(vals, lo, hi), capsize=1.5, ecolor="dimgray")
     ax.set_yscale("log")
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([step_label(r) for r in steps], fontsize=6, rotation=60, ha="right")
@@ -353,14 +369,21 @@ def plot(rows: list, curve: list, path: str, title: str, warning: str | None = N
     return path
 
 
-def default_paths(out_dir: str, tag: str, date: str, suffix: str = "") -> tuple:
-    """(csv, png) paths named by device and the run's start time, to the second: a run never
-    overwrites results written before it (the README cites some); an existing name gets -2, -3..."""
+def new_stem(out_dir: str, name: str, exts) -> str:
+    """``out_dir/name`` (the folder made if missing), or ``name-2``, ``-3``... while a file
+    ``<stem><ext>`` exists for one of ``exts``: a run never overwrites results written before it
+    (the README cites some)."""
     os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("T%H%M%S")
-    base = os.path.join(out_dir, f"{tag}-{date}{stamp}{suffix}")
-    stem, n = base, 1
-    while os.path.exists(stem + ".csv") or os.path.exists(stem + ".png"):
+    base = stem = os.path.join(out_dir, name)
+    n = 1
+    while any(os.path.exists(stem + ext) for ext in exts):
         n += 1
         stem = f"{base}-{n}"
+    return stem
+
+
+def default_paths(out_dir: str, tag: str, date: str, suffix: str = "") -> tuple:
+    """(csv, png) paths named by device and the run's start time, to the second (see ``new_stem``)."""
+    stamp = datetime.datetime.now().strftime("T%H%M%S")
+    stem = new_stem(out_dir, f"{tag}-{date}{stamp}{suffix}", (".csv", ".png"))
     return stem + ".csv", stem + ".png"

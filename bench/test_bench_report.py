@@ -22,7 +22,7 @@ def test_quick_keeps_the_default_rounds_and_warmups_at_smaller_sizes():
     assert q.step_shape.hidden * q.step_shape.layers < d.step_shape.hidden * d.step_shape.layers
 
 
-def test_default_sweep_covers_the_issue_sizes_and_both_dropouts():
+def test_default_sweep_covers_the_target_sizes_and_both_dropouts():
     hidden = {s.shape.hidden for s in cases.DEFAULT.step_sizes}
     assert {128, 256, 1024} <= hidden
     for s in cases.DEFAULT.step_sizes:
@@ -113,7 +113,7 @@ def _share_row(hidden, value):
                       hidden=hidden, layers=8, p=0.1, variant="fp32")
 
 
-def test_targets_follow_issue_12():
+def test_targets_and_their_bounds():
     rows = [
         _step_row(256, 0.1, "fp32", ROUNDS),
         _step_row(256, 0.0, "fp32", ROUNDS),
@@ -220,3 +220,77 @@ def test_plot_writes_a_png(tmp_path):
     path = report.plot(rows, [], str(tmp_path / "x.png"), "fake")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _colour(artist):
+    from matplotlib.colors import to_rgba
+
+    get = getattr(artist, "get_color", None) or artist.get_facecolor
+    return to_rgba(get())
+
+
+def test_one_colour_per_contender_in_every_picture(fig):
+    """PEFT AdaLoRA (and each other contender) has one colour: in the step bars, in every
+    update_and_allocate curve (back to back and in training order), and in the fine-tune's loss curves."""
+    from matplotlib.colors import to_rgba
+
+    from .finetune.plan import QUICK
+    from .finetune.plots import loss_figure
+
+    for c in fig.axes[0].containers:  # the update_and_allocate curves: "<contender>, <what was timed>"
+        kind = next(k for k, name in report.LABELS.items() if c.get_label().startswith(name + ","))
+        assert _colour(c.lines[0]) == to_rgba(report.COLORS[kind]), c.get_label()
+    for c in fig.axes[3].containers:  # the ratio bars: "<contender> / base"
+        if getattr(c, "patches", None):
+            kind = next(k for k, name in report.LABELS.items() if c.get_label() == f"{name} / base")
+            assert _colour(c.patches[0]) == to_rgba(report.COLORS[kind])
+    results = [{"method": m, "seed": 0, "ce": [1.1, 1.0, 0.9, 0.8]} for m in ("ours", "peft_adalora", "peft_lora")]
+    f = loss_figure(results, QUICK, "fake fine-tune")
+    try:
+        named = [line for line in f.axes[0].get_lines() if not line.get_label().startswith("_")]
+        assert len(named) == 3
+        for line, m in zip(named, ("ours", "peft_adalora", "peft_lora")):
+            assert line.get_label().startswith(report.LABELS[m] + " (")
+            assert _colour(line) == to_rgba(report.COLORS[m])
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(f)
+
+
+def test_finetune_csv_goes_through_the_report_writer(tmp_path):
+    """The fine-tune's CSV: the report's ``# key: value`` lines, one row per run, then mean / std /
+    min / max per method; the per-step lists stay out of it (they go to the JSON)."""
+    import csv
+    import json
+
+    from .finetune.plan import QUICK
+    from .finetune.results import CSV_COLUMNS, PER_SEED, summarise, write_files
+
+    results = []
+    for m, base in (("ours", 0.8), ("peft_lora", 0.7)):
+        for seed in (0, 1):
+            r = {k: base + 0.01 * seed for k in PER_SEED}
+            r.update(method=m, seed=seed, step_s=[0.1, 0.2], ce=[1.0, 0.9], trainable_params=10,
+                     final_total_rank=96, final_adapter_params=1000)
+            results.append(r)
+    summary = summarise(results)
+    stem = str(tmp_path / "run")
+    files = write_files(stem, results, summary, {"plan": "fake", "device": "cpu"}, QUICK, {"rows": 1})
+    with open(files["csv"]) as f:
+        lines = f.read().splitlines()
+    assert lines[:2] == ["# plan: fake", "# device: cpu"]
+    rows = list(csv.DictReader(lines[2:]))
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("ours", "0"), ("ours", "1"), ("peft_lora", "0"), ("peft_lora", "1"),
+        *((m, s) for m in ("ours", "peft_lora") for s in ("mean", "std", "min", "max")),
+    ]
+    mean = next(r for r in rows if r["method"] == "ours" and r["seed"] == "mean")
+    assert float(mean["accuracy"]) == pytest.approx(0.805) and float(mean["final_total_rank"]) == 96
+    assert next(r for r in rows if r["seed"] == "std")["final_total_rank"] == ""
+    with open(files["json"]) as f:
+        assert json.load(f)["runs"][0]["ce"] == [1.0, 0.9]
+    with pytest.raises(FileExistsError):  # never over an earlier run's files
+        write_files(stem, results, summary, {}, QUICK, {})
+    assert report.new_stem(str(tmp_path), "run", (".csv",)) == stem + "-2"

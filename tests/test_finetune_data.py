@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from bench import finetune as ft
+from bench.finetune import data as ft
+from bench.finetune.train import accuracy_and_macro_f1
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,9 @@ def test_load_splits_takes_prefixes(rows):
 def test_accuracy_and_macro_f1():
     gold = torch.tensor([0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 1, 1, 1, 2, 0])
-    acc, f1 = ft.accuracy_and_macro_f1(pred, gold)
+    acc, f1 = accuracy_and_macro_f1(pred, gold)
     # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 2 fp 1 fn 0 -> 0.8; class 2: tp 1 fp 0 fn 1 -> 2/3
     assert acc == pytest.approx(4 / 6)
     assert f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-    acc, f1 = ft.accuracy_and_macro_f1(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    acc, f1 = accuracy_and_macro_f1(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     assert acc == 1.0 and f1 == pytest.approx(1 / 3)  # classes never seen nor predicted count 0
