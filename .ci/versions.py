@@ -3,7 +3,7 @@
 import importlib.metadata
 import platform
 
-names = ["torch", "triton", "transformers", "peft", "accelerate", "safetensors", "kernels"]
+names = ["torch", "triton", "transformers", "peft", "accelerate", "safetensors", "kernels", "bitsandbytes", "trl", "datasets"]
 found = []
 for name in names:
     try:
