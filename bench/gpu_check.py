@@ -1,35 +1,29 @@
-"""Predicted vs measured time of the layer's Triton kernels on a GPU (issue 11's experiments).
+"""Predicted vs measured time of the layer's Triton kernels on a GPU.
 
-    python bench/gpu_check.py [--sass RESULTS.json] [--n 8192] [--repeats 50]
+    python -m bench.gpu_check [--sass RESULTS.json] [--n 8192] [--repeats 50] [--sweep]
 
 For each LLaMA-7B layer shape of ``kernels/COST.md`` (k→d = 4096→4096, 4096→11008, 11008→4096;
 N tokens, r = 12, bf16 x / g / adapters, dropout 0.1) it prints, per kernel (shrink, expand-add,
 grad-rank, dA/dx): the bandwidth bound at 90 % and 70 % of 3.0 TB/s, the issue bound from the
-sm_90 SASS (``tests/cost_on_paper.py``), the predicted range, and, on a CUDA GPU, the measured
+sm_90 SASS (``bench/cost_on_paper.py``), the predicted range, and, on a CUDA GPU, the measured
 median (CUDA events over ``--repeats`` launches after a warm-up), the achieved bandwidth and the
 measured/predicted ratio. A measured time above the predicted range says the kernel is bound by
 something the model leaves out (latency with one warp per scheduler, atomic throughput in L2);
 below it, that the byte count is too pessimistic (L2 hits).
 
 Without a CUDA GPU it prints the predictions only, says so on stderr, and exits with status 2 (so
-a script cannot mistake a CPU run for a measurement). Nothing in the README or COST.md has been
-measured with it yet: no GPU was available when it was written.
+a script cannot mistake a CPU run for a measurement). What it measured goes to ``kernels/COST.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-
-import cost_on_paper as cop
 import torch
+
+from bench import cost_on_paper as cop
 
 
 def predictions(counts, k: int, d: int) -> dict:
@@ -172,7 +166,7 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sass", help="a tests/compile_check.py --json result (default: compile the sm_90 binaries)")
+    ap.add_argument("--sass", help="a bench.compile_check --json result (default: compile the sm_90 binaries)")
     ap.add_argument("--n", type=int, default=cop.N, help="tokens per layer (the predictions assume 8192)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--sweep", action="store_true", help="also time every launch configuration of _configs "

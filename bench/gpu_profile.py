@@ -1,6 +1,6 @@
 """Where a training step's time goes on a GPU: host (Python, launches) or device (kernels).
 
-    python bench/gpu_profile.py [--steps 3] [--variants fp32,bf16,autocast] [--kinds ours,peft_lora]
+    python -m bench.gpu_profile [--steps 3] [--variants fp32,bf16,autocast] [--kinds ours,peft_lora]
 
 For each variant of the bench's GPU step model (``bench/cases.GPU.step_shape``; fp32, a bf16 base with
 fp32 adapters, fp32 under bf16 autocast) and each contender, ``--steps`` steps of ``cases._step_fn``
@@ -13,12 +13,8 @@ device time. Wall time far above the device time says the step is bound by the h
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch
 from torch.profiler import ProfilerActivity, profile

@@ -4,12 +4,12 @@
 #   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,profile,bench (default: all)
 #
 # env    : nvidia-smi, torch / triton / peft versions
-# check  : bench/gpu_check.py (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
+# check  : python -m bench.gpu_check (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
 #          SWEEP=1 adds its --sweep over launch configurations)
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
 # graphs : tests/test_cuda_graphs.py (a layer without dropout captured and replayed; dropout and
 #          pointer-table uploads under capture raise)
-# profile: bench/gpu_profile.py (host vs device time of a training step, top ops)
+# profile: python -m bench.gpu_profile (host vs device time of a training step, top ops)
 # bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
 #
 # Wheels in .whl/ (peft, pinned like the CPU suite) install to /tmp/site; the package runs from the
@@ -24,7 +24,7 @@ mkdir -p "$OUT" /tmp/site
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:/tmp/site  # $PWD: scripts run from tests/ or bench/ import the checkout too
+export PYTHONPATH=$PWD:/tmp/site  # $PWD: the checkout and its bench package, whatever the working directory
 # the checkout itself is imported (cwd comes first on sys.path): map kernels/ and csrc/ in as setup.py does
 for d in kernels csrc; do [ -e adalora_fast/$d ] || { ln -s ../$d adalora_fast/$d; trap 'rm -f adalora_fast/kernels adalora_fast/csrc' EXIT; }; done
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -37,7 +37,7 @@ if has env; then
     stamp env
 fi
 if has check; then
-    timeout ${CHECK_S:-150} $PY bench/gpu_check.py --repeats 50 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^sweep"
+    timeout ${CHECK_S:-150} $PY -m bench.gpu_check --repeats 50 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^sweep"
     stamp check
 fi
 if has tests; then
@@ -50,7 +50,7 @@ if has graphs && [ -f tests/test_cuda_graphs.py ]; then
     stamp graphs
 fi
 if has profile; then
-    timeout ${PROFILE_S:-150} $PY bench/gpu_profile.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt" | tail -${PROFILE_TAIL:-8}
+    timeout ${PROFILE_S:-150} $PY -m bench.gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.txt" | tail -${PROFILE_TAIL:-8}
     stamp profile
 fi
 if has bench; then

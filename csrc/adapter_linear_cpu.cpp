@@ -1,11 +1,12 @@
 // Fused dropout + adapter shrink for the CPU, forward and backward, registered as torch ops
-// (torch.ops.adalora_fast_cpu.dropout_shrink / dropout_shrink_backward).
+// (torch.ops.adalora_fast_cpu.dropout_shrink / dropout_shrink_backward, and dropout_keep_mask, the
+// mask they draw, for tests) and called by adalora_fast/ops/adapter_linear.py.
 //
-// Why: on the CPU, torch's bernoulli_ costs ~6-7 ns per element (as much as the base layer's
-// matmul per element at hidden sizes of a few hundred), and regenerating the mask in backward
-// (so that the dropped copy of x is never saved) would pay it twice. Here the keep mask is a
-// counter-based hash of (seed, row, col): ~1 ns per element, regenerated for free in backward,
-// never written to memory, and x is read once per pass.
+// Why: on the CPU, torch's bernoulli_ costs as much per element as the base layer's matmul at
+// hidden sizes of a few hundred, and regenerating the mask in backward (so that the dropped copy
+// of x is never saved) would pay it twice. Here the keep mask is a counter-based hash of
+// (seed, row, col), several times cheaper, regenerated in backward, never written to memory,
+// and x is read once per pass.
 //
 // Shapes (fp32, contiguous): x [N, k], A [r, k], ge [N, r] (= (g @ B) * e), dx [N, k].
 // forward : t[n, :] = A @ (x[n, :] * keep[n, :] / (1 - p))                  reads x once
@@ -171,9 +172,8 @@ void shrink_impl(const TX* xp, const at::Tensor& A, int64_t seed, double p, int6
   const uint32_t thr = keep_threshold(p);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   // Several rows of A in flight per pass pay off while one block of them (12 rows) fits in L1 beside
-  // the row of x; at k = 1024 (48 KB a block) they measured slower than one dot product at a time,
-  // whose rows of A and x stay in L1 (r = 12, N = 1024: 1.2 ms against 1.0 ms; k = 688: 0.33
-  // against 0.38 ms; k = 256: 0.11 against 0.16 ms).
+  // the row of x; once a block outgrows L1 (48 KB at k = 1024) one dot product at a time, whose rows
+  // of A and x stay in L1, is faster.
   const bool blocked = std::min<int64_t>(r, 12) * k < 12288;
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     std::vector<float> buf(k), zeros(blocked ? k : 0, 0.0f);
@@ -299,7 +299,7 @@ at::Tensor dropout_shrink_backward(const at::Tensor& x, const at::Tensor& A, con
   return dA;
 }
 
-at::Tensor keep_mask(int64_t N, int64_t k, int64_t seed, double p) {
+at::Tensor dropout_keep_mask(int64_t N, int64_t k, int64_t seed, double p) {
   at::Tensor m = at::empty({N, k}, at::TensorOptions().dtype(at::kBool));
   bool* mp = m.data_ptr<bool>();
   const uint32_t thr = keep_threshold(p);
@@ -326,5 +326,5 @@ TORCH_LIBRARY_IMPL(adalora_fast_cpu, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(adalora_fast_cpu, CompositeExplicitAutograd, m) {
-  m.impl("dropout_keep_mask", &keep_mask);
+  m.impl("dropout_keep_mask", &dropout_keep_mask);
 }

@@ -2,7 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection time.
 
-Without a CUDA GPU (this machine, CI): ``TRITON_INTERPRET=1`` and the "triton" implementation runs
+Without a CUDA GPU (CPU-only machines, CI): ``TRITON_INTERPRET=1`` and the "triton" implementation runs
 the kernels on CPU tensors in the interpreter (every half-precision load upcast to fp32).
 
 With a CUDA GPU (``torch.cuda.is_available()``; ``ADALORA_FAST_TEST_DEVICE=cpu`` keeps the CPU
@@ -45,7 +45,7 @@ TRITON_DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
 
 REAL_IMPLS = ("torch", "cpp", "triton")
 # the public ops a test calls through ``adalora_fast.ops`` (wrapped on a GPU machine)
-_PUBLIC_OPS = ("adapter_linear", "keep_mask", "importance_update", "triplet_scores", "keep_mask_to_budget",
+_PUBLIC_OPS = ("adapter_linear", "dropout_keep_mask", "importance_update", "triplet_scores", "keep_mask_to_budget",
                "apply_mask", "orth_penalty")
 # the ops autograd differentiates through (their inputs move with a differentiable ``.to``); the
 # others get detached copies that carry ``.grad``

@@ -7,7 +7,7 @@ multiples of 16, r = 1 ... 64 and r = 0 (r > 64: the torch paths compute it, a f
 raises), bias none / frozen / trainable, a trainable base weight, fan_in_fan_out (Conv1D), every
 (base, adapter) dtype pair, autocast, masked ranks, non-contiguous inputs, stride-0 gradients and
 partial requires_grad. Dropout is compared with the reference run on the keep mask the running
-implementation draws (``ops.keep_mask``), plus the masks' own properties: keep rate, seeds,
+implementation draws (``ops.dropout_keep_mask``), plus the masks' own properties: keep rate, seeds,
 independence of N, the same mask in forward and backward. Shapes stay tiny: the interpreter
 runs every Triton program in numpy.
 """
@@ -64,7 +64,7 @@ def _keep_for(seed, shape, p, dtype=torch.float32):
     n = 1
     for v in shape[:-1]:
         n *= v
-    return ops.keep_mask(seed, (n, shape[-1]), p, "cpu", dtype).view(shape)
+    return ops.dropout_keep_mask(seed, (n, shape[-1]), p, "cpu", dtype).view(shape)
 
 
 def _loss(out, go, reduce):
@@ -308,7 +308,7 @@ def test_keep_rate_within_three_sigma(impl, p):
     m = n * k
     sigma = math.sqrt(p * (1 - p) / m)
     for seed in (0, 987654321):
-        keep = ops.keep_mask(seed, (n, k), p, "cpu")
+        keep = ops.dropout_keep_mask(seed, (n, k), p, "cpu")
         assert keep.dtype == torch.bool and keep.shape == (n, k)
         rate = keep.float().mean().item()
         assert abs(rate - (1 - p)) < 3 * sigma, f"seed {seed}: keep rate {rate}, expected {1 - p} ± {3 * sigma}"
@@ -319,10 +319,10 @@ def test_keep_rate_within_three_sigma(impl, p):
 
 def test_seeds_differ_and_repeat(impl):
     shape, p = (40, 72), 0.3
-    a = ops.keep_mask(1, shape, p, "cpu")
-    b = ops.keep_mask(2, shape, p, "cpu")
-    c = ops.keep_mask(1, shape, p, "cpu")
-    big = ops.keep_mask(2**62 - 1, shape, p, "cpu")
+    a = ops.dropout_keep_mask(1, shape, p, "cpu")
+    b = ops.dropout_keep_mask(2, shape, p, "cpu")
+    c = ops.dropout_keep_mask(1, shape, p, "cpu")
+    big = ops.dropout_keep_mask(2**62 - 1, shape, p, "cpu")
     assert torch.equal(a, c), "same seed, same mask"
     assert not torch.equal(a, b) and not torch.equal(a, big), "different seeds give different masks"
     assert (a != b).float().mean() > 0.2  # independent masks differ in ~2p(1-p) = 42% of places
@@ -341,15 +341,15 @@ def test_seeds_differ_and_repeat(impl):
 def test_mask_depends_on_rows_not_on_n(impl):
     # row n's mask is the same whatever the number of rows (so the mask of a row of a batch does
     # not depend on how many rows the batch has)
-    a = ops.keep_mask(9, (7, 40), 0.5, "cpu")
-    b = ops.keep_mask(9, (70, 40), 0.5, "cpu")
+    a = ops.dropout_keep_mask(9, (7, 40), 0.5, "cpu")
+    b = ops.dropout_keep_mask(9, (70, 40), 0.5, "cpu")
     assert torch.equal(a, b[:7])
 
 
 def test_mask_identical_between_forward_and_backward(impl):
     """With W = 0 and b = 0, out is the mask-dependent adapter term only and dx = mask ⊙ (ge A)/(1-p):
     dx is exactly zero where the mask drops and (generically) non-zero where it keeps; forward,
-    dx and dA all equal the reference computed with the mask ``ops.keep_mask`` returns."""
+    dx and dA all equal the reference computed with the mask ``ops.dropout_keep_mask`` returns."""
     g = torch.Generator().manual_seed(11)
     N, k, d, r, p, seed = 48, 40, 24, 6, 0.3, 4242
     x = torch.randn(N, k, generator=g, requires_grad=True)
@@ -359,7 +359,7 @@ def test_mask_identical_between_forward_and_backward(impl):
     out = ops.adapter_linear(x, W, b, A, E, B, 1.0, rk, dropout_p=p, training=True, seed=seed)
     go = torch.randn(out.shape, generator=g)
     dx, dA = torch.autograd.grad(out, (x, A), go)
-    keep = ops.keep_mask(seed, (N, k), p, "cpu")
+    keep = ops.dropout_keep_mask(seed, (N, k), p, "cpu")
     assert not keep.all()
     assert torch.equal(dx != 0, keep)
     out_r = reference.adapter_linear(x, W, b, A, E, B, 1.0, rk, p, keep_mask=keep)
@@ -396,7 +396,7 @@ def test_dropout_off_equals_no_dropout(impl, case):
     with torch.no_grad():  # p = 0 in training and any p in eval: the very same computation
         args = (t["x"], t["w"], t["b"], t["A"], t["E"], t["B"], scaling, ranknum)
         assert torch.equal(ops.adapter_linear(*args, 0.0, True, seed=99), ops.adapter_linear(*args, 0.3, False))
-    assert ops.keep_mask(5, (10, 14), 0.0, "cpu").all()
+    assert ops.dropout_keep_mask(5, (10, 14), 0.0, "cpu").all()
 
 
 # ----------------------------------------------------------------------------- strides, requires_grad

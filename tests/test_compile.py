@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import adalora_fast as af
+from tiny_models import tiny_llama, train_steps
 from tolerances import assert_close
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,9 +57,7 @@ def test_compiled_layer_equals_eager(p, training):
 
 
 def _tiny_llama():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    base = tiny_llama(max_position_embeddings=32)
     cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=3, tfinal=4, deltaT=2, total_step=16, lora_alpha=8,
                            lora_dropout=0.1, target_modules=TARGETS)
     model = af.get_peft_model(base, cfg)
@@ -69,19 +67,8 @@ def _tiny_llama():
 
 
 def _train(model, forward, steps=16):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     data = torch.randint(0, 64, (steps, 2, 12), generator=torch.Generator().manual_seed(1))
-    losses, patterns = [], []
-    for step in range(steps):
-        torch.manual_seed(1000 + step)  # the dropout seeds the ops draw
-        loss = forward(input_ids=data[step], labels=data[step]).loss
-        loss.backward()
-        opt.step()
-        model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(loss.item())
-        patterns.append(model.rank_pattern)
-    return losses, patterns
+    return train_steps(model, data, lr=1e-2, forward=forward, seed=1000)  # seed: the dropout seeds the ops draw
 
 
 def test_compiled_llama_trains_like_eager():
@@ -107,8 +94,7 @@ def test_compiled_llama_trains_like_eager():
 
 def test_meta_forward_shapes():
     with torch.device("meta"):
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2))
+        base = tiny_llama(None)
     model = af.get_peft_model(base, af.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_dropout=0.1,
                                                      target_modules=TARGETS)).to("meta")
     ids = torch.zeros(3, 7, dtype=torch.long, device="meta")

@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama
 
 import adalora_fast as af
 from adalora_fast.layer import AdaLoraLinear
@@ -67,17 +67,11 @@ def test_warns_when_r_is_not_8():
 
 # ----------------------------------------------------------------------------- target selection vs PEFT
 def _llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(max_position_embeddings=64)
 
 
 def _gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    return tiny_gpt2()
 
 
 def _peft_adapted(make, **cfg):

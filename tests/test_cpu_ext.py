@@ -42,7 +42,7 @@ def test_dropout_layer_matches_reference_with_its_own_mask(shape, path, monkeypa
     got = [t.grad.clone() for t in (x, A, E, B)]
     for t in (x, A, E, B):
         t.grad = None
-    keep = ops.keep_mask(1234, (N, k), 0.25, "cpu")
+    keep = ops.dropout_keep_mask(1234, (N, k), 0.25, "cpu")
     if path == "cpp":  # the C++ kernel's own hash, not torch's generator
         assert torch.equal(keep, ext.dropout_keep_mask(N, k, 1234, 0.25))
     yr = ref.adapter_linear(x, W, b, A, E, B, 4.0, rn, 0.25, keep_mask=keep)

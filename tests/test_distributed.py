@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 import adalora_fast as af
 
@@ -39,9 +39,7 @@ MODES = ("ddp", "fsdp2", "fsdp2_keep", "fsdp1")  # fsdp2_keep: reshard_after_for
 
 
 def base_model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return tiny_llama(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, max_position_embeddings=64)
 
 
 def build():

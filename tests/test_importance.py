@@ -1,7 +1,7 @@
-"""The importance ops ``ops.importance_update`` and ``ops.triplet_scores`` (and the FlatLayout
-their state lives in) against ``reference.importance_update`` / ``element_score`` /
-``triplet_scores``, one tensor at a time, on every real implementation (the ``impl`` fixture:
-"torch", "cpp" = the C++ pass, "triton" = the Triton kernel under the interpreter).
+"""The importance ops ``ops.importance_update`` and ``ops.triplet_scores`` against
+``reference.importance_update`` / ``element_score`` / ``triplet_scores``, one tensor at a time, on
+every real implementation (the ``impl`` fixture: "torch", "cpp" = the C++ pass, "triton" = the
+Triton kernel under the interpreter). The FlatLayout their state lives in: ``test_layout.py``.
 """
 
 from __future__ import annotations
@@ -9,28 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_for
+from tiny_models import LAYOUT_SHAPES, adapter_params
 from tolerances import assert_close
 from torch import nn
 
 from adalora_fast import ops, reference
 from adalora_fast.ops import FlatLayout
 from adalora_fast.ops.layout import KIND_A, KIND_B, KIND_E, split_kinds, tensor_index
-
-# Several (r, k, d): repeated shapes (one group of 3 layers), r = 0 and r = 1 layers, k != d.
-LAYOUT_SHAPES = [(4, 8, 6), (1, 5, 7), (4, 8, 6), (0, 8, 6), (3, 6, 9), (4, 8, 6), (0, 3, 2), (2, 7, 7)]
 # Shapes crossing the Triton kernel's tiles (16 triplets x 128 columns): r > 16, k and d > 128.
 TILE_SHAPES = [(12, 40, 24), (6, 40, 24), (0, 17, 9), (1, 33, 70), (32, 80, 16), (12, 40, 24), (20, 19, 300)]
 LAYOUTS = {"small": LAYOUT_SHAPES, "tiles": TILE_SHAPES}
 
 # The EMA is the same elementwise arithmetic in every implementation: much tighter than a product.
 STATE_RTOL = 1e-6
-
-
-def _params(shapes, gen, dtype=torch.float32):
-    ps = []
-    for r, k, d in shapes:
-        ps += [torch.randn(r, k, generator=gen), torch.randn(d, r, generator=gen), torch.randn(r, 1, generator=gen)]
-    return [p.to(dtype) for p in ps]
 
 
 def _view(layout, buf, t):
@@ -66,43 +57,6 @@ def _expected_scores(layout, m1s, m2s):
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------- layout
-def test_layout_offsets_cover_state_once():
-    layout = FlatLayout(LAYOUT_SHAPES)
-    assert layout.numel == sum(r * k + d * r + r for r, k, d in LAYOUT_SHAPES)
-    assert layout.total_rank == sum(r for r, _, _ in LAYOUT_SHAPES)
-    covered = torch.zeros(layout.numel, dtype=torch.int64)
-    for t in range(len(layout.tensor_shapes)):
-        o = layout.offsets[t]
-        covered[o : o + layout.numel_of(t)] += 1
-    assert torch.all(covered == 1)
-    with pytest.raises(ValueError, match="shape"):
-        bad = _params(LAYOUT_SHAPES, torch.Generator().manual_seed(0))
-        bad[0] = torch.zeros(5, 8)
-        layout.check(bad)
-
-
-def test_layout_tensor_index_and_split_kinds():
-    params = _params(LAYOUT_SHAPES, torch.Generator().manual_seed(0))
-    As, Bs, Es = split_kinds(params)
-    layout = FlatLayout(LAYOUT_SHAPES)
-    for i, (r, k, d) in enumerate(LAYOUT_SHAPES):
-        assert params[tensor_index(i, KIND_A)] is As[i] and As[i].shape == (r, k)
-        assert params[tensor_index(i, KIND_B)] is Bs[i] and Bs[i].shape == (d, r)
-        assert params[tensor_index(i, KIND_E)] is Es[i] and Es[i].shape == (r, 1)
-        assert layout.tensor_shapes[tensor_index(i, KIND_B)] == (d, r)
-
-
-def test_layout_of_meta_gives_the_layout_back():
-    """The ops take ``layout.meta`` (a tensor) and find the layout (and its cached tables) again."""
-    layout = FlatLayout(LAYOUT_SHAPES)
-    assert FlatLayout.of_meta(layout.meta) is layout
-    other = FlatLayout(LAYOUT_SHAPES)
-    assert FlatLayout.of_meta(other.meta) is other and FlatLayout.of_meta(layout.meta) is layout
-    rebuilt = FlatLayout.of_meta(layout.meta.clone())  # an equal meta of no live layout: rebuilt
-    assert rebuilt.shapes == layout.shapes and rebuilt.offsets == layout.offsets
-
-
 # ----------------------------------------------------------------------------- importance_update
 @pytest.mark.parametrize("shapes", list(LAYOUTS), ids=str)
 @pytest.mark.parametrize("masked", [False, True])
@@ -110,7 +64,7 @@ def test_importance_update_matches_reference_over_steps(impl, shapes, masked):
     gen = torch.Generator().manual_seed(1)
     shapes = LAYOUTS[shapes]
     layout = FlatLayout(shapes)
-    params = _params(shapes, gen)
+    params = adapter_params(shapes, gen)
     beta1, beta2 = 0.85, 0.7
     if shapes is LAYOUT_SHAPES:  # PEFT's start: zero state
         m1, m2 = torch.zeros(layout.numel), torch.zeros(layout.numel)
@@ -155,7 +109,7 @@ def test_importance_update_half_parameters(impl, dtype):
     fp32 where the reference (PEFT) rounds the product to the half dtype first."""
     gen = torch.Generator().manual_seed(2)
     layout = FlatLayout(LAYOUT_SHAPES)
-    params = _params(LAYOUT_SHAPES, gen, dtype)
+    params = adapter_params(LAYOUT_SHAPES, gen, dtype)
     grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
     m1, m2 = torch.rand(layout.numel, generator=gen), torch.rand(layout.numel, generator=gen)
     ref = [reference.importance_update(p, g, _view(layout, m1, t), _view(layout, m2, t), 0.85, 0.8)
@@ -172,7 +126,7 @@ def test_importance_update_reads_param_grads_when_grads_is_none(impl):
     scores as the explicit list; a missing .grad raises and changes nothing."""
     gen = torch.Generator().manual_seed(11)
     layout = FlatLayout(LAYOUT_SHAPES)
-    params = [nn.Parameter(t) for t in _params(LAYOUT_SHAPES, gen)]
+    params = [nn.Parameter(t) for t in adapter_params(LAYOUT_SHAPES, gen)]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     out = []
@@ -193,7 +147,7 @@ def test_importance_update_reads_param_grads_when_grads_is_none(impl):
 def test_importance_update_missing_grad_in_list_raises_and_leaves_state(impl):
     layout = FlatLayout([(2, 16, 16), (3, 8, 8)])
     gen = torch.Generator().manual_seed(3)
-    params = _params(layout.shapes, gen)
+    params = adapter_params(layout.shapes, gen)
     grads = [torch.randn(p.shape, generator=gen) for p in params]
     grads[4] = None  # layer 1's B
     m1, m2 = torch.rand(layout.numel, generator=gen), torch.rand(layout.numel, generator=gen)
@@ -206,7 +160,7 @@ def test_importance_update_missing_grad_in_list_raises_and_leaves_state(impl):
 def test_importance_update_takes_non_contiguous_grads(impl):
     gen = torch.Generator().manual_seed(9)
     layout = FlatLayout(LAYOUT_SHAPES)
-    params = _params(LAYOUT_SHAPES, gen)
+    params = adapter_params(LAYOUT_SHAPES, gen)
     grads = [torch.randn(p.shape, generator=gen) for p in params]
     strided = [g.t().contiguous().t() if g.dim() == 2 and min(g.shape) > 1 else g for g in grads]
     assert any(not g.is_contiguous() for g in strided)
@@ -220,7 +174,7 @@ def test_importance_update_takes_non_contiguous_grads(impl):
 
 def test_importance_update_rejects_a_wrong_state(impl):
     layout = FlatLayout(LAYOUT_SHAPES)
-    params = _params(LAYOUT_SHAPES, torch.Generator().manual_seed(4))
+    params = adapter_params(LAYOUT_SHAPES, torch.Generator().manual_seed(4))
     grads = [torch.zeros_like(p) for p in params]
     with pytest.raises(ValueError, match="m1"):
         ops.importance_update(layout, params, grads, torch.zeros(layout.numel + 1), torch.zeros(layout.numel), 0.8, 0.8)
@@ -240,7 +194,7 @@ def test_importance_update_skips_non_finite_elements(impl, dtype):
     scores stay finite. Checked against the reference over three steps, the bad elements moving."""
     gen = torch.Generator().manual_seed(21)
     layout = FlatLayout(TILE_SHAPES)
-    params = _params(TILE_SHAPES, gen, dtype)
+    params = adapter_params(TILE_SHAPES, gen, dtype)
     T = len(params)
     m1, m2 = torch.rand(layout.numel, generator=gen), torch.rand(layout.numel, generator=gen)
     ref_m1 = [_view(layout, m1, t).clone() for t in range(T)]

@@ -14,7 +14,7 @@ from adalora_fast import ops, reference
 
 
 # ----------------------------------------------------------------------------- keep_mask_to_budget
-def test_keep_mask_exact_count_with_ties(impl):
+def test_keep_mask_to_budget_exact_count_with_ties(impl):
     scores = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.5])
     for n in range(scores.numel() + 1):
         keep = ops.keep_mask_to_budget(scores, n)
@@ -29,7 +29,7 @@ def test_keep_mask_exact_count_with_ties(impl):
     assert torch.equal(keep, torch.tensor([False] * 4 + [True] * 6))
 
 
-def test_keep_mask_equals_peft_rule_without_ties(impl):
+def test_keep_mask_to_budget_equals_peft_rule_without_ties(impl):
     gen = torch.Generator().manual_seed(2)
     scores = torch.rand(50, generator=gen)
     assert scores.unique().numel() == 50
@@ -43,7 +43,7 @@ def test_keep_mask_equals_peft_rule_without_ties(impl):
             ops.keep_mask_to_budget(scores, bad)
 
 
-def test_keep_mask_matches_stable_sort_with_ties_nan_and_signed_zero(impl):
+def test_keep_mask_to_budget_matches_stable_sort_with_ties_nan_and_signed_zero(impl):
     """Exactly the set a stable sort's first n_prune would prune: ties by position, NaN last, -0.0
     equal to 0.0 (the C++ selection is O(n), not a sort)."""
     gen = torch.Generator().manual_seed(5)

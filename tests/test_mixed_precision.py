@@ -16,9 +16,9 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import adalora_fast as af
+from tiny_models import tiny_llama
 from tolerances import assert_close
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,10 +32,7 @@ SETTINGS = {  # name: (base dtype, autocast dtype or None, dtype the model compu
 
 
 def _pair(base_dtype):
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    base = base.to(base_dtype)
+    base = tiny_llama(max_position_embeddings=32).to(base_dtype)
     kw = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8, lora_dropout=0.0,
               orth_reg_weight=0.5, target_modules=TARGETS)
     with warnings.catch_warnings():

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from tiny_models import tiny_llama
+from transformers import BertConfig, BertForSequenceClassification, LlamaForSequenceClassification
 
 import adalora_fast as af
 
@@ -30,10 +31,7 @@ def _bert():
 
 
 def _llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, num_labels=2, pad_token_id=0)
-    return LlamaForSequenceClassification(cfg).eval()
+    return tiny_llama(cls=LlamaForSequenceClassification, max_position_embeddings=64, num_labels=2, pad_token_id=0).eval()
 
 
 MODELS = {"bert": (_bert, ["query", "value"], "classifier", 3), "llama": (_llama, ["q_proj", "v_proj"], "score", 2)}
@@ -216,9 +214,7 @@ def test_user_modules_to_save_join_the_task_defaults_as_in_peft(tmp_path):
 
 def test_user_modules_to_save_on_a_causal_lm(tmp_path):
     def make():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+        return tiny_llama().eval()
 
     kw = dict(SCHEDULE, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", modules_to_save=["lm_head"])
     ours = af.get_peft_model(make(), af.AdaLoraConfig(**kw))
@@ -248,11 +244,7 @@ def test_names_that_match_nothing_warn():
         af.get_peft_model(_bert(), _config("ours", "bert", modules_to_save=["nope"]))
     # a SEQ_CLS config on a model with neither "classifier" nor "score": PEFT leaves the head frozen silently
     with pytest.warns(UserWarning, match="task_type='SEQ_CLS'"):
-        af.get_peft_model(
-            LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)),
-            _config("ours", "llama"),
-        )
+        af.get_peft_model(tiny_llama(None, num_hidden_layers=1), _config("ours", "llama"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "score" is absent from BERT, but "classifier" matched: no warning
         af.get_peft_model(_bert(), _config("ours", "bert"))

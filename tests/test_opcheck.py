@@ -5,7 +5,7 @@ the real one, the registered autograd, and that the op traces through AOTAutogra
 shapes: what ``torch.compile`` relies on to keep a graph whole.
 
 With a GPU (conftest's ``ON_GPU``) the "triton" runs build their tensors on CUDA (``device_for``),
-so opcheck checks the compiled kernels; the layout's ``meta`` and the dropout seed stay on the CPU,
+so opcheck checks the compiled kernels; the layout's ``shape_table`` and the dropout seed stay on the CPU,
 as the public calls pass them.
 """
 
@@ -61,7 +61,7 @@ def _allocator_args(want, dev="cpu"):
     skipped = torch.zeros(len(L.tensor_shapes), dtype=torch.int64)
     params, grads = [p.to(dev) for p in params], [t.to(dev) for t in grads]
     m1, m2, skipped = m1.to(dev), m2.to(dev), skipped.to(dev)
-    return L, (params, grads, m1, m2, skipped, L.meta, 0.85, 0.8, L.total_rank, want)  # meta: on the CPU
+    return L, (params, grads, m1, m2, skipped, L.shape_table, 0.85, 0.8, L.total_rank, want)  # shape_table: CPU
 
 
 @pytest.mark.parametrize("want", [False, True])
@@ -71,8 +71,8 @@ def test_importance_update(impl, want):
 
 
 def test_triplet_scores(impl):
-    L, (_, _, m1, m2, _, meta, *_rest) = _allocator_args(True, device_for(impl))
-    torch.library.opcheck(OPS.triplet_scores, (m1, m2, meta, L.total_rank))
+    L, (_, _, m1, m2, _, shape_table, *_rest) = _allocator_args(True, device_for(impl))
+    torch.library.opcheck(OPS.triplet_scores, (m1, m2, shape_table, L.total_rank))
 
 
 @pytest.mark.parametrize("n_prune", [0, 3, 8])

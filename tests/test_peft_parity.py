@@ -10,24 +10,20 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama
 
 import adalora_fast as af
 
 SCHEDULE = dict(init_r=6, target_r=3, tinit=4, tfinal=8, deltaT=3, total_step=30, beta1=0.85, beta2=0.85)
 
 
-def tiny_llama():
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def llama_and_targets():
+    model = tiny_llama(None, vocab_size=96, hidden_size=48, intermediate_size=80, max_position_embeddings=64)
+    return model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_gpt2():
-    cfg = GPT2Config(vocab_size=96, n_embd=48, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "c_fc"]
+def gpt2_and_targets():
+    return tiny_gpt2(None, dropout=0.0, vocab_size=96, n_embd=48), ["c_attn", "c_proj", "c_fc"]
 
 
 def run_pair(make, backend, monkeypatch, steps=30):
@@ -62,7 +58,7 @@ def run_pair(make, backend, monkeypatch, steps=30):
     return pm, ours, history
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+@pytest.mark.parametrize("make", [llama_and_targets, gpt2_and_targets], ids=["llama-linear", "gpt2-conv1d"])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_schedule_matches_peft(make, backend, monkeypatch):
     pm, ours, history = run_pair(make, backend, monkeypatch)

@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from tiny_models import tiny_llama
+from transformers import Trainer, TrainingArguments
 
 import adalora_fast as af
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 class Tokens(Dataset):
@@ -33,9 +35,7 @@ class Tokens(Dataset):
 
 
 def test_trainer_runs_schedule_to_target_budget(tmp_path):
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = tiny_llama()
     cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12,
                            target_modules=["q_proj", "v_proj"])
     model = af.get_peft_model(base, cfg)
@@ -74,8 +74,9 @@ warnings.simplefilter("ignore")
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 import adalora_fast as af
+from tiny_models import tiny_llama
 
 mode, out_dir, result = sys.argv[1], sys.argv[2], sys.argv[3]
 resume = sys.argv[4] if len(sys.argv) > 4 else None
@@ -99,9 +100,7 @@ class Crash(TrainerCallback):
             os._exit(0)  # killed right after the checkpoint: no train end, nothing flushed
 
 
-torch.manual_seed(0)
-base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+base = tiny_llama(max_position_embeddings=64)
 cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=3, tfinal=6, deltaT=2, total_step=18, lora_dropout=0.0,
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 model = af.get_peft_model(base, cfg)
@@ -118,7 +117,8 @@ save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "l
 
 
 def _run(script, *argv):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the checkout, and tests/ for the shared tiny model
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -194,11 +194,8 @@ def _trainer(model, out, **kw):
 
 
 def _small():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
-    return af.get_peft_model(base, af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12,
-                                                     target_modules=["q_proj", "v_proj"]))
+    return af.get_peft_model(tiny_llama(), af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2,
+                                                            total_step=12, target_modules=["q_proj", "v_proj"]))
 
 
 def test_resume_without_allocator_state_raises_and_changes_nothing(tmp_path):

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 from conftest import TRITON_DEVICE
+from tiny_models import tiny_llama, train_steps
 from tolerances import rtol_for
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import adalora_fast as af
 
@@ -27,25 +27,13 @@ def train(backend, base, monkeypatch, steps=20, dropout=0.0, device="cpu"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = af.get_peft_model(copy.deepcopy(base).to(device), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     gen = torch.Generator().manual_seed(11)
-    losses, patterns = [], []
-    for step in range(steps):
-        ids = torch.randint(0, 64, (2, 9), generator=gen).to(device)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(loss.item())
-        patterns.append(model.rank_pattern)
-    return losses, patterns
+    batches = [torch.randint(0, 64, (2, 9), generator=gen).to(device) for _ in range(steps)]
+    return train_steps(model, batches, lr=5e-3)
 
 
 def test_triton_backend_trains_like_torch_backend(monkeypatch):
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = tiny_llama(num_hidden_layers=1)
     dev = TRITON_DEVICE
     lt, pt = train("torch", base, monkeypatch, device=dev)
     lk, pk = train("triton", base, monkeypatch, device=dev)

@@ -49,7 +49,7 @@ def test_half_precision_branches_against_fp32_reference(dtype, p, shape):
     n, k, d, r = shape
     x, W, A, E, B, go = _inputs(n, k, d, r, dtype, "cuda")
     got = _run(x, W, A, E, B, go, p, seed=11)
-    keep = ops.keep_mask(11, (n, k), p, "cuda", dtype).cpu() if p else None
+    keep = ops.dropout_keep_mask(11, (n, k), p, "cuda", dtype).cpu() if p else None
     cpu = [v.detach().cpu().float().requires_grad_() for v in (x, A, E, B)]
     out = reference.adapter_linear(cpu[0], W.cpu().float(), None, *cpu[1:], 8.0, torch.tensor([12.0]), p, False,
                                    keep)

@@ -61,7 +61,7 @@ def _no_spec(fn):
     return set(fn.kwargs["do_not_specialize"])
 
 
-@pytest.mark.parametrize("kernel", [ka._shrink_kernel, ka._dA_dx_kernel, ka._keep_mask_kernel])
+@pytest.mark.parametrize("kernel", [ka._shrink_kernel, ka._dA_dx_kernel, ka._dropout_keep_mask_kernel])
 def test_seed_and_batch_size_do_not_pick_binaries_widths_do(kernel):
     """A new seed every step, a new N every batch: neither may compile a second binary (their value
     %16 would pick one); the fixed widths K / D keep their divisibility (128-bit loads)."""
@@ -82,8 +82,8 @@ def test_dropout_p_one_drops_everything():
     t = ka.shrink(x, A, 1.0, seed=5)
     assert t.device.type == dev.type
     assert torch.equal(t, torch.zeros_like(t))
-    assert not ka.keep_mask(5, 70, 24, 1.0, dev).any()
-    assert ka.keep_mask(5, 70, 24, 0.0, dev).all()
+    assert not ka.dropout_keep_mask(5, 70, 24, 1.0, dev).any()
+    assert ka.dropout_keep_mask(5, 70, 24, 0.0, dev).all()
     with pytest.raises(ValueError, match="dropout_p"):
         ka.shrink(x, A, 1.5, seed=5)
 

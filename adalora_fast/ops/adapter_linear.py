@@ -28,20 +28,19 @@ Implementations by device (PyTorch's dispatcher picks; ``ADALORA_FAST_BACKEND`` 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_ext
-from .layout import LIB, RANKNUM_EPS, autograd_inside_op, define_op, forced_impl, impl_for
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+from .layout import RANKNUM_EPS
+from .registry import AUTOCAST_DEVICES, LIB, autograd_inside_op, define_op, forced_impl, impl_for, no_autocast
 
 
 # ---------------------------------------------------------------------------------- dropout masks
-def keep_mask(seed: int, shape, p: float, device, dtype=torch.float32, impl: Optional[str] = None) -> torch.Tensor:
+def dropout_keep_mask(seed: int, shape, p: float, device, dtype=torch.float32,
+                      impl: Optional[str] = None) -> torch.Tensor:
     """The bool keep mask implementation ``impl`` (default: the one that runs on ``device``) draws for
     ``seed`` on a 2-D input of ``shape`` [N, k] with adapters of ``dtype``: Triton's Philox stream,
     the C++ kernel's hash (fp32 CPU with the extension), or torch's seeded ``bernoulli_``."""
@@ -49,7 +48,7 @@ def keep_mask(seed: int, shape, p: float, device, dtype=torch.float32, impl: Opt
     if impl == "triton":
         from ..kernels import adapter_linear as _ka
 
-        return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device)
+        return _ka.dropout_keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device)
     if cpu_ext.usable(device, dtype, p):
         return torch.ops.adalora_fast_cpu.dropout_keep_mask(int(shape[0]), int(shape[1]), int(seed), float(p))
     return _keep_float(shape, dtype, device, seed, p).bool()
@@ -63,7 +62,7 @@ def _keep_float(shape, dtype, device, seed: int, p: float) -> torch.Tensor:
         # see _impl) still sees one mask
         from ..kernels import adapter_linear as _ka
 
-        return _ka.keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device).to(dtype)
+        return _ka.dropout_keep_mask(int(seed), int(shape[0]), int(shape[1]), p, device).to(dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
@@ -73,8 +72,8 @@ def _scale(scaling, ranknum) -> torch.Tensor:
     """s = scaling/(ranknum+eps), a [1] tensor on ranknum's device (no host read of ranknum).
 
     Written as torch evaluates ``scaling / tensor`` (``Tensor.__rdiv__``: reciprocal, then multiply;
-    bitwise the same) without that Python wrapper: 6.4 against 7.6 us a call on one CPU thread
-    (runs twice per layer step); in place on the fresh sum."""
+    bitwise the same) without that Python wrapper, whose cost shows at two calls per layer step;
+    in place on the fresh sum."""
     return (ranknum + RANKNUM_EPS).reciprocal_().mul_(scaling)
 
 
@@ -208,7 +207,7 @@ def _backward_triton(
 def _forward_reference(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
     from .. import reference as ref
 
-    keep = keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p > 0.0 else None
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p else None
     out = ref.adapter_linear(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, keep)
     xa = x.to(lora_A.dtype)
     if keep is not None:
@@ -221,7 +220,7 @@ def _backward_reference(
 ):
     from .. import reference as ref
 
-    keep = keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p > 0.0 else None
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p else None
     leaves = [v.detach().requires_grad_() for v in (x, lora_A, lora_E, lora_B)]
     with autograd_inside_op(), torch.enable_grad():
         out = ref.adapter_linear(
@@ -256,25 +255,16 @@ def _impl(device: torch.device, rank: int, dtype: torch.dtype):
         elif device.type == "cuda" and not forced_impl() and _launch.dot_precision(dtype) == "ieee":
             # fp32 adapter products under torch's full-fp32 default (no TF32): cuBLAS SGEMM in the torch
             # implementation (the same Philox dropout mask); the Triton kernels' FMA dots at these tiles
-            # spill (tests/compile_check.py). With TF32 allowed, or half adapters, Triton runs.
+            # spill (bench/compile_check.py). With TF32 allowed, or half adapters, Triton runs.
             name = "torch"
     return _IMPLS[name]
 
 
-def no_autocast(device: torch.device):
-    """Autocast stays on inside a registered op's implementation: each implementation runs under
-    this, so it computes in the dtypes it was given (the public wrappers apply autocast's rules)."""
-    dev = device.type
-    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------- the operators
-# Registered through layout.define_op (torch.library.Library: schema, one kernel for CPU and CUDA,
+# Registered through registry.define_op (torch.library.Library: schema, one kernel for CPU and CUDA,
 # a fake) plus an Autograd kernel, not through torch.library.custom_op: this op runs once per
-# adapted layer per step, and custom_op's Python shims cost ~4x the torch implementation's own
-# overhead on a small layer (measured: 230 µs vs 60 µs per forward, this 2-core machine, loaded).
+# adapted layer per step, and on a small layer custom_op's Python shims cost several times the
+# torch implementation's own host overhead.
 
 
 def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
@@ -383,7 +373,6 @@ class _AdapterLinearAutograd(torch.autograd.Function):
 LIB.impl("adapter_linear", _AdapterLinearAutograd.apply, "Autograd")
 
 
-
 # ---------------------------------------------------------------------------------- compiled, no dropout
 def _plain_under_compile(x, lora_A, dropout_p) -> bool:
     """While torch.compile traces a CPU layer without dropout (adapters in x's dtype), the layer goes
@@ -440,7 +429,7 @@ def adapter_linear(
             return _forward_torch(*args, 0.0, bool(fan_in_fan_out), 0)[0]
         return adapter_linear_op(*args, p, bool(fan_in_fan_out), seed)[0]
 
-    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             out = run(*(v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)))

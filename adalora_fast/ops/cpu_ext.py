@@ -1,16 +1,17 @@
-"""The C++ CPU kernels (``csrc/``): fused dropout + shrink and its backward
-(``adapter_linear_cpu.cpp``); the importance update of all layers in one pass, the exact-k
-selection of the triplets to prune and the masking of every ``lora_E`` (``allocator_cpu.cpp``).
+"""The C++ CPU kernels (``csrc/``), one source per op module: fused dropout + shrink and its
+backward (``adapter_linear_cpu.cpp``), the importance update of all layers in one pass
+(``importance_cpu.cpp``), the exact-k selection of the triplets to prune and the masking of every
+``lora_E`` (``mask_cpu.cpp``).
 
-Built on first use with ``torch.utils.cpp_extension`` (ninja, ~30 s, cached by torch in
-``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast_cpu.*`` (the kernels the registered ``adalora_fast::*`` ops call). The torch backend uses them
-for fp32 adapters on the CPU: the allocator ops always (exact PEFT arithmetic, one pass instead of
-~12), the dropout kernel with dropout > 0, where torch's ``bernoulli_`` (~6 ns per
-element, twice: forward and the regenerated mask in backward) would cost as much as the base
-matmul. Its keep mask comes from a counter hash, not torch's generator, so it differs from the
-pure-torch path's mask for the same seed (both are valid dropout, each is consistent between its
-own forward and backward). ``ADALORA_FAST_CPU_EXT=0`` disables them; if they cannot be built, a
-warning says why, once, and the pure-torch paths run.
+Built on first use with ``torch.utils.cpp_extension`` (ninja, cached by torch in
+``TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.adalora_fast_cpu.*`` (the kernels the
+registered ``adalora_fast::*`` ops call). The torch backend uses them for fp32 adapters on the
+CPU: the allocator ops always (exact PEFT arithmetic, one pass instead of ~12), the dropout kernel
+with dropout > 0, where torch's ``bernoulli_`` (paid twice: forward and the regenerated mask in
+backward) would cost as much as the base matmul. Its keep mask comes from a counter hash, not
+torch's generator, so it differs from the pure-torch path's mask for the same seed (both are valid
+dropout, each is consistent between its own forward and backward). ``ADALORA_FAST_CPU_EXT=0``
+disables them; if they cannot be built, a warning says why, once, and the pure-torch paths run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 _state: dict = {"loaded": None, "error": None}
-_SOURCES = ("adapter_linear_cpu.cpp", "allocator_cpu.cpp")
+_SOURCES = ("adapter_linear_cpu.cpp", "importance_cpu.cpp", "mask_cpu.cpp")
 
 
 def source_dir() -> Optional[Path]:
@@ -57,7 +58,7 @@ def _load() -> bool:
             from torch.utils import cpp_extension
 
             print(
-                "adalora_fast: loading the C++ CPU kernels (compiled on first use, ~40 s, then cached)...",
+                "adalora_fast: loading the C++ CPU kernels (compiled once on first use, which takes a while; then cached)...",
                 file=sys.stderr,
                 flush=True,
             )

@@ -1,9 +1,9 @@
 """AdaLoRA's importance update and triplet scores as registered operators.
 
     adalora_fast::importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2,
-                                    Tensor(c!) skipped, Tensor meta, float beta1, float beta2,
+                                    Tensor(c!) skipped, Tensor shape_table, float beta1, float beta2,
                                     int n_triplets, bool want_scores) -> Tensor
-    adalora_fast::triplet_scores(Tensor m1, Tensor m2, Tensor meta, int n_triplets) -> Tensor
+    adalora_fast::triplet_scores(Tensor m1, Tensor m2, Tensor shape_table, int n_triplets) -> Tensor
 
 ``params``: A, B, E of every layer (``layout.tensor_index`` order); ``grads`` the same, or empty
 for "each parameter's ``.grad``"; m1, m2: the allocator's flat fp32 state [layout.numel], updated
@@ -11,13 +11,13 @@ in place (PEFT's ``update_ipt``: ipt = |p·g|, m1 = β1·m1 + (1-β1)·ipt, m2 =
 ``skipped``: int64 [T] on m1's device, one counter per adapter tensor: an element whose |p·g| is
 not finite (a NaN or inf gradient, e.g. an fp16 overflow step) leaves its m1 and m2 as they were
 and adds 1 to its tensor's counter (the caller warns; see ``RankAllocator``).
-``meta``: ``FlatLayout.meta`` (int64 [L, 3] of (r, k, d)). Returns the [n_triplets] fp32 triplet
+``shape_table``: ``FlatLayout.shape_table`` (int64 [L, 3] of (r, k, d)). Returns the [n_triplets] fp32 triplet
 scores ``E + mean_row(A) + mean_col(B)`` of the element scores m1·m2 when ``want_scores``, else an
 empty tensor. A missing gradient raises before any state changes. No host sync.
 
 Implementations by device (``ADALORA_FAST_BACKEND`` forces one):
 
-* CPU, "torch": fp32 parameters: one C++ pass (``csrc/allocator_cpu.cpp``, reads each ``.grad``
+* CPU, "torch": fp32 parameters: one C++ pass (``csrc/importance_cpu.cpp``, reads each ``.grad``
   itself; p, g, m1, m2 read once, m1, m2 written once, 24 B per element); other dtypes ~10 flat
   torch ops plus two ``torch.stack`` per (kind, shape) group, whatever the number of layers.
 * CUDA, "triton": ``kernels/triton_ops/importance.py``, one launch over every tensor (pointer tables built
@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import cpu_ext
-from .layout import (KIND_A, KIND_B, KIND_E, FlatLayout, define_op, grads_of, impl_for, layer_and_kind,
-                     missing_grad_error, tensor_index)
+from .layout import KIND_A, KIND_B, KIND_E, FlatLayout, grads_of, layer_and_kind, missing_grad_error, tensor_index
+from .registry import define_op, impl_for
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
@@ -72,8 +72,8 @@ def _update_torch(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, bet
 
 def _update_cpp(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2, want_scores):
     """One C++ pass. ``grads=None`` passes an empty list: the kernel reads each ``.grad`` itself."""
-    meta = layout.cached(
-        "cpu_meta",
+    tensor_table = layout.cached(
+        "cpu_tensor_table",
         lambda: torch.tensor(
             [(layout.offsets[t], layout.triplet_offsets[layer_and_kind(t)[0]], layout.kind_of(t))
              for t in range(len(layout.tensor_shapes))],
@@ -83,8 +83,8 @@ def _update_cpp(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2
     parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
     try:
         torch.ops.adalora_fast_cpu.importance_update(
-            list(params), [] if grads is None else list(grads), m1, m2, skipped, meta, float(beta1), float(beta2),
-            parts,
+            list(params), [] if grads is None else list(grads), m1, m2, skipped, tensor_table, float(beta1),
+            float(beta2), parts,
         )
     except RuntimeError as exc:  # the kernel names a missing gradient by index, before it writes anything
         msg = str(exc)
@@ -232,8 +232,8 @@ def _check_state(layout: FlatLayout, m1, m2, n_triplets):
         raise ValueError(f"importance_update: n_triplets={n_triplets}, the layout has {layout.total_rank}")
 
 
-def _importance_update_kernel(params, grads, m1, m2, skipped, meta, beta1, beta2, n_triplets, want_scores):
-    layout = FlatLayout.of_meta(meta)
+def _importance_update_kernel(params, grads, m1, m2, skipped, shape_table, beta1, beta2, n_triplets, want_scores):
+    layout = FlatLayout.of_shape_table(shape_table)
     _check_state(layout, m1, m2, n_triplets)
     T = len(layout.tensor_shapes)
     if skipped.dtype != torch.int64 or skipped.shape != (T,) or skipped.device != m1.device:
@@ -247,26 +247,26 @@ def _importance_update_kernel(params, grads, m1, m2, skipped, meta, beta1, beta2
     return scores if scores is not None else m1.new_empty(0)
 
 
-def _importance_update_fake(params, grads, m1, m2, skipped, meta, beta1, beta2, n_triplets, want_scores):
+def _importance_update_fake(params, grads, m1, m2, skipped, shape_table, beta1, beta2, n_triplets, want_scores):
     return m1.new_empty(n_triplets if want_scores else 0)
 
 
 importance_update_op = define_op(
-    "importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor(c!) skipped, Tensor meta, "
-    "float beta1, float beta2, int n_triplets, bool want_scores) -> Tensor",
+    "importance_update(Tensor[] params, Tensor[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor(c!) skipped, "
+    "Tensor shape_table, float beta1, float beta2, int n_triplets, bool want_scores) -> Tensor",
     _importance_update_kernel, _importance_update_fake,
 )  # fmt: skip
 
 
-def _triplet_scores_kernel(m1, m2, meta, n_triplets):
-    layout = FlatLayout.of_meta(meta)
+def _triplet_scores_kernel(m1, m2, shape_table, n_triplets):
+    layout = FlatLayout.of_shape_table(shape_table)
     _check_state(layout, m1, m2, n_triplets)
     return _SCORES[impl_for(m1.device)](layout, m1, m2)
 
 
 triplet_scores_op = define_op(
-    "triplet_scores(Tensor m1, Tensor m2, Tensor meta, int n_triplets) -> Tensor",
-    _triplet_scores_kernel, lambda m1, m2, meta, n_triplets: m1.new_empty(n_triplets),
+    "triplet_scores(Tensor m1, Tensor m2, Tensor shape_table, int n_triplets) -> Tensor",
+    _triplet_scores_kernel, lambda m1, m2, shape_table, n_triplets: m1.new_empty(n_triplets),
 )  # fmt: skip
 
 
@@ -293,11 +293,11 @@ def importance_update(
     if skipped is None:
         skipped = torch.zeros(len(layout.tensor_shapes), dtype=torch.int64, device=m1.device)
     with torch.no_grad():
-        out = importance_update_op(list(params), list(grads or []), m1, m2, skipped, layout.meta, float(beta1),
-                                   float(beta2), layout.total_rank, bool(want_scores))
+        out = importance_update_op(list(params), list(grads or []), m1, m2, skipped, layout.shape_table,
+                                   float(beta1), float(beta2), layout.total_rank, bool(want_scores))
     return out if want_scores else None
 
 
 def triplet_scores(layout: FlatLayout, m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
     """[sum(r)] triplet scores of the current state (no update)."""
-    return triplet_scores_op(m1, m2, layout.meta, layout.total_rank)
+    return triplet_scores_op(m1, m2, layout.shape_table, layout.total_rank)

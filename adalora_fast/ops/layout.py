@@ -1,6 +1,7 @@
-"""What every op module shares: the adapter-tensor index convention, the ranknum epsilon, the
-missing-gradient error, the choice of implementation, and FlatLayout (where every adapter tensor's
-importance state lives in the allocator's flat buffers).
+"""The flat layout every op module shares: the adapter-tensor index convention, the ranknum
+epsilon, the missing-gradient error, and FlatLayout (where every adapter tensor's importance state
+lives in the allocator's flat buffers). How the ops are registered and which implementation runs
+is in ``registry.py``.
 
 The allocator owns two flat fp32 buffers (EMA sensitivity ``m1`` and uncertainty ``m2``) that
 hold the state of every A, B and E of every adapted layer. Tensors are ordered by *group*: all
@@ -13,7 +14,6 @@ that says so).
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,9 +23,6 @@ import torch
 KINDS = ("A", "B", "E")
 KIND_A, KIND_B, KIND_E = 0, 1, 2
 RANKNUM_EPS = 1e-5  # PEFT's ``scaling / (ranknum + 1e-5)``
-
-IMPLS = ("reference", "torch", "triton")
-_ENV = "ADALORA_FAST_BACKEND"
 
 
 def tensor_index(layer: int, kind: int) -> int:
@@ -41,62 +38,6 @@ def layer_and_kind(t: int) -> tuple[int, int]:
 def split_kinds(params: Sequence[torch.Tensor]) -> tuple[list, list, list]:
     """(every A, every B, every E) of a per-tensor list in :func:`tensor_index` order."""
     return list(params[KIND_A::3]), list(params[KIND_B::3]), list(params[KIND_E::3])
-
-
-def forced_impl() -> str:
-    """``ADALORA_FAST_BACKEND`` ('' when unset). Read by the op implementations when they run, which is
-    never inside a traced region (a registered op is opaque to ``torch.compile``), and by
-    ``linear._plain_under_compile`` while torch.compile traces a layer (a forced one keeps the op)."""
-    forced = os.environ.get(_ENV, "").strip().lower()
-    if forced and forced not in IMPLS:
-        raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(IMPLS)}")
-    return forced
-
-
-def impl_for(device: torch.device) -> str:
-    """Which implementation an op runs on ``device``: the forced one, else 'triton' on CUDA, else 'torch'.
-
-    A forced 'triton' on a non-CUDA device needs Triton's interpreter (``TRITON_INTERPRET=1`` before
-    triton is imported) and raises otherwise: never a silent fallback.
-    """
-    forced = forced_impl()
-    name = forced or ("triton" if device.type == "cuda" else "torch")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            f"{_ENV}=triton on {device.type} tensors needs TRITON_INTERPRET=1 in the environment before "
-            "triton is imported (Triton's CPU interpreter); on a GPU use CUDA tensors"
-        )
-    return name
-
-
-LIB = torch.library.Library("adalora_fast", "FRAGMENT")
-
-
-def define_op(schema: str, kernel, fake, tags=()):
-    """Register ``adalora_fast::<schema>`` with one Python kernel for CPU and CUDA (it picks its
-    implementation with :func:`impl_for`) and a fake (meta) implementation; returns the OpOverload.
-
-    torch.library.Library rather than torch.library.custom_op for ops on the training step's hot
-    path: custom_op's Python shims (argument defaults, a dynamo-disable wrapper, version bumps of
-    every mutated tensor in Python) cost more than these ops' own work on small models.
-    """
-    name = schema.split("(", 1)[0]
-    LIB.define(schema, tags=tags)
-    for key in ("CPU", "CUDA"):
-        LIB.impl(name, kernel, key)
-    torch.library.register_fake(f"adalora_fast::{name}", fake, lib=LIB)
-    return getattr(torch.ops.adalora_fast, name).default
-
-
-def autograd_inside_op():
-    """A context in which autograd records again, inside an op's implementation (which runs below
-    the Autograd dispatch key, where ``torch.enable_grad()`` alone records nothing). Only the forced
-    reference implementations use it: they take their gradients by autograd of ``reference.py``."""
-    C = torch._C
-    exclude = C._dispatch_tls_local_exclude_set()
-    for key in (C.DispatchKey.AutogradOther, C.DispatchKey.AutogradNestedTensor, C.DispatchKey.AutogradFunctionality):
-        exclude = exclude.remove(key)
-    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
 
 
 class MissingGradientError(ValueError, RuntimeError):
@@ -153,8 +94,9 @@ class FlatLayout:
     element of tensor t in the flat buffers, ``triplet_offsets[i]`` the first position of layer
     i's triplets in the flat [sum(r)] score vector (layer order).
 
-    The registered ops take tensors and ints only: ``meta`` is this layout as an int64 [L, 3]
-    tensor of (r, k, d), and :meth:`of_meta` gives the layout back (cached while ``meta`` lives).
+    The registered ops take tensors and ints only: ``shape_table`` is ``shapes`` as an int64
+    [L, 3] tensor of (r, k, d), and :meth:`of_shape_table` gives the layout back (cached while
+    ``shape_table`` lives).
     """
 
     def __init__(self, shapes: Sequence[tuple[int, int, int]]):
@@ -190,16 +132,17 @@ class FlatLayout:
         self.numel = start
         self._cache: dict = {}
         self._checked: tuple = ()
-        self.meta = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
-        key = id(self.meta)
-        _BY_META[key] = (weakref.ref(self.meta, lambda _ref: _BY_META.pop(key, None)), weakref.ref(self))
+        self.shape_table = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
+        key = id(self.shape_table)
+        _BY_SHAPE_TABLE[key] = (weakref.ref(self.shape_table, lambda _ref: _BY_SHAPE_TABLE.pop(key, None)),
+                                weakref.ref(self))
 
     @staticmethod
-    def of_meta(meta: torch.Tensor) -> "FlatLayout":
-        """The layout ``meta`` was made from (rebuilt from its values if that layout is gone)."""
-        hit = _BY_META.get(id(meta))
-        layout = hit[1]() if hit is not None and hit[0]() is meta else None
-        return layout if layout is not None else FlatLayout([tuple(row) for row in meta.tolist()])
+    def of_shape_table(shape_table: torch.Tensor) -> "FlatLayout":
+        """The layout ``shape_table`` was made from (rebuilt from its values if that layout is gone)."""
+        hit = _BY_SHAPE_TABLE.get(id(shape_table))
+        layout = hit[1]() if hit is not None and hit[0]() is shape_table else None
+        return layout if layout is not None else FlatLayout([tuple(row) for row in shape_table.tolist()])
 
     def cached(self, key, build):
         """``build()`` once per ``key`` for this layout: the tables implementations derive from it
@@ -230,8 +173,8 @@ class FlatLayout:
 
     def check_cached(self, params: Sequence[torch.Tensor]) -> None:
         """:meth:`check`, skipped when ``params`` are the very tensors that passed it last time (a
-        training step passes the same parameter objects every time: 672 shape checks at 224 layers
-        cost about half the C++ importance pass)."""
+        training step passes the same parameter objects every time, and at hundreds of layers a
+        Python shape check per tensor is a sizeable share of the C++ importance pass itself)."""
         key = tuple(map(id, params))
         if key != self._checked:
             self.check(params)
@@ -250,6 +193,6 @@ class FlatLayout:
                 )
 
 
-# id(meta tensor) -> (weak ref to it, weak ref to its layout); an entry goes when its meta tensor is
+# id(shape table) -> (weak ref to it, weak ref to its layout); an entry goes when its shape table is
 # collected. Keyed by id, not by the tensor: tensors compare elementwise, so they make poor dict keys.
-_BY_META: dict = {}
+_BY_SHAPE_TABLE: dict = {}

@@ -5,14 +5,14 @@
 
 ``keep_mask_to_budget``: False for exactly ``n_prune`` lowest-scored triplets, ties (and NaNs,
 which sort last) broken by position, as a stable sort would (``reference.keep_mask_to_budget``).
-CPU fp32: an O(n) C++ selection (``csrc/allocator_cpu.cpp``); otherwise (CUDA, other dtypes) one
+CPU fp32: an O(n) C++ selection (``csrc/mask_cpu.cpp``); otherwise (CUDA, other dtypes) one
 stable ``torch.sort`` of Σr scores on the device, no host sync.
 
 ``apply_mask``: zero every pruned ``lora_E`` entry in place, as PEFT's ``masked_fill_`` (``keep``:
 [Σr] bool in layer order, ``lora_E[i]`` [r_i, 1]); each E's version counter moves, so a backward
 through a stale saved E fails loudly (the Triton path moves them after its launch). CPU fp32: one
-C++ call; CUDA: one Triton launch per E dtype (``kernels/triton_ops/importance.py``); otherwise a split and
-one foreach multiply.
+C++ call (``csrc/mask_cpu.cpp``); CUDA: one Triton launch per E dtype (``kernels/triton_ops/mask.py``);
+otherwise a split and one foreach multiply.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from . import cpu_ext
-from .layout import define_op, impl_for
+from .registry import define_op, impl_for
 
 
 def _keep_sort(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -68,9 +68,9 @@ def _apply_mask_kernel(lora_E, keep):
 
             ref.apply_mask(lora_E, keep)
         elif impl == "triton":
-            from ..kernels import importance as _ki
+            from ..kernels import mask as _km
 
-            _ki.apply_mask(lora_E, keep)
+            _km.apply_mask(lora_E, keep)
             for e in lora_E:  # the kernel writes through raw pointers: move versions as an in-place op would
                 torch.autograd.graph.increment_version(e)
         elif (keep.device.type == "cpu" and cpu_ext.usable_for(lora_E[0])

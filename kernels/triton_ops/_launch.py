@@ -58,10 +58,9 @@ def launch(kernel, grid, *args, **kwargs):
     Triton launches on the *current* CUDA device and its current stream: with layers spread over
     GPUs (``device_map``) a layer on cuda:1 would run on cuda:0. The launch is guarded by the
     tensors' device (``torch.cuda.device``), so it runs there, on that device's current stream.
-    The guard is entered only when that device is not the current one: on an H100 this wrapper's
-    own host time (every launch of a training step goes through it) was 15 ms against Triton's
-    27 ms over 345 launches under cProfile, most of it the device set and the guard
-    (``bench/gpu_profile.py --cprofile``)."""
+    The guard is entered only when that device is not the current one: every launch of a training
+    step goes through this wrapper, and setting the device and entering the guard cost host time
+    of the order of Triton's own launch (``bench/gpu_profile.py --cprofile`` shows it)."""
     dev = launch_device(args)
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
@@ -92,8 +91,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     matmuls (``torch.backends.cuda.matmul.allow_tf32 = True`` or
     ``torch.set_float32_matmul_precision("high" | "medium")``), then ``"tf32"`` on the tensor cores
     (~1e-3 relative on the adapter term). Torch's default is full fp32, so ours is too. Read at each
-    launch; it is a constexpr (one binary per setting). ``tf32x3`` was tried and spilled in most fp32
-    configurations on sm_80 and sm_90. Half operands always use the tensor cores ("tf32" is passed
+    launch; it is a constexpr (one binary per setting). ``tf32x3`` is not offered: it spills in most
+    fp32 configurations on sm_80 and sm_90. Half operands always use the tensor cores ("tf32" is passed
     and ignored for them). In the interpreter every dot is an exact fp32 numpy product.
     """
     if dtype != torch.float32:

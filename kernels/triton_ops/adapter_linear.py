@@ -28,9 +28,9 @@ round(p·65536) (keep probability 1 - thresh/65536, within 8e-6 of 1-p); one Phi
 (``tl.randint4x(seed, counter)``, counter = n·ceil(k/8) + c//8) yields the 16-bit values of 8
 consecutive columns, so the mask depends only on (seed, n, c, k), never on block sizes or strides.
 
-Costs for LLaMA-7B shapes are in each kernel's docstring and in ``kernels/COST.md`` (predicted from
-bytes and FLOPs with an H100 roofline of 3.0 TB/s and 790 TFLOP/s bf16, and, since 2026-11-22, the
-times one H100 measured: 1.0-3.4x the predictions, see COST.md "Measured on an H100").
+Costs for LLaMA-7B shapes are in each kernel's docstring, predicted from bytes and FLOPs at a
+roofline of 3.0 TB/s and 790 TFLOP/s bf16; ``kernels/COST.md`` has how they were derived and what a
+GPU measured against them (``bench/gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -45,13 +45,11 @@ from ._launch import INTERPRET, RANK_PADS, TL_DTYPE, dot_precision, pad_rank
 BLOCK_N = 64  # rows of x / out / g per tile (M of the tensor-core tiles: >= 64 for HGMMA)
 BLOCK_K = 64  # columns of x per tile (multiple of 8: the dropout counter groups 8 columns)
 NUM_WARPS = 4
-# Launch configurations picked by timing every candidate on an H100 (``bench/gpu_check.py --sweep``,
-# bf16, r = 12, N = 8192, k→d 4096→4096 and 4096→11008; medians of CUDA-event timings, run to run
-# noise ~10 %): shrink with 5 stages (was 3: 127→117 µs at p = 0.1, 72→62 at p = 0); dA_dx with one
-# row tile and 128 columns per program (was 4 x 64 rows, 64 columns: 270→136 µs and 164→121 µs at
-# k = 4096): more programs in flight beat 4x fewer dA atomics. grad_rank stays at 64-column tiles of
-# g: 128 was ~15 % faster at d = 11008 but reaches 255 registers and spills at R_PAD 64 and with
-# fp32 adapters (tests/compile_check.py).
+# Launch configurations: the fastest candidates of ``bench/gpu_check.py --sweep`` (bf16, r = 12, LLaMA-7B
+# widths; the timings are in kernels/COST.md). The shrink streams x with 5 pipeline stages, which hide
+# more of each program's serial walk over k. dA_dx runs one row tile and 128 columns per program:
+# more programs in flight beat fewer dA atomics. grad_rank keeps 64-column tiles of g: 128-column
+# tiles reach 255 registers and spill at R_PAD 64 and with fp32 adapters (bench/compile_check.py).
 SHRINK_STAGES = 5
 GRAD_BLOCK_D = 64
 EXPAND_BLOCK_D = 128
@@ -127,7 +125,7 @@ def _fold_e(E, S, rr, R):
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
-def _keep_mask_kernel(OUT, N, K, seed, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dropout_keep_mask_kernel(OUT, N, K, seed, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes the bool keep mask [N, K] the other kernels draw for ``seed`` (tests, debugging).
 
     Bytes: N·K (bool). Not on the training path.
@@ -150,11 +148,10 @@ def _shrink_kernel(
 
     One pass over x (any strides); A re-read per row tile from L2; the dropped x lives only in
     registers. FLOPs 2·N·k·R_PAD (tensor cores). LLaMA-7B (N=8192, k=4096, r=12→16, bf16 x):
-    reads 67.2 MB, writes 0.4 MB, 1.1 GFLOP → 22.5 µs predicted (memory-bound; k=11008: 60.3 µs;
-    measured on an H100 at dropout 0.1: 109 µs, k=11008: 220 µs, latency-bound with 128 programs);
-    with dropout the
-    Philox work (~17 int ops per element, ~0.57 G int ops) is of the same order as the memory
-    time and overlaps it.
+    reads 67.2 MB, writes 0.4 MB, 1.1 GFLOP → 22.5 µs predicted (memory-bound; k=11008: 60.3 µs);
+    with dropout the Philox work (~17 int ops per element, ~0.57 G int ops) is of the same order
+    as the memory time and overlaps it. The grid is cdiv(N, BLOCK_N) programs that each walk all
+    of k, so at N = 8192 (128 programs for 132 SMs) latency, not bandwidth, can bound it.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,8 +187,7 @@ def _expand_add_kernel(
 
     One read and one write of out (base dtype), t and B re-read per tile (L2). The product t ⊙ e
     is formed per tile in the adapter dtype (fp32 accumulate). LLaMA-7B (N=8192, d=4096, r=12,
-    bf16 out): 134.7 MB moved, 1.1 GFLOP → 44.9 µs predicted (d=11008: 361 MB, 120.5 µs); measured
-    on an H100: 80 µs (d=11008: 164 µs).
+    bf16 out): 134.7 MB moved, 1.1 GFLOP → 44.9 µs predicted (d=11008: 361 MB, 120.5 µs).
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -227,7 +223,7 @@ def _grad_rank_kernel(
     ge [N, r] fp32 is written. g may have any strides (stride 0 from ``.sum()``).
     LLaMA-7B (N=8192, d=4096, r=12, bf16 g): reads 67.1 MB of g, 0.8 MB of t/ge, 25.2 MB of fp32
     atomics (counted as traffic), 2.1 GFLOP → 93.1 MB, 31.0 µs predicted (d=11008: 249 MB, 82.9 µs);
-    measured on an H100: 130 µs (d=11008: 230 µs), latency-bound with 128 programs.
+    like the shrink, cdiv(N, BLOCK_N) programs each walk all of d, so latency can bound it.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,8 +267,7 @@ def _dA_dx_kernel(
     the seed), one RMW of dx (base dtype, contiguous), ge [N, r] re-read per column tile (L2),
     dA [r, k] accumulated with fp32 atomics (cdiv(N, BLOCK_N·ROW_BLOCKS) adds per element).
     LLaMA-7B (N=8192, k=4096, r=12, bf16, ROW_BLOCKS=1): x 67.1 MB + dx 134.2 MB + ge 0.4 MB +
-    25.2 MB of fp32 atomics, 2.1 GFLOP → 227 MB, 75.6 µs predicted (k=11008: 609 MB, 203 µs);
-    measured on an H100: 147 µs (k=11008: 309 µs).
+    25.2 MB of fp32 atomics, 2.1 GFLOP → 227 MB, 75.6 µs predicted (k=11008: 609 MB, 203 µs).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -326,13 +321,13 @@ def _common(a_dtype: torch.dtype, r: int) -> dict:
     return dict(R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=dot_precision(a_dtype), num_warps=num_warps(rp))
 
 
-def keep_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
+def dropout_keep_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
     """bool [n, k]: the keep mask the kernels use for ``seed`` and rate ``p``."""
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
         grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
         seed_arg, thresh = dropout_args(dropout_p, seed)[:2]
-        _launch.launch(_keep_mask_kernel, grid, out, n, k, seed_arg, thresh,
+        _launch.launch(_dropout_keep_mask_kernel, grid, out, n, k, seed_arg, thresh,
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return out.bool()
 
@@ -400,24 +395,23 @@ def compile_variants():
     (the only fp32 binaries the GPU runs, see ``ops/adapter_linear._impl``); dropout and need-dx are runtime
     flags (one binary serves both values). Integer arguments get the specialisation a contiguous
     LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
-    the widths K / D 16-divisible); ``tests/compile_check.py`` also compiles the widths unaligned.
+    the widths K / D 16-divisible); ``bench/compile_check.py`` also compiles the widths unaligned.
     """
     def p(dt):
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
 
-    yield ("keep_mask", _keep_mask_kernel,
+    yield ("dropout_keep_mask", _dropout_keep_mask_kernel,
            {"OUT": "*i8", "N": "i32", "K": "i32", "seed": "i64", "thresh": "i32",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
            {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}, NUM_WARPS)
+    # fp32 operands: only the TF32 binaries ship for the GPU; with torch's full-fp32 default the
+    # layer op runs the torch implementation on CUDA (see ops/adapter_linear._impl): the FMA ("ieee")
+    # dots of these 64-wide tiles spill on sm_90 and sm_80. Half operands ignore DOT_PREC.
+    prec = "tf32"
     for base, adt in DTYPE_PAIRS:
-        tag = f"{str(base)[6:]}/{str(adt)[6:]}"
-        # fp32 operands: only the TF32 binaries ship for the GPU; with torch's full-fp32 default the
-        # layer op runs the torch implementation on CUDA (see ops/adapter_linear._impl): the FMA ("ieee")
-        # dots of these 64-wide tiles spill 0.4-7.6 KB of stack per thread on sm_90 and sm_80
-        for rp, prec in [(rp, "tf32") for rp in RANK_PADS]:
+        tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
+        for rp in RANK_PADS:
             common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
-            if adt == torch.float32:
-                tag = f"{str(base)[6:]}/{str(adt)[6:]},{prec}"
             yield (f"shrink[{tag},R{rp}]", _shrink_kernel,
                    {"X": p(base), "A": p(adt), "T": "*fp32", "N": "i32", "K": "i32", "R": "i32",
                     "stride_xn": "i32", "stride_xk": "constexpr", "seed": "i64", "thresh": "i32",
@@ -448,5 +442,5 @@ def compile_variants():
                    {"num_warps": num_warps(rp), "num_stages": DA_STAGES})
 
 
-__all__ = ["DTYPE_PAIRS", "check_dtypes", "keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",
+__all__ = ["DTYPE_PAIRS", "check_dtypes", "dropout_keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",
            "compile_variants", "TL_DTYPE"]

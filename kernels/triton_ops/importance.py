@@ -1,4 +1,5 @@
-"""Importance update of every adapted layer in one launch, and lora_E masking in one launch.
+"""Importance update of every adapted layer in one launch (``adalora_fast::importance_update`` and
+``triplet_scores``, ``ops/importance.py``).
 
 Pointer tables let one Triton program walk many tensors: a tensor table (one int64 row per adapter
 tensor: parameter address, gradient address, offset in the flat state, rows, cols, row stride,
@@ -21,27 +22,22 @@ Bytes per adapter element: read p, g, m1, m2 and write m1, m2 = 24 B (fp32), ~10
 LLaMA-7B (all 224 linears adapted, r=12: 30.0 M adapter elements): 720 MB → 240 µs predicted,
 1 launch (+1 memset of the 10.8 KB score vector). PEFT's loop: 10 elementwise ops per tensor
 (96 B per element, 2.88 GB → 960 µs predicted) and 6720 launches (see COST.md).
-
-``_apply_mask_kernel``: E[i] = keep[i] ? E[i] : 0 for every layer, one program per layer;
-reads Σr bools, RMW of Σr values.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import TL_DTYPE
 
 TILE_R = 16  # triplet rows per program
 TILE_C = 128  # columns per program
 NUM_WARPS = 4
-MASK_BLOCK = 64
-_TENSOR_FIELDS = 8  # p_ptr, g_ptr, state_off, rows, cols, stride_r, stride_c, triplet_off
+# int64 fields per tensor record (the table ops/importance.py builds): p_ptr, g_ptr, state_off, rows, cols,
+# stride_r, stride_c, triplet_off
+_TENSOR_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
@@ -54,7 +50,7 @@ def _importance_kernel(
     ti = tl.load(TILES + tile * 3)
     row0 = tl.load(TILES + tile * 3 + 1)
     col0 = tl.load(TILES + tile * 3 + 2)
-    rec = TENS + ti * 8
+    rec = TENS + ti * _TENSOR_FIELDS
     soff = tl.load(rec + 2)  # int64 offset of the tensor in the flat state
     nr = tl.load(rec + 3).to(tl.int32)
     nc = tl.load(rec + 4).to(tl.int32)
@@ -89,21 +85,6 @@ def _importance_kernel(
         tl.atomic_add(SCORES + trip + rows, part, mask=rows < nr, sem="relaxed")
 
 
-@triton.jit
-def _apply_mask_kernel(ETAB, KEEP, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """Program i: E_i[j] = 0 where keep[trip_i + j] is False (E_i contiguous [r_i, 1])."""
-    i = tl.program_id(0)
-    ep = tl.load(ETAB + i * 3).to(tl.pointer_type(DTYPE))
-    r = tl.load(ETAB + i * 3 + 1)
-    trip = tl.load(ETAB + i * 3 + 2)
-    for j0 in range(0, r, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        jm = j < r
-        keep = tl.load(KEEP + trip + j, mask=jm, other=1) != 0
-        ev = tl.load(ep + j, mask=jm)
-        tl.store(ep + j, tl.where(keep, ev, tl.zeros_like(ev)), mask=jm)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers: tensors and ints only (the caller builds the tables, see adalora_fast/ops/importance.py)
 
@@ -135,37 +116,11 @@ def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: to
     )
 
 
-def apply_mask(lora_E: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
-    """E_i *= keep (in place, no host sync; E_i contiguous [r_i, 1], keep [Σr] bool in list order):
-    one launch per distinct E dtype (normally one)."""
-    keep = keep.contiguous()
-    by_dtype: dict = {}
-    acc = 0
-    for e in lora_E:
-        r = e.shape[0]
-        if r > 0:
-            if not e.is_contiguous():
-                raise ValueError("apply_mask: lora_E tensors must be contiguous")
-            if e.dtype not in TL_DTYPE:
-                raise TypeError(f"apply_mask (triton): lora_E of dtype {e.dtype}; the kernel is built for "
-                                f"{', '.join(str(d) for d in TL_DTYPE)}")
-            by_dtype.setdefault(e.dtype, []).extend([e.data_ptr(), int(r), acc])
-        acc += int(r)
-    for dt, vals in by_dtype.items():
-        tab = _launch.to_device_table(vals, keep.device)
-        _launch.launch(_apply_mask_kernel, (len(vals) // 3,), tab, keep, DTYPE=TL_DTYPE[dt], BLOCK=MASK_BLOCK,
-                       num_warps=1)
-
-
 def compile_variants():
-    """Every config the launchers pick (see ``adapter.compile_variants``)."""
+    """Every config the launcher picks (see ``adapter_linear.compile_variants``)."""
     for update, want in ((True, False), (True, True), (False, True)):
         yield (f"importance[update={int(update)},scores={int(want)}]", _importance_kernel,
                {"TENS": "*i64", "TILES": "*i64", "M1": "*fp32", "M2": "*fp32", "SCORES": "*fp32", "SKIPPED": "*i64",
                 "beta1": "fp32", "omb1": "fp32", "beta2": "fp32", "omb2": "fp32", "UPDATE": "constexpr", "WANT_SCORES": "constexpr",
                 "TILE_R": "constexpr", "TILE_C": "constexpr"},
                {"UPDATE": update, "WANT_SCORES": want, "TILE_R": TILE_R, "TILE_C": TILE_C}, NUM_WARPS)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        yield (f"apply_mask[{str(dt)[6:]}]", _apply_mask_kernel,
-               {"ETAB": "*i64", "KEEP": "*i1", "DTYPE": "constexpr", "BLOCK": "constexpr"},
-               {"DTYPE": TL_DTYPE[dt], "BLOCK": MASK_BLOCK}, 1)

@@ -38,7 +38,7 @@ BLOCK_C = 64
 BWD_BLOCK_C = 128
 NUM_WARPS = 4
 # full fp32 ("ieee": FMA dots, torch's default) at R_N = 64 spills with 4 warps and 128 columns:
-# 8 warps, and 32 columns per backward tile (tests/compile_check.py)
+# 8 warps, and 32 columns per backward tile (bench/compile_check.py)
 IEEE_R64_WARPS = 8
 IEEE_BWD_BLOCK_C = 32
 
@@ -190,16 +190,19 @@ def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequenc
 
 
 def compile_variants():
-    """Every config the launchers pick (see ``adapter.compile_variants``)."""
-    for rn, prec in [(rn, prec) for rn in RANK_PADS for prec in dot_precisions(torch.float32)]:
-        yield (f"orth_fwd[{prec},R{rn}]", _orth_fwd_kernel,
-               {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32",
-                "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-               {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, _config(prec, rn)[0])
-        yield (f"orth_bwd[{prec},R{rn}]", _orth_bwd_kernel,
-               {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32", "GRAD": "*fp32",
-                "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr",
-                "DOT_PREC": "constexpr"},
-               {"R_M": R_M, "R_N": rn, "BLOCK_C": _config(prec, rn)[1], "DOT_PREC": prec}, _config(prec, rn)[0])
+    """Every config the launchers pick (see ``adapter_linear.compile_variants``)."""
+    for rn in RANK_PADS:
+        for prec in dot_precisions(torch.float32):
+            warps, bwd_block = _config(prec, rn)
+            yield (f"orth_fwd[{prec},R{rn}]", _orth_fwd_kernel,
+                   {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32",
+                    "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
+                   {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, warps)
+            yield (f"orth_bwd[{prec},R{rn}]", _orth_bwd_kernel,
+                   {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32",
+                    "GRAD": "*fp32", "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr",
+                    "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
+                   {"R_M": R_M, "R_N": rn, "BLOCK_C": bwd_block, "DOT_PREC": prec}, warps)
+
 
 __all__ = ["forward", "backward", "compile_variants", "INTERPRET"]

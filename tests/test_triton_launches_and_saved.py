@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from adalora_fast import ops
 from adalora_fast.kernels import _launch
-from adalora_fast.ops.layout import FlatLayout
+from adalora_fast.ops import FlatLayout
 
 # no kernel: allocations, aliases and metadata; "item"/"_local_scalar_dense" read a value
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "detach", "detach_", "alias", "lift_fresh",
@@ -121,7 +121,7 @@ def test_saved_for_backward_nothing_of_size_Nk_but_x(use_backend):
     x_bytes = x.numel() * x.element_size()
     t_bytes = N * r * 4
     weights = sum(t.numel() * t.element_size() for t in (W, A, E, B, rk))
-    seed_bytes = 8  # the op's [1] int64 seed output, saved as a tensor (it was a Python int before)
+    seed_bytes = 8  # the op's [1] int64 seed output, saved as a tensor
     assert total <= x_bytes + t_bytes + weights + seed_bytes, (total, [tuple(t.shape) for t in saved])
     out.sum().backward()  # what was saved is enough for backward
     assert x.grad is not None and A.grad is not None

@@ -1,12 +1,11 @@
-// AdaLoRA's allocator step for the CPU, one call each for every adapted layer, registered as
+// AdaLoRA's importance update for the CPU, one call for every adapted layer, registered as
 //   torch.ops.adalora_fast_cpu.importance_update    (PEFT's update_ipt + the triplet-score reduction)
-//   torch.ops.adalora_fast_cpu.keep_mask_to_budget  (exact-k selection, O(n))
-//   torch.ops.adalora_fast_cpu.apply_mask           (zero the pruned lora_E entries)
+// and called by adalora_fast/ops/importance.py. The masking kernels are in mask_cpu.cpp.
 //
 // Why: with ~10 flat torch ops plus two torch.stack per (kind, shape) group, the importance update
-// of 224 layers is bound by op count and extra passes, not by bytes (a flat mul_ over the whole
-// state takes ~0.1 ms). Here each element is read once (p, grad, m1, m2) and written once (m1,
-// m2): 24 bytes and ~10 FLOPs per element, the [sum r] triplet means reduced in the same pass.
+// of hundreds of layers is bound by op count and extra passes over the state, not by bytes. Here
+// each element is read once (p, grad, m1, m2) and written once (m1, m2): 24 bytes and ~10 FLOPs
+// per element, the [sum r] triplet means reduced in the same pass.
 //
 // Arithmetic follows PEFT's op order exactly (the file is built with -ffp-contract=off, so no
 // multiply-add is fused): m1 = b1*m1 + (1-b1)*ipt; m2 = b2*m2 + (1-b2)*|ipt - m1|, with b1 and
@@ -16,11 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <torch/csrc/autograd/variable.h>
-
-#include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 namespace {
@@ -32,14 +27,14 @@ void check_f32(const at::Tensor& t, const char* what, int64_t i) {
 
 // params/grads: A_0, B_0, E_0, A_1, ... (A [r, k], B [d, r], E [r, 1]); an empty grads list means
 // each parameter's own .grad (read here: no Python list of T gradients to build and convert).
-// meta [T, 3] int64 holds each tensor's first element in m1/m2, its layer's first position in
+// tensor_table [T, 3] int64 holds each tensor's first element in m1/m2, its layer's first position in
 // the [sum r] scores and its kind (0 = A, 1 = B, 2 = E: the caller's layout says which is which).
 // parts (optional, [3, sum r] fp32, zeroed): row means of A, column means of B, E, of m1 * m2.
 // skipped ([T] int64): an element whose |p * grad| is not finite keeps its m1 and m2 (a NaN or inf
 // would otherwise stay in the averages until the final phase and keep its triplet from ever being
 // pruned); skipped[t] counts them, for the caller's warning.
 void importance_update(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads_in, at::Tensor m1, at::Tensor m2,
-                       at::Tensor skipped, const at::Tensor& meta, double beta1, double beta2,
+                       at::Tensor skipped, const at::Tensor& tensor_table, double beta1, double beta2,
                        const c10::optional<at::Tensor>& parts) {
   const int64_t T = static_cast<int64_t>(params.size());
   const bool own_grads = grads_in.size() == 0;
@@ -52,8 +47,9 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
     TORCH_CHECK(g.has_value() && g->defined(), "missing gradient for adapter tensor ", t);
     grads[t] = g->contiguous();
   }
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.size(0) == T && meta.size(1) == 3,
-              "meta must be a contiguous int64 [T, 3] tensor");
+  TORCH_CHECK(tensor_table.scalar_type() == at::kLong && tensor_table.is_contiguous() && tensor_table.size(0) == T &&
+                  tensor_table.size(1) == 3,
+              "tensor_table must be a contiguous int64 [T, 3] tensor");
   check_f32(m1, "m1", 0);
   check_f32(m2, "m2", 0);
   TORCH_CHECK(skipped.device().is_cpu() && skipped.scalar_type() == at::kLong && skipped.is_contiguous() &&
@@ -71,7 +67,7 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
     TORCH_CHECK(parts->dim() == 2 && parts->size(0) == 3, "parts must be [3, sum r]");
     total_r = parts->size(1);
   }
-  const int64_t* mp = meta.data_ptr<int64_t>();
+  const int64_t* mp = tensor_table.data_ptr<int64_t>();
   float* s1 = m1.data_ptr<float>();
   float* s2 = m2.data_ptr<float>();
   float* sc = scores ? parts->data_ptr<float>() : nullptr;
@@ -93,7 +89,7 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
       float* a2 = s2 + off;
       // A first pass only looks for a non-finite |p * grad| (x * 0 is NaN exactly for NaN and inf,
       // a float sum that vectorises; p and grad are then read from cache). Selecting and counting
-      // in the update loop itself stopped it from vectorising: 3.6x slower at 940k elements.
+      // in the update loop itself would stop that loop from vectorising.
       float chk = 0.0f;
 #pragma omp simd reduction(+ : chk)
       for (int64_t i = 0; i < n; ++i) chk += std::fabs(pp[i] * gp[i]) * 0.0f;
@@ -149,70 +145,13 @@ void importance_update(at::TensorList params, const c10::List<c10::optional<at::
   });
 }
 
-// reference.keep_mask_to_budget without the sort: exactly n_prune triplets pruned, the lowest
-// scores, ties (and NaNs, which sort last as in torch.sort) broken by position. The comparator is
-// a strict total order, so nth_element's first n_prune entries are the stable sort's first
-// n_prune: O(n) instead of a stable sort's O(n log n) (~1 ms at 12k triplets).
-at::Tensor keep_mask_to_budget(const at::Tensor& scores, int64_t n_prune) {
-  check_f32(scores, "scores", 0);
-  TORCH_CHECK(scores.dim() == 1, "scores must be 1-D");
-  const int64_t n = scores.numel();
-  TORCH_CHECK_VALUE(n_prune >= 0 && n_prune <= n, "n_prune=", n_prune, " must lie in [0, ", n, "]");
-  at::Tensor keep = at::ones({n}, scores.options().dtype(at::kBool));
-  if (n_prune == 0) return keep;
-  const float* s = scores.data_ptr<float>();
-  std::vector<int64_t> idx(n);
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  std::nth_element(idx.begin(), idx.begin() + (n_prune - 1), idx.end(), [s](int64_t a, int64_t b) {
-    const float x = s[a], y = s[b];
-    const bool nx = std::isnan(x), ny = std::isnan(y);
-    if (nx != ny) return ny;
-    if (!nx && x != y) return x < y;
-    return a < b;
-  });
-  bool* k = keep.data_ptr<bool>();
-  for (int64_t i = 0; i < n_prune; ++i) k[idx[i]] = false;
-  return keep;
-}
-
-// Zero the pruned entries of every lora_E (E_t [r_t, 1], the triplets in keep's layer order), as
-// PEFT's masked_fill_: one call instead of a split, a list of .data views and a foreach multiply
-// over every layer. Writes through raw pointers, so it bumps each E's version counter itself, as
-// an in-place torch op would.
-void apply_mask(at::TensorList E, const at::Tensor& keep) {
-  TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.dim() == 1,
-              "keep must be a contiguous 1-D bool CPU tensor");
-  const bool* k = keep.data_ptr<bool>();
-  const int64_t n = keep.numel();
-  int64_t total = 0;
-  for (size_t t = 0; t < E.size(); ++t) {  // every check before any write
-    check_f32(E[t], "E", static_cast<int64_t>(t));
-    total += E[t].numel();
-  }
-  TORCH_CHECK(total == n, "keep has ", n, " entries, the E tensors' ranks add up to ", total);
-  int64_t off = 0;
-  for (size_t t = 0; t < E.size(); ++t) {
-    const int64_t r = E[t].numel();
-    float* e = E[t].data_ptr<float>();
-    for (int64_t i = 0; i < r; ++i) {
-      if (!k[off + i]) e[i] = 0.0f;
-    }
-    torch::autograd::impl::bump_version(E[t]);
-    off += r;
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adalora_fast_cpu, m) {
   m.def("importance_update(Tensor[] params, Tensor?[] grads, Tensor(a!) m1, Tensor(b!) m2, Tensor(c!) skipped, "
-        "Tensor meta, float beta1, float beta2, Tensor(d!)? parts) -> ()");
-  m.def("keep_mask_to_budget(Tensor scores, int n_prune) -> Tensor");
-  m.def("apply_mask(Tensor(a!)[] E, Tensor keep) -> ()");
+        "Tensor tensor_table, float beta1, float beta2, Tensor(d!)? parts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adalora_fast_cpu, CPU, m) {
   m.impl("importance_update", &importance_update);
-  m.impl("keep_mask_to_budget", &keep_mask_to_budget);
-  m.impl("apply_mask", &apply_mask);
 }

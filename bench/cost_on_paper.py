@@ -1,6 +1,7 @@
 """Cost on paper: bytes moved and FLOPs of our kernels and of PEFT's op sequence, H100 roofline.
 
-``python tests/cost_on_paper.py [--sass RESULTS.json]`` prints the tables of ``kernels/COST.md``.
+``python -m bench.cost_on_paper [--sass RESULTS.json]`` (from the repository root) prints the tables
+of ``kernels/COST.md``.
 PREDICTED numbers, from counting bytes and FLOPs and from the compiled SASS: nothing here was
 measured on a GPU. Roofline per op: time = max(bytes / 3.0 TB/s, FLOPs / peak), peak 790 TFLOP/s
 for bf16/fp16 operands and 395 TFLOP/s for TF32. Launch overheads are not in the times; the launch
@@ -8,7 +9,7 @@ counts are listed separately.
 
 Our four layer kernels also get (:func:`kernel_table`) a bandwidth bound at 90 % and 70 % of the
 3.0 TB/s roofline (what real kernels reach) and an issue bound read from their sm_90 SASS
-(``tests/compile_check.py``): warp instructions = warps x (instructions per tile x tiles +
+(``bench/compile_check.py``): warp instructions = warps x (instructions per tile x tiles +
 the rest of the program x programs), issued at one per cycle per scheduler,
 / (132 SMs x 4 schedulers x 1.755 GHz); the prediction is the larger of the two.
 """
@@ -84,14 +85,14 @@ SASS_CONFIG = "bfloat16/bfloat16,R16"  # bf16 autocast: x, g and the adapters bf
 
 def sass_counts(path=None) -> dict:
     """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths).
-    ``path``: a ``compile_check.py --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
+    ``path``: a ``bench.compile_check --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
     if path is None:
-        here = os.path.dirname(os.path.abspath(__file__))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "sass.json")
-            subprocess.run([sys.executable, os.path.join(here, "compile_check.py"), "--only", SASS_CONFIG,
-                            "--json", path], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "bench.compile_check", "--only", SASS_CONFIG, "--json", path],
+                           cwd=root, env=env, check=True, capture_output=True)
             with open(path) as f:
                 results = json.load(f)
     else:
@@ -102,7 +103,8 @@ def sass_counts(path=None) -> dict:
 
 
 def launch_shape(kernel: str, k: int, d: int):
-    """(programs, tiles, warps per program) of one launch at N tokens (kernels/triton_ops/adapter_linear.py's grids)."""
+    """(programs, tiles, warps per program) of one launch at N tokens (the grids of
+    kernels/triton_ops/adapter_linear.py)."""
     return {
         "_shrink_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(k, 64), 4),
         "_expand_add_kernel": (cdiv(N, 64) * cdiv(d, 128), cdiv(N, 64) * cdiv(d, 128), 4),

@@ -1,8 +1,9 @@
 """Compile every Triton kernel configuration for real GPUs (no GPU needed) and read the cubins.
 
-Run as a script (``python tests/compile_check.py [--json OUT] [--jobs J]``) in a process WITHOUT
-``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives interpreted functions that cannot
-be compiled); ``tests/test_triton_compile.py`` runs it in a subprocess and checks the results.
+Run from the repository root (``python -m bench.compile_check [--json OUT] [--jobs J] [--table]``) in
+a process WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives interpreted
+functions that cannot be compiled); ``tests/test_triton_compile.py`` runs it in a subprocess and
+checks the results, ``bench/cost_on_paper.py`` reads its instruction counts.
 
 For each (kernel config, arch in sm_90/sm_80) it records: registers, local memory (spill) bytes and
 static shared memory from ``cuobjdump --dump-resource-usage``, the dynamic shared memory Triton
@@ -36,12 +37,9 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max shared memory per block (op
 
 
 def variants():
-    from adalora_fast.kernels import adapter_linear as adapter, importance, orth
+    from adalora_fast import kernels
 
-    out = []
-    for mod in (adapter, importance, orth):
-        out.extend(mod.compile_variants())
-    return out
+    return kernels.compile_variants()
 
 
 def specialised_ints(fn, signature) -> list:
@@ -209,7 +207,7 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("compile_check.py must run without TRITON_INTERPRET=1 (the interpreter's @triton.jit "
+        raise SystemExit("bench.compile_check must run without TRITON_INTERPRET=1 (the interpreter's @triton.jit "
                          "functions cannot be compiled)")
     for tool in (CUOBJDUMP, PTXAS):
         if not os.access(tool, os.X_OK):
