@@ -55,13 +55,17 @@ def test_transformers_imports_from_the_repository_root():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = json.loads(proc.stdout.strip().splitlines()[-1])
-    root = str(ROOT)
     if _hf_kernels_installed():
+        # the installed distribution's own file (a venv may live inside the checkout, so compare
+        # with where the distribution is, not with the checkout's path)
+        installed = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
         assert spec is not None and spec["origin"] is not None, spec
-        assert not spec["origin"].startswith(root), f"`kernels` resolves into the checkout: {spec}"
+        assert Path(spec["origin"]).resolve() == Path(installed).resolve(), f"`kernels` is not Hugging Face's: {spec}"
     else:
         # without Hugging Face's package, at most a namespace portion is found: no code of ours runs
         assert spec is None or spec["origin"] in (None, "namespace"), spec
+    locations = [Path(p).resolve() for p in (spec or {}).get("locations") or []]
+    assert (ROOT / "kernels").resolve() not in locations or not _hf_kernels_installed(), spec
 
 
 def test_every_kernel_module_imports_as_adalora_fast_kernels():
