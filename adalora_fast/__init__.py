@@ -7,9 +7,12 @@
 
 from .allocator import RankAllocator, budget_schedule
 from .config import AdaLoraConfig, PeftType
-from .layer import AdaLoraLinear
+from .fileio import CheckpointError
+from .bases import AdaLoraConv2d, AdaLoraLinear4bit, AdaLoraLinear8bitLt, AdaLoraLinearUnfused, adapter_layer
+from .layer import AdaLoraLayer, AdaLoraLinear
 from .model import AdaLoraModel, ModulesToSaveWrapper, get_peft_model
 from .ops import backend_name
+from .peft_patch import accelerate, patch_peft, unpatch_peft
 
 
 def __getattr__(name):
@@ -25,12 +28,22 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoraCallback",
     "AdaLoraConfig",
+    "AdaLoraConv2d",
+    "AdaLoraLayer",
     "AdaLoraLinear",
+    "AdaLoraLinear4bit",
+    "AdaLoraLinear8bitLt",
+    "AdaLoraLinearUnfused",
     "AdaLoraModel",
+    "CheckpointError",
     "ModulesToSaveWrapper",
     "PeftType",
     "RankAllocator",
+    "accelerate",
+    "adapter_layer",
     "backend_name",
     "budget_schedule",
     "get_peft_model",
+    "patch_peft",
+    "unpatch_peft",
 ]

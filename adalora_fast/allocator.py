@@ -20,12 +20,25 @@ pruning whole layers to rank 0); a NaN or inf gradient element is left out of th
 averages for that step (PEFT lets it in, where it stays until the final phase and keeps its
 triplet from ever being pruned), with one warning that names the tensors
 (``nonfinite_skipped`` counts them).
+
+Checked at every call, before any op runs (the ops address the flat state by the cached layout,
+so a tensor of another size would have them read or write another tensor's state): every adapter
+tensor and its gradient has the shape the layout was built for (``p.data = ...`` keeps the
+parameter object, so the cache cannot see it), and on CUDA all of them are on one device; the
+error names the parameter. A step counter that advances while the adapter weights stay the same
+and the gradients keep accumulating (a micro-batch counter under gradient accumulation: the
+schedule would run that many times too fast) is warned about once. A model whose adapters were
+loaded without the allocator state (``from_pretrained(..., is_trainable=True)`` of a directory
+without it, ``load_state_dict`` of trained adapters) refuses to continue its schedule at a step
+> 0: the importance averages of the earlier steps are gone, so the run would not be the one it
+continues; starting again from step 0 is a new schedule and is allowed.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +46,8 @@ import torch
 from . import distributed, ops
 from .config import AdaLoraConfig
 from .ops.layout import FlatLayout, missing_grad_error, split_kinds, tensor_name
+
+_SHAPE, _GRAD, _DEVICE = (operator.attrgetter(n) for n in ("shape", "grad", "device"))
 
 
 def budget_schedule(step: int, config: AdaLoraConfig, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
@@ -59,7 +74,8 @@ class RankAllocator:
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         a = adapter_name
-        self.layout = FlatLayout([(m.r[a], m.in_features, m.out_features) for m in self.layers])
+        # (r, k, d) with k the columns of lora_A (Conv2d: in_channels * kh * kw, PEFT's SVDConv2d)
+        self.layout = FlatLayout([(m.r[a], m.lora_in_features, m.out_features) for m in self.layers])
         self.init_bgt = self.layout.total_rank
         self.target_bgt = config.target_r * len(self.layers)
         # The module holding FSDP1 units (AdaLoraModel sets itself): where flat-shard ranges are read.
@@ -82,6 +98,14 @@ class RankAllocator:
         self._host_skipped: Optional[torch.Tensor] = None  # CUDA: its pinned copy, and the event of that copy
         self._host_ready = None
         self._warned_nonfinite = False
+        # Set (to where the adapters came from) when trained adapters were loaded into this fresh
+        # allocator without its state; the first step > 0 then raises (see update_and_allocate).
+        self.loaded_without_state: Optional[str] = None
+        # (version of a watched lora_A, weak ref to its gradient) at the previous call: the same
+        # weights and the same, still accumulating, gradient at the next call mean that no optimizer
+        # step came between the two.
+        self._watch: Optional[tuple] = None
+        self._warned_still = False
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> list:
@@ -136,6 +160,47 @@ class RankAllocator:
         self._dicts, self._keys = dicts, [a] * len(ps)
         self._state0 = (distributed.is_flat_shard(ps[0]), ps[0].dim()) if ps else None
         self._params = ps
+        self._sizes = [torch.Size(s) for s in self.layout.tensor_shapes]
+        # the lora_A watched for "no optimizer step since the last call": the first non-empty one
+        self._watched = next((t for t in range(0, len(ps), 3) if ps[t].numel()), None)
+        self._watch = None
+
+    def check_inputs(self, params) -> None:
+        """Raise ``ValueError`` naming the parameter if an adapter tensor or its gradient no longer
+        has the layout's shape, or (CUDA) if they are not all on one device. Each call: a parameter
+        keeps its identity through ``p.data = ...``, which can change all three."""
+        grads = list(map(_GRAD, params))
+        try:
+            ok = list(map(_SHAPE, params)) == self._sizes and list(map(_SHAPE, grads)) == self._sizes
+        except AttributeError:  # a missing gradient: the op names it; look at the others one by one
+            ok = False
+        if ok and params and params[0].device.type != "cpu":
+            devs = set(map(_DEVICE, params))
+            devs.update(map(_DEVICE, grads))
+            ok = len(devs) == 1
+        if ok:
+            return
+        dev = params[0].device if params else None
+        for t, (p, g, shp) in enumerate(zip(params, grads, self._sizes)):
+            name = tensor_name(t, self.names, self.adapter_name)
+            if p.shape != shp:
+                raise ValueError(
+                    f"{name} has shape {tuple(p.shape)}, but the rank allocator was built for {tuple(shp)} (its "
+                    "importance state is laid out by it): a parameter's .data was replaced with a tensor of another "
+                    "shape. Resize through the model (from_pretrained with a rank_pattern), not the tensor; nothing "
+                    "was changed"
+                )
+            if g is not None and g.shape != shp:
+                raise ValueError(
+                    f"the gradient of {name} has shape {tuple(g.shape)}, the parameter {tuple(shp)}: the parameter's "
+                    ".data was replaced after the backward pass; nothing was changed"
+                )
+            for what, x in (("", p), ("the gradient of ", g)):
+                if x is not None and x.device != dev:
+                    raise ValueError(
+                        f"{what}{name} is on {x.device}, the first adapter tensor on {dev}: the adapters must be on "
+                        "one device; nothing was changed"
+                    )
 
     def _ensure_state(self, device, numel: Optional[int] = None) -> None:
         """The state on ``device`` (moved there if the model moved; zeros of ``numel`` elements, the
@@ -171,6 +236,20 @@ class RankAllocator:
             )
         params = self.params()
         sh = self._shards
+        if sh is None:
+            self.check_inputs(params)
+        if self.loaded_without_state is not None and global_step > 0 and self.m1 is None and last is None:
+            raise RuntimeError(
+                f"update_and_allocate(global_step={global_step}): this model's adapters were loaded from "
+                f"{self.loaded_without_state} without the rank allocator's state (importance averages, mask, last "
+                "step), so the schedule cannot continue at this step: the importance averages would restart empty "
+                "and the budget would be cut from scores of this step alone. To resume exactly, save with "
+                "save_pretrained(dir, save_allocator_state=True) and load with AdaLoraModel.from_pretrained(base, "
+                "dir, is_trainable=True) (the Trainer: AdaLoraCallback), or load model.rankallocator.load_state_dict"
+                "(...) too. To train these adapters on a new schedule, count the steps from 0. Nothing was changed."
+            )
+        if sh is None and not self._warned_still:
+            self._watch_steps(params, global_step)
         if sh is not None:  # FSDP shards: the state holds this rank's elements (distributed.ShardedAdapters)
             dev = distributed.local_flat(sh.params[0]).device
             if self.m1 is not None and not self._state_local:  # a whole state: loaded, or from before wrapping
@@ -200,6 +279,7 @@ class RankAllocator:
                 self._poll_nonfinite(global_step)
             if mask_now:
                 self._mask(scores, budget)
+            self.loaded_without_state = None
             self.last_step = global_step
             return budget if mask_now else None
         if not self.finalized:
@@ -292,6 +372,33 @@ class RankAllocator:
             stacklevel=5,
         )
 
+    def _watch_steps(self, params, step: int) -> None:
+        """Warn once when no optimizer step came since the previous call: the watched lora_A has the
+        same version (optimizers update in place, which moves it) and its gradient is the same tensor
+        (``zero_grad()`` gives a new one, so a skipped GradScaler step does not count) and was
+        accumulated into since."""
+        t = self._watched
+        if t is None:
+            return
+        p = params[t]
+        g = p.grad
+        now = (p._version, weakref.ref(g) if g is not None else None, g._version if g is not None else None)
+        prev, self._watch = self._watch, now
+        if prev is None or g is None or prev[0] != now[0] or prev[1] is None or prev[1]() is not g:
+            return
+        if prev[2] == now[2]:
+            return  # the gradient did not change either: the same backward seen twice, not a micro-batch counter
+        self._warned_still = True
+        warnings.warn(
+            f"update_and_allocate(global_step={step}): the adapter weights have not changed since the previous call "
+            f"(step {self.last_step}) while their gradients kept accumulating: no optimizer step came between the "
+            "two. Is the step counter a micro-batch counter under gradient accumulation? Then the budget schedule "
+            "runs that many times too fast (peft#1801): call update_and_allocate once per optimizer step, with the "
+            "optimizer step count. Warned once.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     # ------------------------------------------------------------------ reporting and resume
     @property
     def rank_pattern(self) -> Optional[dict]:
@@ -333,6 +440,9 @@ class RankAllocator:
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
+        for key in ("ranks", "finalized"):
+            if key not in sd:
+                raise ValueError(f"allocator state has no {key!r} entry: not a RankAllocator.state_dict()")
         ranks = [int(v) for v in sd["ranks"].tolist()]
         if ranks != self.layout.ranks:
             raise ValueError(f"allocator state is for ranks {ranks}, this model's layers have {self.layout.ranks}")
@@ -353,4 +463,6 @@ class RankAllocator:
             self._skipped = sd["nonfinite_skipped"].to(dev, torch.int64).clone()
             self._host_skipped = self._host_ready = None
             self._warned_nonfinite = bool(self._skipped.any())
+        self.loaded_without_state = None
+        self._watch = None
         self.mask_version += 1

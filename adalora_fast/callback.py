@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .save_load import ALLOCATOR_STATE_NAME, checkpoint_adapters
+from .fileio import CheckpointError
+from .save_load import ALLOCATOR_STATE_NAME, checkpoint_adapters, read_allocator_state
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -23,13 +24,18 @@ class AdaLoraCallback(TrainerCallback):
     ``state.global_step`` counts optimizer steps from 0 when the event fires, so the schedule
     sees the same step numbers as the manual loop ``for step in range(total_step)``.
 
-    Checkpoints: at every Trainer save (``on_save``) the callback writes, into the checkpoint
-    folder ``<output_dir>/checkpoint-<global_step>``, ``model.save_pretrained(folder,
+    Checkpoints: at every Trainer save the callback writes, into the checkpoint folder
+    ``<output_dir>/checkpoint-<global_step>``, ``model.save_pretrained(folder,
     save_allocator_state=True)``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
     (so a checkpoint also loads with ``peft.PeftModel.from_pretrained``) and
     ``adalora_allocator_state.safetensors`` (importance averages, mask, phase, last step, full-rank
-    adapters). The Trainer itself saves the whole state dict (``model.safetensors``, full-rank
-    adapters included), the optimizer, scheduler and RNG states.
+    adapters), each file atomically. It writes them when the save is decided (``on_step_end`` /
+    ``on_epoch_end``), before the Trainer writes its files and deletes checkpoints beyond
+    ``save_total_limit``, so a kill at any point of a save leaves the previous checkpoint or a
+    complete new one (``on_save`` covers saves decided after evaluation, ``save_strategy="best"``).
+    The Trainer itself saves the whole state dict (``model.safetensors``, full-rank adapters
+    included), the optimizer, scheduler and RNG states. A warning says when ``total_step`` is
+    larger than the Trainer's ``max_steps`` (the budget would not reach ``target_r``).
 
     Resume: ``trainer.train(resume_from_checkpoint=...)`` restores the weights, then fires
     ``on_train_begin`` with ``state.global_step`` > 0; the event does not carry the path. The
@@ -46,14 +52,29 @@ class AdaLoraCallback(TrainerCallback):
     the reduction phase; past ``total_step - tfinal``, a final mask fixed on all-zero scores that
     prunes whole layers to rank 0). A checkpoint written without this callback cannot be resumed
     exactly; train again, or resume with a new callback from a checkpoint that has the state.
+
+    ``compact=True``: right after the step that fixes the final mask (``total_step - tfinal``, or
+    the first step after it that the callback sees) the callback calls ``model.compact(optimizer)``
+    with the Trainer's optimizer, so the final phase trains only the kept triplets (see
+    ``AdaLoraModel.compact``). Checkpoints written after it hold the compacted tensors; a resumed
+    run takes their shapes when the Trainer loads the weights (before it builds the optimizer) and
+    continues exactly. Single process only (a DDP/FSDP run raises when training begins).
     """
 
-    def __init__(self, model, resume_from_checkpoint: Optional[str] = None) -> None:
-        if not hasattr(model, "update_and_allocate") or not hasattr(model, "rankallocator"):
-            raise TypeError(f"AdaLoraCallback needs an adalora_fast.AdaLoraModel, got {type(model).__name__}")
+    def __init__(self, model, resume_from_checkpoint: Optional[str] = None, compact: bool = False) -> None:
+        from .model import AdaLoraModel
+
+        if not isinstance(model, AdaLoraModel):
+            hint = (" (a PEFT model: af.patch_peft() or af.accelerate(model) runs its rank schedule in the "
+                    "Trainer without a callback)" if type(model).__module__.startswith("peft") else "")
+            raise TypeError(f"AdaLoraCallback needs an adalora_fast.AdaLoraModel, got {type(model).__name__}{hint}")
         self.model = model
         self.resume_from_checkpoint = resume_from_checkpoint
+        # compact=True: model.compact(optimizer) right after the step that fixes the final mask (off by
+        # default: PEFT keeps the pruned triplets, and training after compaction is not bit-identical)
+        self.compact = bool(compact)
         self.restored_from: Optional[str] = None
+        self._saved: Optional[tuple] = None  # (folder, step) of the state written ahead of the Trainer's save
 
     def on_init_end(self, args, state, control, **kwargs):
         # Trainer drops dataset columns that are not parameters of model.forward; ours takes
@@ -71,6 +92,13 @@ class AdaLoraCallback(TrainerCallback):
         alloc = self.model.rankallocator
         if alloc is None:
             raise RuntimeError("AdaLoraCallback: the model was built with inference_mode=True; it cannot be trained")
+        if self.compact and getattr(args, "world_size", 1) > 1:
+            raise RuntimeError(
+                f"AdaLoraCallback(compact=True): this run has {args.world_size} processes (DDP/FSDP); compaction "
+                "replaces parameters their wrappers hold. Train with compact=False and call model.compact() "
+                "after training"
+            )
+        self._check_total_step(alloc.config, getattr(state, "max_steps", 0) or 0)
         if state.global_step > 0:
             self._restore(args, state.global_step)
         elif alloc.last_step is not None:
@@ -81,14 +109,66 @@ class AdaLoraCallback(TrainerCallback):
             )
         return control
 
+    @staticmethod
+    def _check_total_step(cfg, max_steps: int) -> None:
+        """Warn when the schedule is longer than the run: the callback passes steps 0 .. max_steps - 1."""
+        if max_steps <= 0 or cfg.total_step <= max_steps:
+            return
+        final_start = cfg.total_step - cfg.tfinal
+        if final_start > max_steps - 1:
+            what = (f"the run ends at step {max_steps - 1}, before the final phase starts at step {final_start}: the "
+                    "budget never falls to target_r per layer and the final mask is never fixed")
+        else:
+            what = f"the final mask is fixed at step {final_start} but kept for fewer than tfinal={cfg.tfinal} steps"
+        warnings.warn(
+            f"AdaLoraCallback: AdaLoraConfig.total_step={cfg.total_step} is larger than the Trainer's "
+            f"max_steps={max_steps}; {what}. Set total_step to the run's number of optimizer steps ({max_steps}).",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.model.update_and_allocate(state.global_step)
+        if self.compact:
+            from .compaction import compact_if_final
+
+            compact_if_final(self.model, kwargs.get("optimizer"))
         return control
+
+    # ------------------------------------------------------------------ checkpoints
+    # The Trainer's _save_checkpoint writes checkpoint-N, then deletes the checkpoints beyond
+    # save_total_limit, and only then fires on_save: state written in on_save alone would leave a
+    # window (a kill after the rotation) in which the newest checkpoint has no state and the one
+    # before it is gone. So the state goes into checkpoint-N at the event that decides the save
+    # (on_step_end / on_epoch_end, after DefaultFlowCallback has set control.should_save), before
+    # the Trainer writes anything; on_save writes it only for saves decided later (save_strategy
+    # "best", decided after evaluation). The model does not change between the two events.
+    def on_step_end(self, args, state, control, **kwargs):
+        self._save_ahead(args, state, control)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._save_ahead(args, state, control)
+        return control
+
+    def _save_ahead(self, args, state, control) -> None:
+        if not control.should_save or getattr(state, "is_hyper_param_search", False):
+            return  # hyperparameter search: the Trainer saves into a run folder of its own; on_save warns
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        # every rank: under FSDP the adapters are gathered (collective); only the main process writes
+        main = getattr(args, "should_save", True)
+        self.model.save_pretrained(folder, save_allocator_state=True, is_main_process=main)
+        if main:
+            self._saved = (folder, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         if not getattr(args, "should_save", True):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self._saved == (folder, state.global_step) and os.path.isfile(
+            os.path.join(folder, ALLOCATOR_STATE_NAME)
+        ):
+            return control  # written before the Trainer's save (_save_ahead)
         if not os.path.isdir(folder):
             warnings.warn(
                 f"AdaLoraCallback: the Trainer saved a checkpoint, but {folder!r} does not exist (hyperparameter "
@@ -134,15 +214,17 @@ class AdaLoraCallback(TrainerCallback):
         return out
 
     def _restore(self, args, global_step: int) -> None:
-        from safetensors.torch import load_file
-
         why = []
         for folder in self._candidates(args, global_step):
             path = os.path.join(folder, ALLOCATOR_STATE_NAME)
             if not os.path.isfile(path):
                 why.append(f"{folder!r}: no {ALLOCATOR_STATE_NAME}" if os.path.isdir(folder) else f"{folder!r}: not a folder")
                 continue
-            sd = load_file(path)
+            try:
+                sd, _ = read_allocator_state(path)
+            except CheckpointError as exc:  # torn or corrupt: say so, and look at the other candidates
+                why.append(str(exc))
+                continue
             saved_step = int(sd["allocator.last_step"]) if "allocator.last_step" in sd else None
             if saved_step is not None and saved_step != global_step - 1:
                 why.append(f"{folder!r}: saved after step {saved_step}, the Trainer resumes at step {global_step}")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from .fileio import CheckpointError, atomic_write, read_json
 
 CONFIG_NAME = "adapter_config.json"
 # The PEFT version whose on-disk format we write (peft reads "peft_version" only for information).
@@ -40,7 +43,9 @@ class AdaLoraConfig:
     ``deltaT`` steps; from ``total_step - tfinal`` on the mask is frozen at ``target_r`` per layer.
 
     Besides PEFT's checks, this class rejects ``target_r > init_r``, ``beta`` outside (0, 1),
-    ``deltaT < 1`` and ``init_r < 1``; every error names the field and the value.
+    ``deltaT < 1``, ``init_r < 1``, and a NaN, infinite or negative ``orth_reg_weight`` or
+    ``lora_alpha`` (PEFT drops a NaN penalty weight, ``w > 0`` being False, and scales a NaN alpha as
+    ``init_r``); every error names the field and the value.
     """
 
     # AdaLoRA's own fields
@@ -112,8 +117,10 @@ class AdaLoraConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
                 raise _err(name, v, "must lie strictly between 0 and 1")
-        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise _err("orth_reg_weight", self.orth_reg_weight, "must be >= 0")
+        for name in ("orth_reg_weight", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise _err(name, v, "must be a finite number >= 0")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise _err("lora_dropout", self.lora_dropout, "must lie in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
@@ -187,18 +194,28 @@ class AdaLoraConfig:
         d.setdefault("loftq_config", {})
         return d
 
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8")
+
     def save_pretrained(self, directory: str) -> None:
+        """Write ``adapter_config.json`` atomically: a kill leaves the old file or the new one, never an empty one."""
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        atomic_write(os.path.join(directory, CONFIG_NAME), self.to_json_bytes())
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "AdaLoraConfig":
+        """Read ``adapter_config.json``; an empty, truncated or invalid file raises ``CheckpointError``
+        (a ``ValueError``) naming it."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        d = read_json(path, "adapter config")
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: the adapter config must be a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def as_config(config: Any) -> AdaLoraConfig:

@@ -1,17 +1,22 @@
-"""AdaLoraLinear: an adapted ``nn.Linear`` or transformers ``Conv1D`` (PEFT's ``SVDLinear``).
+"""AdaLoraLayer, what every adapted layer shares, and AdaLoraLinear, an adapted ``nn.Linear`` or
+transformers ``Conv1D`` (PEFT's ``SVDLinear``). The other base kinds (bitsandbytes 4-bit and 8-bit,
+Conv2d, custom linear layers) and the dispatch by kind are in ``bases.py``.
 
-Same parameter names, shapes and init as PEFT's ``SVDLinear``, so state dicts map one to one:
+Same parameter names, shapes and init as PEFT's ``AdaLoraLayer``, so state dicts map one to one:
 ``base_layer`` (the frozen original), ``lora_A[adapter]`` [r, k] (right singular vectors),
 ``lora_E[adapter]`` [r, 1] (singular values, init 0), ``lora_B[adapter]`` [d, r] (left singular
 vectors), ``ranknum[adapter]`` [1] (the rank the scaling divides by; no gradient). With E = 0 at
-init the wrapped layer starts as the identity of the base layer.
+init the wrapped layer starts as the identity of the base layer. Like PEFT's layers, an adapted
+layer exposes its base's ``weight`` and ``bias`` (model code reads them: T5's MLP reads
+``wo.weight.dtype``), ``in_features``, ``out_features``, ``base_layer`` and ``get_base_layer()``.
 
-The forward calls one op, ``ops.adapter_linear``, which owns the whole layer (base matmul, bias,
-dropout and adapter, forward and backward).
+AdaLoraLinear's forward calls one op, ``ops.adapter_linear``, which owns the whole layer (base
+matmul, bias, dropout and adapter, forward and backward).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -28,40 +33,44 @@ except ImportError:  # transformers is a dependency, but keep the layer importab
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D``: a linear layer whose weight is stored [in, out] (``fan_in_fan_out``)."""
-    return Conv1D is not None and isinstance(module, Conv1D)
+    """transformers' ``Conv1D`` itself (a subclass may compute something else): a linear layer whose
+    weight is stored [in, out] (``fan_in_fan_out``)."""
+    return Conv1D is not None and type(module) is Conv1D
 
 
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+def has_dense_weight(module: nn.Module) -> bool:
+    """``module.weight`` is a plain float tensor of shape [out_features, in_features]: no packed,
+    quantized (bitsandbytes' ``Params4bit``/``Int8Params``, float8) or sharded (``DTensor``) weight."""
+    w = getattr(module, "weight", None)
+    return (
+        type(w) in (nn.Parameter, torch.Tensor)
+        and w.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        and tuple(w.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    )
 
 
-class AdaLoraLinear(nn.Module):
-    """One adapted linear layer. ``in_features`` = k, ``out_features`` = d.
+def is_plain_linear(module: nn.Module) -> bool:
+    """A layer that computes exactly ``F.linear(x, weight, bias)``: ``nn.Linear``, or a subclass that
+    keeps ``nn.Linear.forward`` (torch's ``NonDynamicallyQuantizableLinear``), with a dense weight.
+    Only these (and ``Conv1D``) go through the fused op."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and has_dense_weight(module)
 
-    ``fan_in_fan_out`` is taken for PEFT's ``SVDLinear`` signature and not read: the layout is the
-    base layer's (Conv1D: [in, out]; nn.Linear: [out, in]). AdaLoraModel warns when the config's
-    ``fan_in_fan_out`` disagrees with a target module."""
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str = "default",
-        r: int = 12,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: Optional[bool] = None,
-        init_lora_weights: bool = True,
-    ) -> None:
+class AdaLoraLayer(nn.Module):
+    """What every adapted layer shares: PEFT's adapter parameters, their init (PEFT's draws, in
+    PEFT's order), ``resize``, merge/unmerge, enabling and disabling, and the attributes of PEFT's
+    tuner layers. ``in_features``/``out_features`` are PEFT's (Conv2d: the channels);
+    ``lora_in_features`` is the number of columns of ``lora_A`` (Conv2d: in_channels * kh * kw).
+
+    A subclass sets its shapes through ``__init__``, calls ``update_layer`` and implements
+    ``_adapted_forward(x, adapter)`` (and ``_add_to_base_weight`` when its weight is not dense)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, in_features: int, out_features: int,
+                 lora_in_features: Optional[int] = None) -> None:
         super().__init__()
-        if not is_adaptable(base_layer):
-            raise ValueError(
-                f"AdaLoraLinear adapts torch.nn.Linear and transformers' Conv1D, got {type(base_layer).__name__}"
-            )
-        self.fan_in_fan_out = is_conv1d(base_layer)
         self.base_layer = base_layer
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.lora_in_features = self.in_features if lora_in_features is None else int(lora_in_features)
         # Registration order matches PEFT's (A, B, E, ranknum), so named_parameters() agree.
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -75,24 +84,57 @@ class AdaLoraLinear(nn.Module):
         self.disable_adapters = False
         self.active_adapter = adapter_name
         base_layer.weight.requires_grad_(False)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    # ------------------------------------------------------------------ PEFT's attributes
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers: model code reads ``.weight.dtype`` of a target)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def active_adapters(self) -> list:
+        return [self.active_adapter]
 
     # ------------------------------------------------------------------ parameters
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True):
         if not isinstance(r, int) or r < 0:
             raise ValueError(f"r={r!r}: the rank must be an int >= 0")
+        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) or lora_alpha < 0:
+            # PEFT's `lora_alpha if lora_alpha > 0 else r` would scale a NaN alpha as r, silently
+            raise ValueError(f"lora_alpha={lora_alpha!r}: must be a finite number >= 0")
         w = self.base_layer.weight
         dev = w.device if w.device.type != "meta" else torch.device("cpu")
+        # PEFT's dtype: the base weight's (_move_adapter_to_device_of_base_layer), fp16/bf16 upcast to fp32
+        # (cast_adapter_dtype): an fp64 model trains fp64 adapters, everything else fp32.
+        dt = torch.float64 if w.dtype == torch.float64 else torch.float32
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
         self.lora_dropout[adapter_name] = float(lora_dropout)
-        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=dev))
-        self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=dev))
-        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, device=dev))
-        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=dev), requires_grad=False)
+        # PEFT's draws in PEFT's order, on the CPU generator, then moved (AdaLoraLayer.update_layer:
+        # A, E, B, a randn(1) for ranknum that is then filled, the reset; _move_adapter_to_device_of_base_layer):
+        # the same seed gives PEFT's initial weights on any device.
+        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.lora_in_features))
+        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1))
+        self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+        self.ranknum[adapter_name] = nn.Parameter(torch.randn(1).fill_(float(r)), requires_grad=False)
         if init_lora_weights:
             self.reset_lora_parameters(adapter_name)
+        if dev.type != "cpu":
+            for pd in (self.lora_A, self.lora_B, self.lora_E, self.ranknum):
+                p = pd[adapter_name]
+                pd[adapter_name] = nn.Parameter(p.detach().to(dev), requires_grad=p.requires_grad)
+        if dt != torch.float32:  # drawn in fp32 and cast afterwards, as PEFT: the same seed gives the same values
+            for pd in (self.lora_A, self.lora_B, self.lora_E, self.ranknum):
+                p = pd[adapter_name]
+                pd[adapter_name] = nn.Parameter(p.detach().to(dt), requires_grad=p.requires_grad)
 
     def reset_lora_parameters(self, adapter_name: str) -> None:
         nn.init.zeros_(self.lora_E[adapter_name])
@@ -127,11 +169,92 @@ class AdaLoraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.merged or args or kwargs:
             if args or kwargs:
-                raise TypeError("AdaLoraLinear.forward takes the input tensor only")
+                raise TypeError(f"{type(self).__name__}.forward takes the input tensor only")
             return self.base_layer(x)
         a = self.active_adapter
         if a not in self.lora_A or self.r[a] == 0:
             return self.base_layer(x)
+        return self._adapted_forward(x, a)
+
+    def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """B (A*E) * scaling / (ranknum + RANKNUM_EPS) [d, lora_in_features] (subclasses lay it out as their weight)."""
+        return (
+            self.lora_B[adapter] @ (self.lora_A[adapter] * self.lora_E[adapter])
+            * self.scaling[adapter]
+            / (self.ranknum[adapter] + RANKNUM_EPS)
+        )
+
+    def _add_to_base_weight(self, delta: torch.Tensor, safe_merge: bool, adapter: str) -> None:
+        """Add ``delta`` (laid out as the base weight) to the dense base weight."""
+        w = self.base_layer.weight
+        delta = delta.to(w.dtype)
+        if safe_merge:
+            new = w.data + delta
+            if not torch.isfinite(new).all():
+                raise ValueError(f"NaNs detected in the merged weights: adapter {adapter!r} seems to be broken")
+            w.data = new
+        else:
+            w.data += delta
+
+    def merge(self, safe_merge: bool = False) -> None:
+        a = self.active_adapter
+        if a in self.merged_adapters:
+            warnings.warn(f"adapter {a!r} is already merged; nothing to do", stacklevel=2)
+            return
+        with torch.no_grad():
+            self._add_to_base_weight(self.get_delta_weight(a), safe_merge, a)
+        self.merged_adapters.append(a)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        with torch.no_grad():
+            while self.merged_adapters:
+                a = self.merged_adapters.pop()
+                self._add_to_base_weight(-self.get_delta_weight(a), False, a)
+
+    def extra_repr(self) -> str:
+        a = self.active_adapter
+        return f"r={self.r.get(a)}, lora_alpha={self.lora_alpha.get(a)}, dropout={self.lora_dropout.get(a)}"
+
+
+class AdaLoraLinear(AdaLoraLayer):
+    """One adapted linear layer through the fused op: ``nn.Linear`` (or a subclass that keeps its
+    forward, with a dense weight) or transformers' ``Conv1D``. ``in_features`` = k, ``out_features`` = d.
+
+    ``fan_in_fan_out`` is taken for PEFT's ``SVDLinear`` signature and not read: the layout is the
+    base layer's (Conv1D: [in, out]; nn.Linear: [out, in]). AdaLoraModel warns when the config's
+    ``fan_in_fan_out`` disagrees with a target module."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 12,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: Optional[bool] = None,
+        init_lora_weights: bool = True,
+    ) -> None:
+        if not (is_plain_linear(base_layer) or is_conv1d(base_layer)):
+            t = type(base_layer)
+            raise ValueError(
+                f"AdaLoraLinear adapts torch.nn.Linear and transformers' Conv1D through the fused op, got "
+                f"{t.__module__}.{t.__qualname__}; adalora_fast.bases.adapter_layer picks the path for other kinds"
+            )
+        w = base_layer.weight
+        conv1d = is_conv1d(base_layer)
+        k, d = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        super().__init__(base_layer, adapter_name, k, d)
+        self.fan_in_fan_out = conv1d
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
         base = self.base_layer
         return ops.adapter_linear(
             x,
@@ -147,43 +270,7 @@ class AdaLoraLinear(nn.Module):
             self.fan_in_fan_out,
         )
 
-    # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """B (A*E) * scaling / (ranknum + RANKNUM_EPS), laid out like the base weight."""
-        delta = (
-            self.lora_B[adapter] @ (self.lora_A[adapter] * self.lora_E[adapter])
-            * self.scaling[adapter]
-            / (self.ranknum[adapter] + RANKNUM_EPS)
-        )
+        delta = super().get_delta_weight(adapter)
         return delta.t() if self.fan_in_fan_out else delta
-
-    def merge(self, safe_merge: bool = False) -> None:
-        a = self.active_adapter
-        if a in self.merged_adapters:
-            warnings.warn(f"adapter {a!r} is already merged; nothing to do", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        with torch.no_grad():
-            delta = self.get_delta_weight(a).to(w.dtype)
-            if safe_merge:
-                new = w.data + delta
-                if not torch.isfinite(new).all():
-                    raise ValueError(f"NaNs detected in the merged weights: adapter {a!r} seems to be broken")
-                w.data = new
-            else:
-                w.data += delta
-        self.merged_adapters.append(a)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        with torch.no_grad():
-            while self.merged_adapters:
-                a = self.merged_adapters.pop()
-                w.data -= self.get_delta_weight(a).to(w.dtype)
-
-    def extra_repr(self) -> str:
-        a = self.active_adapter
-        return f"r={self.r.get(a)}, lora_alpha={self.lora_alpha.get(a)}, dropout={self.lora_dropout.get(a)}"

@@ -24,8 +24,9 @@ from torch import nn
 
 from . import distributed, ops, save_load
 from .allocator import RankAllocator
+from .bases import adapter_layer, base_kind
 from .config import AdaLoraConfig, PeftType, as_config
-from .layer import AdaLoraLinear, is_conv1d
+from .layer import AdaLoraLayer
 from .modules_to_save import ModulesToSaveWrapper, add_task_defaults, wrap_modules_to_save
 from .ops.layout import split_kinds
 from .targets import find_targets, resolve_target_modules
@@ -94,24 +95,32 @@ class AdaLoraModel(nn.Module):
         if not config.inference_mode:
             self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
             self.rankallocator.shard_root = self  # FSDP1 units inside this model hold flat-shard ranges
+        from .compaction import register_load_hook
+
+        register_load_hook(self)  # load_state_dict takes a state dict saved after compact() (the Trainer's resume)
+        # load_state_dict of trained adapters carries no allocator state: the allocator then refuses a step > 0
+        self.register_load_state_dict_pre_hook(save_load.note_adapter_load)
 
     # ------------------------------------------------------------------ injection
     def _inject(self, config: AdaLoraConfig, adapter_name: str) -> None:
-        """Put an AdaLoraLinear in place of every target module; ``config.fan_in_fan_out`` is set to
-        the targets' layout (with PEFT's warning, once, when it said otherwise)."""
+        """Put the adapted layer of its kind (``bases.adapter_layer``) in place of every target module;
+        ``config.fan_in_fan_out`` is set to the layout of the linear targets (with PEFT's warning,
+        once, when it said otherwise; PEFT leaves it alone for bitsandbytes and Conv2d targets)."""
         warned = False
         for name in find_targets(self.model, config):
             base = self.model.get_submodule(name)
-            conv1d = is_conv1d(base)
-            if config.fan_in_fan_out != conv1d and not warned:
-                warnings.warn(
-                    f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
-                    f"{type(base).__name__}. Setting fan_in_fan_out to {conv1d}.",
-                    stacklevel=3,
-                )
-                warned = True
-            config.fan_in_fan_out = conv1d
-            new = AdaLoraLinear(
+            kind = base_kind(base)
+            if kind in ("linear", "conv1d", "linear_custom"):
+                conv1d = kind == "conv1d"
+                if config.fan_in_fan_out != conv1d and not warned:
+                    warnings.warn(
+                        f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
+                        f"{type(base).__name__}. Setting fan_in_fan_out to {conv1d}.",
+                        stacklevel=3,
+                    )
+                    warned = True
+                config.fan_in_fan_out = conv1d
+            new = adapter_layer(
                 base,
                 adapter_name,
                 r=config.init_r,
@@ -126,8 +135,8 @@ class AdaLoraModel(nn.Module):
             p.requires_grad_(("lora_" in n) and not config.inference_mode)
         if not config.inference_mode and config.bias != "none":
             for name, m in self.model.named_modules():
-                if config.bias == "all" or isinstance(m, AdaLoraLinear):
-                    b = getattr(m.base_layer if isinstance(m, AdaLoraLinear) else m, "bias", None)
+                if config.bias == "all" or isinstance(m, AdaLoraLayer):
+                    b = getattr(m.base_layer if isinstance(m, AdaLoraLayer) else m, "bias", None)
                     if isinstance(b, nn.Parameter):
                         b.requires_grad_(True)
         for _, w in self.modules_to_save_wrappers():  # last, as PEFT: the original frozen, the copy trained
@@ -135,8 +144,8 @@ class AdaLoraModel(nn.Module):
             w.modules_to_save[w.active_adapter].requires_grad_(not config.inference_mode)
 
     def adapted_layers(self) -> list:
-        """[(module name, AdaLoraLinear)] in model order (names without FSDP1's wrapper segments)."""
-        return [(_clean_name(n), m) for n, m in self.model.named_modules() if isinstance(m, AdaLoraLinear)]
+        """[(module name, adapted layer)] in model order (names without FSDP1's wrapper segments)."""
+        return [(_clean_name(n), m) for n, m in self.model.named_modules() if isinstance(m, AdaLoraLayer)]
 
     def modules_to_save_wrappers(self) -> list:
         """[(module name, ModulesToSaveWrapper)] in model order (names without FSDP1's wrapper segments)."""
@@ -211,8 +220,10 @@ class AdaLoraModel(nn.Module):
         loss = getattr(outputs, "loss", None)
         if isinstance(loss, torch.Tensor):
             w = self.__dict__["_peft_config"][self.trainable_adapter_name].orth_reg_weight
-            if w > 0:
+            if 0 < w < math.inf:
                 outputs.loss = loss + w * self.orth_penalty()
+            elif w != 0:  # NaN, inf or negative, set after the config validated it: never drop the penalty silently
+                raise ValueError(f"AdaLoraConfig.orth_reg_weight={w!r}: must be a finite number >= 0")
         return outputs
 
     def orth_penalty(self) -> torch.Tensor:
@@ -264,6 +275,20 @@ class AdaLoraModel(nn.Module):
         if self.rankallocator is not None and self.rankallocator.rank_pattern is not None:
             return self.rankallocator.rank_pattern
         return self.__dict__["_peft_config"][self.trainable_adapter_name].rank_pattern
+
+    def compact(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Drop the pruned triplets once the final mask is fixed (``update_and_allocate`` at step
+        ``total_step - tfinal`` or later; before, ``RuntimeError``): each layer's lora_A/E/B shrink
+        to the triplets its ``rank_pattern`` keeps (``ranknum`` and the scaling unchanged; a layer
+        at rank 0 runs the base layer alone), the allocator keeps only the step order and the
+        full-length pattern. With ``optimizer``, the new parameters replace the old in its
+        ``param_groups`` and their state is sliced to the kept rows. The function is unchanged;
+        later training is that of the model PEFT loads from a checkpoint saved now (the orthogonal
+        penalty over the kept rows only). Idempotent. Not under DDP/FSDP wrapping (an error says
+        so). See ``compaction.py``."""
+        from . import compaction
+
+        compaction.compact(self, optimizer)
 
     # ------------------------------------------------------------------ adapters on and off
     @contextlib.contextmanager
@@ -333,6 +358,8 @@ class AdaLoraModel(nn.Module):
         trainable = total = 0
         for p in self.parameters():
             n = p.numel()
+            if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte (PEFT's count)
+                n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
             total += n
             if p.requires_grad:
                 trainable += n

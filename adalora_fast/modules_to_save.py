@@ -11,7 +11,7 @@ import warnings
 from torch import nn
 
 from .config import AdaLoraConfig
-from .layer import AdaLoraLinear
+from .layer import AdaLoraLayer
 
 # Modules PEFT trains whole for a task type, as its PeftModelFor<Task> classes add them to
 # ``modules_to_save``: PeftModelForSequenceClassification / ...TokenClassification add
@@ -80,7 +80,7 @@ def wrap_modules_to_save(
         hits = [t for t in names if key.endswith(t)]
         if not key or not hits or any(key.startswith(f"{w}.") for w in wrapped):
             continue
-        if isinstance(module, (AdaLoraLinear, ModulesToSaveWrapper)) or any(key.startswith(f"{a}.") for a in adapted):
+        if isinstance(module, (AdaLoraLayer, ModulesToSaveWrapper)) or any(key.startswith(f"{a}.") for a in adapted):
             raise ValueError(
                 f"modules_to_save={names!r}: {key!r} is an adapted layer or part of one; a module cannot be "
                 "both adapted (target_modules) and trained whole (modules_to_save)"

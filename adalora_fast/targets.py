@@ -11,12 +11,14 @@ from typing import Optional
 
 from torch import nn
 
+from .bases import is_adaptable, is_linear_like, unsupported_reason
 from .config import AdaLoraConfig
-from .layer import AdaLoraLinear, is_adaptable
+from .layer import AdaLoraLayer
 
-# Default target modules by `model.config.model_type`, as PEFT's
-# TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (the subset with nn.Linear/Conv1D layers).
-DEFAULT_TARGET_MODULES = {
+# PEFT 0.21's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft/utils/constants.py), entry
+# for entry: peft is no runtime dependency, and tests/test_bases.py fails when PEFT's table changes.
+# A value is a list of module-name suffixes or, as PEFT's "gemma4", one regex.
+PEFT_ADALORA_TARGET_MODULES = {
     "t5": ["q", "k", "v", "o", "wi", "wo"],
     "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -27,16 +29,28 @@ DEFAULT_TARGET_MODULES = {
     "gpt_neox": ["query_key_value"],
     "gpt_neo": ["q_proj", "v_proj"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "key", "value", "dense"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
     "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+# Defaults PEFT's AdaLoRA table lacks (PEFT raises "Please specify `target_modules`" for these):
+# taken from PEFT's LoRA table.
+EXTRA_TARGET_MODULES = {
     "mistral": ["q_proj", "v_proj"],
 }
+
+DEFAULT_TARGET_MODULES = {**PEFT_ADALORA_TARGET_MODULES, **EXTRA_TARGET_MODULES}
 
 
 def resolve_target_modules(model: nn.Module, config: AdaLoraConfig) -> None:
@@ -50,9 +64,12 @@ def resolve_target_modules(model: nn.Module, config: AdaLoraConfig) -> None:
                 f"AdaLoraConfig.target_modules=None and no default is known for model_type={mt!r}; "
                 "pass target_modules (a list of names, a regex, or 'all-linear')"
             )
-        config.target_modules = set(DEFAULT_TARGET_MODULES[mt])
+        default = DEFAULT_TARGET_MODULES[mt]
+        config.target_modules = default if isinstance(default, str) else set(default)  # a regex stays one (PEFT)
     elif isinstance(tm, str) and tm.lower() == "all-linear":
-        names = {n for n, m in model.named_modules() if is_adaptable(m)}
+        # PEFT's selection: every nn.Linear (bitsandbytes' layers included) and Conv1D; one that
+        # cannot be adapted raises in find_targets rather than being skipped silently
+        names = {n for n, m in model.named_modules() if is_linear_like(m) and ".base_layer" not in f".{n}"}
         get_out = getattr(model, "get_output_embeddings", None)
         out_emb = get_out() if callable(get_out) else None
         if out_emb is not None:
@@ -99,27 +116,24 @@ def is_target(config: AdaLoraConfig, key: str) -> bool:
 
 
 def find_targets(model: nn.Module, config: AdaLoraConfig) -> list:
-    """Names of the modules of ``model`` to adapt, in model order. A match that is no linear layer
-    raises, unless it holds submodules and ``target_modules`` is a list (PEFT skips those); so does
-    a ``target_modules`` that matches nothing."""
+    """Names of the modules of ``model`` to adapt, in model order. A match that no path adapts
+    (``bases.base_kind``) raises naming its type, unless it holds submodules and ``target_modules``
+    is a list (PEFT skips those); so does a ``target_modules`` that matches nothing."""
     targets = []
     for name, module in model.named_modules():
-        if isinstance(module, AdaLoraLinear) or not name:
+        if isinstance(module, AdaLoraLayer) or not name:
             continue
         if ".base_layer" in f".{name}" or not is_target(config, name):
             continue
         if not is_adaptable(module):
             if list(module.children()) and not isinstance(config.target_modules, str):
                 continue
-            raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}; adalora_fast adapts torch.nn.Linear "
-                "and transformers' Conv1D only"
-            )
+            raise ValueError(f"target module {name!r}: {unsupported_reason(module)}")
         targets.append(name)
     if not targets:
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no nn.Linear/Conv1D module of the model; "
-            "linear modules are, for example: "
+            f"target_modules={config.target_modules!r} matched no module of the model that can be adapted; "
+            "such modules are, for example: "
             + ", ".join([n for n, m in model.named_modules() if is_adaptable(m)][:8])
         )
     return targets

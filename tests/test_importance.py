@@ -186,6 +186,31 @@ def test_importance_update_rejects_a_wrong_state(impl):
                               torch.zeros(layout.numel), 0.8, 0.8)
 
 
+def test_importance_update_checks_replaced_data_every_call(impl):
+    """``p.data = bigger`` keeps the parameter's identity: the op still compares every tensor's
+    shape (and every gradient's) with the layout on each call, raises naming the tensor, and
+    changes nothing, instead of reading or writing another tensor's state."""
+    layout = FlatLayout(LAYOUT_SHAPES)
+    gen = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(t) for t in adapter_params(LAYOUT_SHAPES, gen)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    m1, m2 = torch.zeros(layout.numel), torch.zeros(layout.numel)
+    ops.importance_update(layout, params, None, m1, m2, 0.85, 0.8)  # the same tensors pass: cached
+    before = (m1.clone(), m2.clone())
+    for t, grow in ((0, (1, 0)), (4, (0, 1)), (2, (1, 0))):  # layer 0's A, layer 1's B, layer 0's E
+        old = params[t].data
+        params[t].data = torch.randn(old.shape[0] + grow[0], old.shape[1] + grow[1], generator=gen)
+        with pytest.raises(ValueError, match=f"adapter tensor {t} .*has shape"):
+            ops.importance_update(layout, params, None, m1, m2, 0.85, 0.8)
+        params[t].data = old
+        grads = [p.grad for p in params]
+        grads[t] = torch.randn(old.shape[0] + grow[0], old.shape[1] + grow[1], generator=gen)
+        with pytest.raises(ValueError, match=f"gradient of adapter tensor {t} .*has shape"):
+            ops.importance_update(layout, params, grads, m1, m2, 0.85, 0.8)
+    assert torch.equal(m1, before[0]) and torch.equal(m2, before[1])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_importance_update_skips_non_finite_elements(impl, dtype):

@@ -62,6 +62,17 @@ def test_callback_rejects_a_plain_model():
         af.AdaLoraCallback(torch.nn.Linear(2, 2))
 
 
+def test_callback_rejects_a_peft_model_and_points_to_the_patch():
+    """PEFT's AdaLoRA model has update_and_allocate and rankallocator too, but not our allocator's
+    checkpoint: the callback refuses it and names the way that runs PEFT's schedule in a Trainer."""
+    import peft
+
+    pm = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                               target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="patch_peft"):
+        af.AdaLoraCallback(pm)
+
+
 # ----------------------------------------------------------------------------- checkpoints and resume
 # One script for every run: "full" trains 18 steps uninterrupted; "crash" is the same run killed
 # (os._exit) right after the checkpoint of step 16 is written; "resume" continues from a checkpoint in

@@ -238,9 +238,14 @@ def _importance_update_kernel(params, grads, m1, m2, skipped, shape_table, beta1
     T = len(layout.tensor_shapes)
     if skipped.dtype != torch.int64 or skipped.shape != (T,) or skipped.device != m1.device:
         raise ValueError(f"importance_update: skipped must be an int64 [{T}] tensor on {m1.device}")
-    layout.check_cached(params)
     if grads and len(grads) != len(params):
         raise ValueError(f"importance_update: {len(grads)} gradients for {len(params)} parameters")
+    layout.check_cached(params, grads)
+    if m1.device.type != "cpu":  # the Triton pointer tables address every tensor on m1's device
+        for t, x in enumerate(list(params) + list(grads)):
+            if x is not None and x.device != m1.device:
+                raise ValueError(f"importance_update: adapter tensor {t % len(params)} is on {x.device}, "
+                                 f"the importance state on {m1.device}")
     with torch.no_grad():
         scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, skipped, beta1, beta2,
                                               want_scores)

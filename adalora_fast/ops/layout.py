@@ -14,6 +14,7 @@ that says so).
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -132,6 +133,7 @@ class FlatLayout:
         self.numel = start
         self._cache: dict = {}
         self._checked: tuple = ()
+        self._sizes = [torch.Size(shp) for shp in tensor_shapes]
         self.shape_table = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
         key = id(self.shape_table)
         _BY_SHAPE_TABLE[key] = (weakref.ref(self.shape_table, lambda _ref: _BY_SHAPE_TABLE.pop(key, None)),
@@ -171,14 +173,31 @@ class FlatLayout:
 
         return self.cached(("positions", group.start, group.kind, str(device)), build)
 
-    def check_cached(self, params: Sequence[torch.Tensor]) -> None:
-        """:meth:`check`, skipped when ``params`` are the very tensors that passed it last time (a
-        training step passes the same parameter objects every time, and at hundreds of layers a
-        Python shape check per tensor is a sizeable share of the C++ importance pass itself)."""
+    def check_cached(self, params: Sequence[torch.Tensor], grads: Sequence = ()) -> None:
+        """:meth:`check` of ``params`` and of their gradients (``grads``, or each ``p.grad`` when it
+        is empty), every call. The full check runs when the tensors are new; for the tensors that
+        passed it last time one list comparison of their shapes remains, since ``p.data = ...``
+        keeps a parameter's identity and can still change its shape (a kernel reading by this
+        layout would then read or write past the tensor)."""
         key = tuple(map(id, params))
         if key != self._checked:
             self.check(params)
             self._checked = key
+        elif list(map(_SHAPE, params)) != self._sizes:
+            self.check(params)
+        gs = list(grads) if grads else list(map(_GRAD, params))
+        try:
+            ok = list(map(_SHAPE, gs)) == self._sizes
+        except AttributeError:  # a missing gradient: the op raises its own error for it
+            ok = False
+        if not ok:
+            for t, (g, shp) in enumerate(zip(gs, self.tensor_shapes)):
+                if g is not None and tuple(g.shape) != shp:
+                    layer, kind = layer_and_kind(t)
+                    raise ValueError(
+                        f"the gradient of adapter tensor {t} (layer {layer}, lora_{KINDS[kind]}) has shape "
+                        f"{tuple(g.shape)}, the allocator's layout expects {shp}"
+                    )
 
     def check(self, params: Sequence[torch.Tensor]) -> None:
         """Raise if ``params`` (A, B, E per layer) do not have the shapes this layout was built for."""
@@ -191,6 +210,10 @@ class FlatLayout:
                     f"adapter tensor {t} (layer {layer}, lora_{KINDS[kind]}) has shape {tuple(p.shape)}, "
                     f"the allocator's layout expects {shp}; rebuild the allocator after resizing"
                 )
+
+
+_SHAPE = operator.attrgetter("shape")
+_GRAD = operator.attrgetter("grad")
 
 
 # id(shape table) -> (weak ref to it, weak ref to its layout); an entry goes when its shape table is

@@ -54,6 +54,9 @@ keep_mask_to_budget_op = define_op(
 )  # fmt: skip
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton mask kernel is built for
+
+
 def _apply_mask_kernel(lora_E, keep):
     total = sum(e.shape[0] for e in lora_E)
     if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != total:
@@ -61,7 +64,12 @@ def _apply_mask_kernel(lora_E, keep):
                          f"got {keep.dtype} {tuple(keep.shape)}")
     if not lora_E:
         return
+    for i, e in enumerate(lora_E):
+        if e.device != keep.device:
+            raise ValueError(f"apply_mask: lora_E[{i}] is on {e.device}, keep on {keep.device}")
     impl = impl_for(keep.device)
+    if impl == "triton" and not all(e.dtype in _KERNEL_DTYPES for e in lora_E):
+        impl = "torch"  # the same product in torch ops (fp64 adapters of an fp64 model)
     with torch.no_grad():
         if impl == "reference":
             from .. import reference as ref

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-METHODS = ("ours", "peft_adalora", "peft_lora")
+# ours_compact: ours with AdaLoraCallback(compact=True), the pruned triplets dropped once the final
+# mask is fixed (its ranks are ours', so the rank and budget plots leave it out)
+METHODS = ("ours", "ours_compact", "peft_adalora", "peft_lora")
 # the methods with a rank allocator: the ones drawn in the rank and budget plots
 ADALORA = ("ours", "peft_adalora")
 # The six kinds of BERT linear layer, as they end a module's name (rows of the rank heatmap).

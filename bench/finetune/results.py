@@ -12,7 +12,8 @@ from ..report import LABELS, text_table, write_csv
 from .plan import METHODS, Plan
 
 # the figures summarised over seeds (mean, std, min, max), as the table and the CSV give them
-PER_SEED = ("accuracy", "macro_f1", "final_train_ce", "median_step_ms", "train_s", "eval_s", "total_s")
+PER_SEED = ("accuracy", "macro_f1", "final_train_ce", "median_step_ms", "final_phase_step_ms", "train_s", "eval_s",
+            "total_s")
 CSV_COLUMNS = ["method", "seed", *PER_SEED, "trainable_params", "final_total_rank", "final_adapter_params"]
 
 
@@ -41,7 +42,7 @@ def summarise(results: List[dict]) -> List[dict]:
 
 
 def table(summary: List[dict]) -> str:
-    head = ["method", "seeds", "test acc", "macro-F1", "final train CE", "step ms (median)", "train s/seed",
+    head = ["method", "seeds", "test acc", "macro-F1", "final train CE", "step ms (median)", "final-phase step ms", "train s/seed",
             "total s (all seeds)", "trainable params", "final total rank"]
     body = []
     for s in summary:
@@ -49,6 +50,7 @@ def table(summary: List[dict]) -> str:
             LABELS[s["method"]], str(s["seeds"]),
             f"{s['accuracy']:.4f} ± {s['accuracy_std']:.4f}", f"{s['macro_f1']:.4f} ± {s['macro_f1_std']:.4f}",
             f"{s['final_train_ce']:.3f} ± {s['final_train_ce_std']:.3f}", f"{s['all_steps_median_ms']:.0f}",
+            f"{s['final_phase_step_ms']:.0f}",
             f"{s['train_s']:.1f}", f"{s['total_s_all_seeds']:.0f}", f"{s['trainable_params']:,}",
             f"{s['final_total_rank']:.0f}",
         ])

@@ -65,7 +65,7 @@ def ranks_chosen(model, method: str, init_r: int) -> Dict[Tuple[int, str], int]:
     """The allocator's current mask as a rank per (layer, kind): ``rank_pattern`` (ours: the
     property; PEFT: ``peft_config["default"].rank_pattern``, set at each masking step), or
     ``init_r`` everywhere before the first mask."""
-    if method == "ours":
+    if method in ("ours", "ours_compact"):
         pattern = model.rank_pattern
     else:
         pattern = model.peft_config["default"].rank_pattern
@@ -100,12 +100,12 @@ def build(method: str, plan: Plan, seed: int, device):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method == "ours":
+        if method in ("ours", "ours_compact"):
             import adalora_fast as af
 
             cfg = af.AdaLoraConfig(task_type="SEQ_CLS", **plan.adalora_kwargs())
             model = af.get_peft_model(base, cfg)
-            callbacks = [af.AdaLoraCallback(model)]
+            callbacks = [af.AdaLoraCallback(model, compact=method == "ours_compact")]
         elif method == "peft_adalora":
             import peft
 
@@ -274,7 +274,10 @@ def run_one(method: str, seed: int, plan: Plan, train_ds, test_ds, tokenizer, de
     res = dict(
         method=method, seed=seed, accuracy=acc, macro_f1=f1,
         final_train_ce=statistics.fmean(recorder.ce[-tail:]), final_train_ce_steps=tail,
-        median_step_ms=1e3 * statistics.median(recorder.step_s), train_s=train_s, eval_s=eval_s,
+        median_step_ms=1e3 * statistics.median(recorder.step_s),
+        # the steps after the one that fixes the final mask (where ours_compact has compacted)
+        final_phase_step_ms=1e3 * statistics.median(recorder.step_s[plan.total_step - plan.tfinal + 1 :] or [float("nan")]),
+        train_s=train_s, eval_s=eval_s,
         total_s=time.perf_counter() - t_start, trainable_params=n_trainable, steps=len(recorder.step_s),
         ce=recorder.ce, loss=recorder.loss, step_s=recorder.step_s, total_rank=recorder.total_rank,
     )
