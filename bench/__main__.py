@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="output folder")
     ap.add_argument("--no-files", action="store_true", help="write no CSV/PNG")
-    ap.add_argument("--only", default=None, help="comma list of sections: layer,alloc,step,memory")
+    ap.add_argument("--only", default=None, help="comma list of sections: layer,alloc,step,quant4,final,memory,host")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (>= 5 recommended)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core this process may use)")
     args = ap.parse_args(argv)
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         import dataclasses
 
         plan = dataclasses.replace(plan, repeats=args.repeats)
-    only = set(args.only.split(",")) if args.only else {"layer", "alloc", "step", "memory"}
+    only = set(args.only.split(",")) if args.only else {"layer", "alloc", "step", "quant4", "final", "memory", "host"}
     info = device_info(device)
     log = sys.stderr if args.json else sys.stdout
 
@@ -75,13 +75,25 @@ def main(argv=None) -> int:
     if "step" in only:
         bar.set_postfix_str("training step")
         rows += cases.step_cases(plan, device, tick)
+    if "quant4" in only:
+        bar.set_postfix_str("training step, 4-bit base")
+        rows += cases.quant4_cases(plan, device, tick)
+    if "final" in only:
+        bar.set_postfix_str("final phase")
+        rows += cases.final_phase_cases(plan, device, tick)
     if "memory" in only:
         bar.set_postfix_str("memory")
         rows += cases.layer_memory_cases(plan, device, tick)
+    if "host" in only:  # the host path on the CUDA code path, measured on the CPU (a child process)
+        bar.set_postfix_str("host path")
+        from . import host_path
+
+        rows += host_path.bench_rows(repeats=plan.repeats if args.quick else max(plan.repeats, 15))
     bar.close()
     order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "train step (bf16 base)": 4,
-             "train step (autocast bf16)": 5, "train step (compiled)": 6, "compile": 7, "memory": 8}
-    rows.sort(key=lambda r: order.get(r["section"], 9))
+             "train step (autocast bf16)": 5, "train step (4-bit base)": 5.5, "train step (compiled)": 6, "compile": 7,
+             "final phase": 8, "memory": 9}
+    rows.sort(key=lambda r: order.get(r["section"], 10))
 
     elapsed = time.perf_counter() - t_start
     date = datetime.date.today().isoformat()
@@ -102,6 +114,10 @@ def main(argv=None) -> int:
             "forward under torch.autocast(bfloat16)"
         ),
         step_compiled_model=plan.compiled_shape.describe() if plan.compiled_shape is not None else None,
+        step_4bit_model=(
+            f"{plan.quant4_shape.describe()}, dropout {'/'.join(f'{p:g}' for p in plan.quant4_dropouts)}; every "
+            "projection a bitsandbytes Linear4bit (NF4), the adapters fp32" if plan.quant4_shape is not None else None
+        ),
         step_base="the same model without adapters: weights frozen, embeddings' output requires grad "
         "(backward runs through every layer to it); ours/base etc. = step time / base step time",
         allocator_models=(
@@ -118,6 +134,8 @@ def main(argv=None) -> int:
         ratios="x = PEFT time / ours, ours tok/s / PEFT tok/s, PEFT bytes / ours (> 1: adalora_fast better)",
     )
     ts = report.targets(rows, curve)
+    if "host" in only:
+        ts += host_path.targets(rows)
     load_after = os.getloadavg()[0] if load_before is not None else None
     if load_before is not None:
         meta["loadavg_1min"] = f"{load_before:.2f} at start, {load_after:.2f} at end, {os.cpu_count()} CPUs"
@@ -137,6 +155,8 @@ def main(argv=None) -> int:
     text.append(f"  bf16/autocast  : {meta['step_dtype_model']}")
     if meta["step_compiled_model"]:
         text.append(f"  compiled       : {meta['step_compiled_model']}")
+    if meta.get("step_4bit_model"):
+        text.append(f"  4-bit base     : {meta['step_4bit_model']}")
     text.append(f"  base           : {meta['step_base']}")
     text.append(f"allocator models : {meta['allocator_models']}")
     text.append(f"layer bench      : {meta['layer_bench']}")

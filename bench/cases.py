@@ -15,6 +15,7 @@ import gc
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,18 @@ class StepSize:
     share: bool = True  # also measure the penalty + update_and_allocate share of our step (first dropout)
 
 
+@dataclass(frozen=True)
+class FinalSize:
+    """One final-phase comparison: ``init_r`` pruned to ``target_r`` per module on average, the step
+    timed uncompacted, compacted (``model.compact(optimizer)``) and for the base model."""
+
+    shape: LlamaShape
+    init_r: int
+    target_r: int
+    dropouts: tuple = (0.1,)
+    inner: int = 4  # steps per timed sample
+
+
 @dataclass
 class Plan:
     """Sizes of one run (the default, or ``--quick``). ``--quick`` keeps the default's rounds,
@@ -74,11 +87,19 @@ class Plan:
     dtype_inner: int = 10  # steps per sample of the bf16-base, autocast and compiled rows
     layer_dtype: torch.dtype | None = None  # the one-layer rows: the whole adapted layer cast to it (None: fp32)
     orth_max_layers: int = 224  # PEFT's penalty loop takes seconds per call beyond this
+    final_sizes: tuple = ()  # FinalSize: the final-phase rows (compacted vs uncompacted vs base)
+    quant4_shape: LlamaShape | None = None  # the 4-bit-base (QLoRA-style) step rows (None: none)
+    quant4_dropouts: tuple = (0.1,)
 
 
 _H128 = {"hidden": 128, "intermediate": 344, "heads": 2}
 _H256 = {"hidden": 256, "intermediate": 688, "heads": 4}
 _H1024 = {"hidden": 1024, "intermediate": 2752, "heads": 8}
+_H512 = {"hidden": 512, "intermediate": 1376, "heads": 4}
+# the final phase at the GLUE-like prunings of the paper (12 -> 3, 12 -> 8): a small vocabulary, so that
+# the LM head does not drown the adapters' share of the step
+_FINAL = tuple(FinalSize(LlamaShape(layers=2, vocab=1024, seq=128, batch=b, **h), 12, t, dropouts=(0.1, 0.0), inner=n)
+               for h, b, n in ((_H512, 4, 4), (_H1024, 2, 2)) for t in (3, 8))
 
 DEFAULT = Plan(
     name="default",
@@ -102,6 +123,8 @@ DEFAULT = Plan(
     repeats=7,
     warmup=2,
     min_sample_s=0.05,
+    final_sizes=_FINAL,
+    quant4_shape=LlamaShape(layers=8, vocab=4096, seq=128, batch=4, **_H256),
 )
 
 QUICK = Plan(
@@ -123,6 +146,8 @@ QUICK = Plan(
     repeats=DEFAULT.repeats,
     warmup=DEFAULT.warmup,
     min_sample_s=DEFAULT.min_sample_s,
+    final_sizes=(FinalSize(LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128), 12, 3),),
+    quant4_shape=LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128),
 )
 
 _H2048 = {"hidden": 2048, "intermediate": 5504, "heads": 16}
@@ -147,6 +172,7 @@ GPU = Plan(
     warmup=2,
     min_sample_s=0.02,
     layer_dtype=torch.bfloat16,
+    quant4_shape=LlamaShape(layers=4, vocab=32000, seq=512, batch=4, **_H2048),
 )
 
 
@@ -413,14 +439,16 @@ def _step_numbers(inner: int, deltaT: int = 10):
         yield n
 
 
-def _step_fn(kind, shape: LlamaShape, plan: Plan, device, p, ids, inner: int, compiled=False, dtype=None, autocast=False):
+def _step_fn(kind, shape: LlamaShape, plan: Plan, device, p, ids, inner: int, compiled=False, dtype=None, autocast=False,
+             quant4=False):
     """One training step of contender ``kind`` as closures over one model: ``(step, parts, model)``.
 
     ``step()``: forward (through ``torch.compile`` when ``compiled``; under
     ``torch.autocast(bfloat16)`` when ``autocast``), ``loss.backward()``, AdamW on the adapters,
     ``update_and_allocate`` (the AdaLoRA contenders), ``zero_grad``. The orthogonal penalty is in the
     loss, as each library adds it. ``dtype``: the base model's dtype (the adapters stay fp32, PEFT's
-    default). The base contender only runs forward and backward (nothing to train).
+    default). ``quant4``: every projection a bitsandbytes 4-bit layer (:func:`quantize_4bit`). The
+    base contender only runs forward and backward (nothing to train).
 
     ``parts()`` (the AdaLoRA contenders, eager): the same step with the penalty taken out of the
     model's loss and run as its own forward+backward right after the loss's backward (the same
@@ -430,6 +458,8 @@ def _step_fn(kind, shape: LlamaShape, plan: Plan, device, p, ids, inner: int, co
     base = llama(shape, device)
     if dtype is not None:
         base = base.to(dtype)
+    if quant4:
+        quantize_4bit(base, device)
     m, upd = make_contender(kind, base, plan.r, p, PROJECTIONS)
     m.train()
     fwd = torch.compile(m) if compiled else m
@@ -516,7 +546,7 @@ def _share_rows(section, case, parts, plan: Plan, inner: int, device, meta: dict
 
 
 def _step_rows(section, shape: LlamaShape, plan: Plan, device, p, inner: int, tick, share=False, memory=True,
-               dtype=None, autocast=False, variant="fp32") -> list:
+               dtype=None, autocast=False, variant="fp32", quant4=False) -> list:
     """One alternation of the four contenders' training steps (base, ours, PEFT AdaLoRA, PEFT
     LoRA): step time and throughput rows, then our penalty + update_and_allocate share (``share``)
     and the activation memory of one forward (``memory``)."""
@@ -524,7 +554,8 @@ def _step_rows(section, shape: LlamaShape, plan: Plan, device, p, inner: int, ti
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     fns, parts, models = {}, {}, {}
     for kind in STEP_CONTENDERS:
-        fns[kind], parts[kind], models[kind] = _step_fn(kind, shape, plan, device, p, ids, inner, dtype=dtype, autocast=autocast)
+        fns[kind], parts[kind], models[kind] = _step_fn(kind, shape, plan, device, p, ids, inner, dtype=dtype,
+                                                        autocast=autocast, quant4=quant4)
     t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=inner, tick=tick)
     case = _step_case(shape, plan.r, p)
     meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": variant}
@@ -602,6 +633,133 @@ def _compiled_step_rows(plan: Plan, device, p, tick) -> list:
     return rows
 
 
+# ------------------------------------------------------------------------------ the 4-bit base
+def quantize_4bit(model, device) -> None:
+    """Every projection of ``model`` (``PROJECTIONS``) replaced by a bitsandbytes ``Linear4bit``
+    (NF4, quantized from its weight; compute in fp32 on the CPU, bf16 on CUDA, QLoRA's usual), and
+    the model marked ``is_loaded_in_4bit`` as transformers marks a 4-bit checkpoint: PEFT picks its
+    4-bit layers (LoRA's and AdaLoRA's) by that flag."""
+    import bitsandbytes as bnb
+
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in PROJECTIONS:
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute,
+                                  quant_type="nf4", device="cpu")
+            q.weight = bnb.nn.Params4bit(m.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
+            if m.bias is not None:
+                q.bias = nn.Parameter(m.bias.data.to("cpu"), requires_grad=False)
+            model.set_submodule(name, q.to(device))
+    model.is_loaded_in_4bit = True
+
+
+def quant4_cases(plan: Plan, device, tick) -> list:
+    """The training step on a QLoRA-style base (every projection 4-bit, see :func:`quantize_4bit`):
+    ours, PEFT AdaLoRA and PEFT LoRA on the same 4-bit model, against that model without adapters,
+    alternated in the same rounds. bitsandbytes' 4-bit matmul runs the base in all four."""
+    if plan.quant4_shape is None:
+        return []
+    rows = []
+    for p in plan.quant4_dropouts:
+        rows += _step_rows("train step (4-bit base)", plan.quant4_shape, plan, device, p, plan.dtype_inner, tick,
+                           memory=False, variant="4-bit base", quant4=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ 4. the final phase
+def _trainable_and_adamw_bytes(model, opt) -> int:
+    """Bytes of the trainable parameters and of their AdamW state (the importance state is freed at
+    the final mask with or without compaction, so it is not counted)."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    st = sum(v.nbytes for p in ps for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor))
+    return sum(p.nbytes for p in ps) + st
+
+
+def _final_phase_models(size: FinalSize, device, p):
+    """Our model in the final phase (the final mask fixed on the scores of one reduction-phase step),
+    its AdamW, and a copy compacted with its own copy of the optimizer. Returns
+    ((model, opt) uncompacted, (model, opt) compacted, the first final-phase step)."""
+    import copy
+
+    import adalora_fast as af
+
+    sk = schedule_kwargs()
+    final_start = sk["total_step"] - sk["tfinal"]
+    base = llama(size.shape, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = af.get_peft_model(base, af.AdaLoraConfig(init_r=size.init_r, target_r=size.target_r, lora_alpha=32,
+                                                      lora_dropout=p, target_modules=PROJECTIONS, **sk))
+    m.train()
+    opt = torch.optim.AdamW(adapter_params(m), lr=1e-4)
+    torch.manual_seed(4)
+    ids = torch.randint(0, size.shape.vocab, (size.shape.batch, size.shape.seq), device=device)
+    for step in (sk["tinit"] + 1, final_start):  # one importance update, then the final mask on its scores
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        m.update_and_allocate(step)
+        opt.zero_grad()
+    mc = copy.deepcopy(m)
+    opt_c = torch.optim.AdamW(adapter_params(mc), lr=1e-4)
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() holds the live tensors
+    mc.compact(opt_c)
+    return (m, opt), (mc, opt_c), final_start + 1
+
+
+def final_phase_cases(plan: Plan, device, tick) -> list:
+    """The final phase (mask frozen at ``target_r`` per module on average) with and without
+    ``model.compact(optimizer)``, against the base model, alternated in the same rounds: step time
+    (forward, backward, AdamW, update_and_allocate, zero_grad), the adapters' overhead over the base
+    compacted / uncompacted (goal: <= target_r / init_r + 0.10), and the bytes of the trainable
+    parameters + AdamW state."""
+    rows = []
+    for size in plan.final_sizes:
+        shape = size.shape
+        for p in size.dropouts:
+            torch.manual_seed(3)
+            ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+            (mu, ou), (mc, oc), first = _final_phase_models(size, device, p)
+            base, _ = make_contender("base", llama(shape, device), size.init_r, p, PROJECTIONS)
+            base.train()
+
+            def stepper(m, opt, counter):
+                def step():
+                    m(input_ids=ids, labels=ids).loss.backward()
+                    if opt is not None:
+                        opt.step()
+                        m.update_and_allocate(next(counter))
+                        opt.zero_grad()
+                return step
+
+            fns = {"uncompacted": stepper(mu, ou, itertools.count(first)),
+                   "compacted": stepper(mc, oc, itertools.count(first)), "base": stepper(base, None, None)}
+            t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=size.inner, tick=tick)
+            med = {k: t.median(k) for k in fns}
+            layers = mc.adapted_layers()
+            kept, n_mod = sum(m.r["default"] for _, m in layers), len(layers)
+            case = (f"hidden={shape.hidden}, {shape.layers} layers x 7 proj, {shape.batch}x{shape.seq} tokens, "
+                    f"r={size.init_r}->{size.target_r} (kept {kept} of {size.init_r * n_mod}), p={p}")
+            meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "init_r": size.init_r,
+                    "target_r": size.target_r, "kept_fraction": kept / (size.init_r * n_mod)}
+            for key, label in (("uncompacted", "step time, uncompacted"), ("compacted", "step time, compacted")):
+                tk = Timing(samples={"ours": t.samples[key], "base": t.samples["base"]})
+                rows.append(_row("final phase", case, label, "ms", {"ours": med[key] * 1e3, "base": med["base"] * 1e3},
+                                 tk, **meta))
+            # the overhead from the medians, and from each contender's best round (on a busy machine
+            # the best round is the better estimate of the uncontended time; the target reads it)
+            goal = meta["kept_fraction"] + 0.10
+            for how, v in (("medians", med), ("best rounds", {k: min(t.samples[k]) for k in fns})):
+                over_u, over_c = v["uncompacted"] - v["base"], v["compacted"] - v["base"]
+                rows.append(_row("final phase", case, f"adapter overhead over base, compacted / uncompacted ({how})",
+                                 "x", {"ours": over_c / over_u if over_u > 0 else None}, goal=goal, how=how, **meta))
+            for key, (m, opt) in (("uncompacted", (mu, ou)), ("compacted", (mc, oc))):
+                rows.append(_row("final phase", case, f"trainable params + AdamW state, {key}", "MiB",
+                                 {"ours": _trainable_and_adamw_bytes(m, opt) / 2**20}, **meta))
+            del fns, mu, mc, ou, oc, base
+            _free()
+    return rows
+
+
 def count_ticks(plan: Plan) -> int:
     layer = len(plan.layer_shapes) * len(plan.dropouts) * 2
     mem = 6
@@ -610,4 +768,7 @@ def count_ticks(plan: Plan) -> int:
     step += 2 * len(plan.dtype_dropouts) * plan.repeats
     if plan.compiled_shape is not None:
         step += len(plan.compiled_dropouts) * plan.repeats
+    step += sum(len(f.dropouts) for f in plan.final_sizes) * plan.repeats
+    if plan.quant4_shape is not None:
+        step += len(plan.quant4_dropouts) * plan.repeats
     return layer + mem + alloc + step

@@ -56,7 +56,8 @@ def _time(fn, repeats: int) -> float:
 
 def _operands(n: int, k: int, d: int, device="cuda"):
     """The four kernels' operands at one shape: bf16 x [n, k], g / out [n, d], dx [n, k], A, E, B
-    (r = 12), s [1] fp32, ge [n, r] fp32, zeroed fp32 dA / dB / dE; random data, never zeros."""
+    (r = 12), ranknum [1] fp32, the seed [1] int64, ge [n, r] fp32, zeroed fp32 dA / dB / dE; random
+    data, never zeros."""
     import types
 
     dev, dt, r = torch.device(device), torch.bfloat16, 12
@@ -64,7 +65,8 @@ def _operands(n: int, k: int, d: int, device="cuda"):
     return types.SimpleNamespace(
         r=r, x=torch.randn(n, k, device=dev, dtype=dt), g=torch.randn(n, d, device=dev, dtype=dt),
         A=torch.randn(r, k, device=dev, dtype=dt) * 0.02, E=torch.randn(r, 1, device=dev, dtype=dt),
-        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02, s=torch.full((1,), 2.0, device=dev),
+        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02, rk=torch.full((1,), 12.0, device=dev),
+        seed=torch.tensor([7], dtype=torch.int64, device=dev),
         out=torch.randn(n, d, device=dev, dtype=dt), dx=torch.randn(n, k, device=dev, dtype=dt),
         ge=torch.randn(n, r, device=dev), dA=torch.zeros(r, k, device=dev), dB=torch.zeros(d, r, device=dev),
         dE=torch.zeros(r, device=dev),
@@ -76,12 +78,12 @@ def measure(n: int, k: int, d: int, repeats: int) -> dict:
     from adalora_fast.kernels import adapter_linear as ka
 
     p, o = 0.1, _operands(n, k, d)
-    t = ka.shrink(o.x, o.A, p, 7)
+    t = ka.shrink(o.x, o.A, p, o.seed)
     return {
-        "_shrink_kernel": _time(lambda: ka.shrink(o.x, o.A, p, 7), repeats),
-        "_expand_add_kernel": _time(lambda: ka.expand_add(o.out, t, o.E, o.s, o.B), repeats),
-        "_grad_rank_kernel": _time(lambda: ka.grad_rank(o.g, t, o.E, o.s, o.B, o.ge, o.dB, o.dE), repeats),
-        "_dA_dx_kernel": _time(lambda: ka.dA_dx(o.x, o.ge, o.A, o.dx, o.dA, p, 7), repeats),
+        "_shrink_kernel": _time(lambda: ka.shrink(o.x, o.A, p, o.seed), repeats),
+        "_expand_add_kernel": _time(lambda: ka.expand_add(o.out, t, o.E, o.B, o.rk, 2.0), repeats),
+        "_grad_rank_kernel": _time(lambda: ka.grad_rank(o.g, t, o.E, o.B, o.rk, 2.0, o.ge, o.dB, o.dE), repeats),
+        "_dA_dx_kernel": _time(lambda: ka.dA_dx(o.x, o.ge, o.A, o.dx, o.dA, p, o.seed), repeats),
     }
 
 
@@ -117,36 +119,37 @@ def _configs(kind: str):
 
 def sweep(n: int, k: int, d: int, repeats: int) -> list:
     """[(kernel, config, p, µs)]: every configuration of :func:`_configs` at one shape, bf16, r = 12."""
-    import triton
     from adalora_fast.kernels import _launch
     from adalora_fast.kernels import adapter_linear as ka
 
+    cdiv = ka.cdiv
     o = _operands(n, k, d)
-    r, x, g, A, E, B, s, out, dx, ge, dA, dB, dE = (o.r, o.x, o.g, o.A, o.E, o.B, o.s, o.out, o.dx, o.ge, o.dA, o.dB,
-                                                    o.dE)
+    r, x, g, A, E, B, rk, seed, out, dx, ge, dA, dB, dE = (o.r, o.x, o.g, o.A, o.E, o.B, o.rk, o.seed, o.out, o.dx,
+                                                           o.ge, o.dA, o.dB, o.dE)
     t = torch.empty(n, r, device=x.device)
     com = dict(R_PAD=16, UPCAST=False, DOT_PREC="tf32")
     rows = []
     ref = {}  # dropout p -> the shipped shrink config's t
     for p in (0.1, 0.0):
-        da = ka.dropout_args(p, 7)
+        da = ka.dropout_args(p)
         for kind in ("shrink", "grad_rank", "dA_dx", "expand_add"):
             for cfg in _configs(kind):
                 c = dict(com, **cfg)
                 if kind == "shrink":
-                    fn = lambda c=c, da=da: _launch.launch(ka._shrink_kernel, (triton.cdiv(n, c["BLOCK_N"]),), x, A, t, n, k, r,
-                                                    x.stride(0), x.stride(1), *da, **c)
+                    fn = lambda c=c, da=da: _launch.launch(ka._shrink_kernel, (cdiv(n, c["BLOCK_N"]),), x, A, t, seed,
+                                                           n, k, r, x.stride(0), x.stride(1), *da, **c)
                 elif kind == "grad_rank":
-                    fn = lambda c=c: _launch.launch(ka._grad_rank_kernel, (triton.cdiv(n, c["BLOCK_N"]),), g, t, E, s, B,
-                                                    ge, dB, dE, n, d, r, g.stride(0), g.stride(1), **c)
+                    fn = lambda c=c: _launch.launch(ka._grad_rank_kernel, (cdiv(n, c["BLOCK_N"]),), g, t, E, rk, B,
+                                                    ge, dB, dE, n, d, r, g.stride(0), g.stride(1), 2.0, 0, 0, **c)
                 elif kind == "dA_dx":
-                    grid = (triton.cdiv(n, c["BLOCK_N"] * c["ROW_BLOCKS"]), triton.cdiv(k, c["BLOCK_K"]))
-                    fn = lambda c=c, grid=grid, da=da: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, n, k, r, x.stride(0),
-                                                               x.stride(1), dx.stride(0), *da, 1, **c)
+                    grid = (cdiv(n, c["BLOCK_N"] * c["ROW_BLOCKS"]), cdiv(k, c["BLOCK_K"]))
+                    fn = lambda c=c, grid=grid, da=da: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, seed, n,
+                                                                      k, r, x.stride(0), x.stride(1), dx.stride(0), *da,
+                                                                      1, **c)
                 else:
-                    grid = (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(d, c["BLOCK_D"]))
-                    fn = lambda c=c, grid=grid: _launch.launch(ka._expand_add_kernel, grid, t, E, s, B, out, n, d, r,
-                                                               out.stride(0), **c)
+                    grid = (cdiv(n, c["BLOCK_N"]), cdiv(d, c["BLOCK_D"]))
+                    fn = lambda c=c, grid=grid: _launch.launch(ka._expand_add_kernel, grid, t, E, rk, B, out, n, d, r,
+                                                               out.stride(0), 2.0, **c)
                 if kind == "expand_add" and p:
                     continue  # no dropout in expand_add
                 try:

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One call on a lent CUDA machine: what only a GPU can check, in one go, logs under $OUT.
 #
-#   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,check,tests,graphs,profile,bench (default: all)
+#   OUT=/some/dir bash bench/gpu_session.sh [parts]     # parts: any of env,step,check,tests,graphs,profile,bench (default: all)
 #
 # env    : nvidia-smi, torch / triton / peft versions
+# step   : python -m bench.gpu_step (base / PEFT LoRA / ours eager / ours captured in a CUDA graph, hidden-2048
+#          and LLaMA-7B-like steps: ms, host ms, kernels per step; then the four kernels against their bounds;
+#          its own budget STEP_S, default 480 s)
 # check  : python -m bench.gpu_check (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
 #          SWEEP=1 adds its --sweep over launch configurations)
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
-# graphs : tests/test_cuda_graphs.py (a layer without dropout captured and replayed; dropout and
-#          pointer-table uploads under capture raise)
+# graphs : tests/test_cuda_graphs.py (a layer captured and replayed, with dropout: new masks per replay, torch.manual_seed
+#          repeats them; a whole training step under torch.cuda.graph and torch.compile(mode="reduce-overhead"))
 # profile: python -m bench.gpu_profile (host vs device time of a training step, top ops)
 # bench  : python -m bench on the GPU plan (bench/cases.py GPU), CSV/PNG under $OUT/bench
 #
@@ -17,7 +20,7 @@
 # Each part has its own time limit, so one that hangs does not cost the others.
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
-PARTS=${1:-env,check,tests,graphs,profile,bench}
+PARTS=${1:-env,step,check,tests,graphs,profile,bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$OUT" /tmp/site
@@ -36,6 +39,10 @@ if has env; then
     $PY -c "import torch, triton, peft, transformers, adalora_fast; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'adalora_fast at', adalora_fast.__file__)" | tee -a "$OUT/env.txt"
     stamp env
 fi
+if has step; then
+    timeout $(( ${STEP_S:-480} + 30 )) $PY -m bench.gpu_step --budget-s ${STEP_S:-480} 2>&1 | tee "$OUT/gpu_step.txt"
+    stamp step
+fi
 if has check; then
     timeout ${CHECK_S:-150} $PY -m bench.gpu_check --repeats 50 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^sweep"
     stamp check
@@ -46,7 +53,7 @@ if has tests; then
     stamp tests
 fi
 if has graphs && [ -f tests/test_cuda_graphs.py ]; then
-    timeout 120 $PY -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider -rfEs 2>&1 | tail -60 | tee "$OUT/graphs.txt"
+    timeout 240 $PY -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider -rfEs 2>&1 | tail -60 | tee "$OUT/graphs.txt"
     stamp graphs
 fi
 if has profile; then

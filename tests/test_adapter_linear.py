@@ -478,3 +478,65 @@ def test_impl_fixture_runs_the_named_implementation(impl, monkeypatch):
     t, ranknum, scaling, go = _make((5,), 8, 6, 3, seed=20)
     _run_ops(t, ranknum, scaling, go, p=0.1, seed=1)
     assert set(calls) == ({impl} if impl != "torch" else set()), calls
+
+
+# ----------------------------------------------------------------------------- fp32 adapters, half base
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, base_dtype, p):
+    """The Triton path's "bf16x3" products (fp32 adapters on a bf16 base at r <= 16 under torch's
+    full-fp32 default, ``kernels/triton_ops/adapter_linear._dot``) against an fp64 reference: dA, dE,
+    dB within 10x of the error of PEFT's fp32 path (the reference computed with fp32 adapters by
+    torch), and the output as PEFT's rounding of it to the base dtype (see below)."""
+    from adalora_fast.kernels import adapter_linear as ka
+
+    use_backend("triton")
+    monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "0")
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert ka.layer_precision(base_dtype, torch.float32, 12) == "bf16x3"
+    N, k, d, r, seed = 192, 96, 80, 12, 5
+    t, ranknum, scaling, go = _make((N,), k, d, r, bias=True, base_dtype=base_dtype, seed=21)
+    keep = _keep_for(seed, (N, k), p) if p else None
+    ours, ours_g = _run_ops(_clone(t), ranknum, scaling, go, p=p, seed=seed)
+    fp32, fp32_g = _run_ref(_clone(t), ranknum, scaling, go, keep=keep, p=p)
+    t64 = {n: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for n, v in t.items()}
+    # the fp64 reference from the same gradient both paths get: the output's, rounded to its dtype
+    ref, ref_g = _run_ref(t64, ranknum.double(), scaling, go.to(base_dtype).double(), keep=keep, p=p)
+
+    def err(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    for n in ("A", "E", "B"):
+        e_ours, e_fp32 = err(ours_g[n], ref_g[n]), err(fp32_g[n], ref_g[n])
+        assert e_ours <= 10 * max(e_fp32, 1e-7), f"d{n}: {e_ours:.3g} vs PEFT fp32 {e_fp32:.3g}"
+    # the output: both paths add the fp32 adapter term into the same half-rounded base output and round
+    # once; ours may be off the exactly rounded sum by no more than PEFT's own fp32 error plus one ulp
+    # (the interpreter rounds fp32 to bf16 by truncation, PEFT to nearest; where the adapter term
+    # cancels the base output to near zero, PEFT's fp32 sum is itself several of the result's ulps off)
+    x, w, b = (t[n].detach() for n in ("x", "w", "b"))
+    keep64 = keep.double() / (1 - p) if keep is not None else 1.0
+    A, E, B = (t[n].detach().double() for n in ("A", "E", "B"))
+    exact = F.linear(x, w, b).double() + ((x.double() * keep64) @ (A * E).T @ B.T) * scaling / (float(ranknum) + 1e-5)
+    o, f = ours.detach().double(), fp32.detach().double()
+    ulp = torch.finfo(base_dtype).eps * 2.0 ** torch.floor(torch.log2(exact.abs().clamp_min(1e-30)))
+    excess = ((o - exact).abs() - (f - exact).abs()) / ulp
+    assert (excess <= 1.0).all(), f"the output {excess.max().item():.1f} ulp further from the exact sum than PEFT's"
+
+
+def test_bf16x3_only_where_it_compiles_without_spills(monkeypatch):
+    """bf16x3 on a bf16 base at R_PAD 16; an fp16 base, R_PAD 64, an fp32 base, TF32 allowed or half
+    adapters keep their own precision (on CUDA the full-fp32 ones run the torch implementation)."""
+    from adalora_fast.kernels import adapter_linear as ka
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert ka.layer_precision(bf16, f32, 16) == "bf16x3"
+    assert ka.layer_precision(bf16, f32, 17) == "ieee"
+    assert ka.layer_precision(f16, f32, 12) == "ieee"
+    assert ka.layer_precision(f32, f32, 12) == "ieee"
+    assert ka.layer_precision(bf16, bf16, 12) == "tf32"  # half operands: the tensor cores as they are
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert ka.layer_precision(bf16, f32, 12) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -57,6 +57,11 @@ REG_BUDGET = {90: 240, 80: 255}
 # to a hot loop fails here (COST.md turns these counts into the issue bound).
 TILE_INSN_BUDGET = {"_shrink_kernel": 700, "_grad_rank_kernel": 750, "_dA_dx_kernel": 4400,
                     "_expand_add_kernel": 900}
+# The "bf16x3" binaries (fp32 adapters on a bf16 base at torch's full-fp32 default) split each fp32
+# operand into bf16 parts and run 3-6 tensor-core products per dot (kernels/triton_ops/adapter_linear._dot):
+# their own budget, ~15% above their largest config the same way.
+TILE_INSN_BUDGET_BF16X3 = {"_shrink_kernel": 950, "_grad_rank_kernel": 700, "_dA_dx_kernel": 4550,
+                           "_expand_add_kernel": 1170}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +177,8 @@ def test_instructions_per_tile_within_budget(compiled):
     for r in compiled:
         if r["kernel"] in TILE_INSN_BUDGET and r["aligned"]:
             per_tile = r["loop_insns"] or r["insns"]
-            if per_tile > TILE_INSN_BUDGET[r["kernel"]]:
+            budget = (TILE_INSN_BUDGET_BF16X3 if ",bf16x3," in r["name"] else TILE_INSN_BUDGET)[r["kernel"]]
+            if per_tile > budget:
                 bad.append((r["name"], r["arch"], per_tile))
             if r["kernel"] not in _one_tile_per_program():
                 assert r["loop_insns"] > 0, f"{r['name']}: no tile loop found in the SASS"

@@ -63,10 +63,11 @@ def _no_spec(fn):
 
 @pytest.mark.parametrize("kernel", [ka._shrink_kernel, ka._dA_dx_kernel, ka._dropout_keep_mask_kernel])
 def test_seed_and_batch_size_do_not_pick_binaries_widths_do(kernel):
-    """A new seed every step, a new N every batch: neither may compile a second binary (their value
-    %16 would pick one); the fixed widths K / D keep their divisibility (128-bit loads)."""
+    """A new seed tensor every step, a new N every batch: neither may compile a second binary (N's
+    value %16, the seed pointer's alignment would pick one); the fixed widths K / D keep their
+    divisibility (128-bit loads)."""
     names = set(kernel.arg_names)
-    assert {"seed", "N"} <= _no_spec(kernel)
+    assert {"SEED", "N"} <= _no_spec(kernel)
     assert "K" in names and "K" not in _no_spec(kernel)
 
 
@@ -150,3 +151,104 @@ def test_orth_penalty_has_no_atomics_and_repeats_bit_for_bit(use_backend, determ
     norms = [torch.linalg.norm(a @ a.t() - torch.eye(6)) for a in lora_A]
     norms += [torch.linalg.norm(b.t() @ b - torch.eye(6)) for b in lora_B]
     assert_close(first.cpu(), torch.stack(norms).mean(), what="loss")
+
+
+# ----------------------------------------------------------------------------- direct launches (CUDA)
+class _Param:
+    def __init__(self, name, constexpr):
+        self.name, self.is_constexpr = name, constexpr
+
+
+class _FakeCompiled:
+    packed_metadata, function = "packed", "function"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid)
+
+    def run(self, *args):
+        self.calls.append(("direct", args))
+
+
+class _FakeKernel:
+    """A JITFunction's interface as _launch uses it: params, and kernel[grid](...) -> compiled kernel."""
+
+    params = [_Param("X", False), _Param("N", False), _Param("s", False), _Param("BLOCK", True), _Param("FLAG", True)]
+
+    def __init__(self):
+        self.calls = []
+        self.compiled = _FakeCompiled(self.calls)
+
+    def __getitem__(self, grid):
+        def jit(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return self.compiled
+
+        return jit
+
+
+def test_direct_launch_binds_every_parameter_as_the_jit_and_keys_its_specialisation(monkeypatch):
+    """The second launch of one specialisation calls the compiled kernel's launcher with the grid as
+    three dims, the stream, and every parameter in order (constexprs included, options not), as
+    Triton's JIT does; a new specialisation (an integer's divisibility by 16, a tensor's 16-byte
+    alignment, another dtype, another constexpr) goes back through the JIT. No GPU needed: the
+    compiled kernel is a stand-in."""
+    monkeypatch.setattr(_launch, "DIRECT", True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    k = _FakeKernel()
+    x = torch.zeros(64)
+    kw = {"BLOCK": 64, "FLAG": True, "num_warps": 4}
+    _launch._launch_cuda(k, (3,), 0, (x, 32, 1.5), kw)
+    assert [c[0] for c in k.calls] == ["jit"]
+    _launch._launch_cuda(k, (3,), 0, (x, 48, 2.5), kw)  # same specialisation (48 % 16 == 0), new values
+    kind, args = k.calls[-1]
+    assert kind == "direct"
+    hooks = _launch._runtime_hooks()
+    enter = hooks.launch_enter_hook
+    meta = None if not getattr(enter, "calls", True) else ("metadata", (3,))
+    assert args == (3, 1, 1, 1234, "function", "packed", meta, enter, hooks.launch_exit_hook, x, 48, 2.5, 64, True)
+    n_jit = 1
+    for call in [((x, 33, 1.5), kw),  # 33: not a multiple of 16
+                 ((x, 1, 1.5), kw),  # 1: Triton's constexpr-1 specialisation
+                 ((x[1:], 32, 1.5), kw),  # 4-byte offset: not 16-byte aligned
+                 ((x.to(torch.float64), 32, 1.5), kw),  # another pointer dtype
+                 ((x, 2**40, 1.5), kw),  # an int64 argument
+                 ((x, 32, 1.5), dict(kw, BLOCK=128)),  # another constexpr
+                 ((x, 32, 1.5), dict(kw, num_warps=8))]:  # another option
+        _launch._launch_cuda(k, (3,), 0, *call)
+        n_jit += 1
+        assert sum(c[0] == "jit" for c in k.calls) == n_jit, call
+    _launch._launch_cuda(k, (5, 2), 1, (x, 32, 1.5), kw)  # another device: its own binary
+    assert k.calls[-1][0] == "jit"
+    _launch._launch_cuda(k, (5, 2), 1, (x, 32, 1.5), kw)
+    assert k.calls[-1][0] == "direct" and k.calls[-1][1][:3] == (5, 2, 1)
+
+
+def test_direct_launch_off_and_unkeyable_arguments_use_the_jit(monkeypatch):
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    k = _FakeKernel()
+    x = torch.zeros(16)
+    for _ in range(2):
+        _launch._launch_cuda(k, (1,), 0, (x, None, 1.5), {"BLOCK": 64, "FLAG": True})  # None: not keyed
+    monkeypatch.setattr(_launch, "DIRECT", False)
+    for _ in range(2):
+        _launch._launch_cuda(k, (1,), 0, (x, 32, 1.5), {"BLOCK": 64, "FLAG": True})
+    assert [c[0] for c in k.calls] == ["jit"] * 4
+    assert _launch.arg_key((x, 1, 17, 2**33, 0.5)) == (torch.float32, True, 1, 0, 4 | 2, -1)
+
+
+def test_layer_kernels_take_constexprs_after_their_runtime_arguments():
+    """What the direct launch relies on: each layer kernel's constexprs come after every runtime
+    argument, and the launchers pass exactly the runtime ones positionally."""
+    for kern in (ka._shrink_kernel, ka._expand_add_kernel, ka._grad_rank_kernel, ka._dA_dx_kernel):
+        fn = getattr(kern, "fn", kern)
+        import inspect
+
+        names = list(inspect.signature(fn).parameters)
+        flags = [getattr(fn, "__annotations__", {}).get(n) is not None for n in names]
+        first = flags.index(True)
+        assert all(flags[first:]), f"{fn.__name__}: a runtime argument after a constexpr"

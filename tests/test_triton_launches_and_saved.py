@@ -121,18 +121,20 @@ def test_saved_for_backward_nothing_of_size_Nk_but_x(use_backend):
     x_bytes = x.numel() * x.element_size()
     t_bytes = N * r * 4
     weights = sum(t.numel() * t.element_size() for t in (W, A, E, B, rk))
-    seed_bytes = 8  # the op's [1] int64 seed output, saved as a tensor
+    seed_bytes = 8  # the [1] int64 seed on x's device, saved as a tensor
     assert total <= x_bytes + t_bytes + weights + seed_bytes, (total, [tuple(t.shape) for t in saved])
     out.sum().backward()  # what was saved is enough for backward
     assert x.grad is not None and A.grad is not None
 
 
 def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
-    """One op each way, and what it runs. Forward: the base GEMM, 2 Triton launches, the 3 tiny ops
-    forming s = scaling/(ranknum+eps) on ranknum's device (add, reciprocal, mul: the kernels take s),
-    and the op's copy of the [1] CPU seed (its third output). Backward: the base dx GEMM, 2 Triton
-    launches, the 3 ops of s, 3 zeroed fp32 accumulators (dA, dB, dE: an op's outputs may not alias
-    one another) and the zero gradients autograd makes for the op's unused outputs t and seed."""
+    """One op each way (the dispatch mode takes the registered ops; the eager path runs the same
+    implementation, counted in tests/test_host_path.py), and what it runs. Forward: the base GEMM, 2
+    Triton launches (the scale s = scaling/(ranknum+eps) is formed inside them from ranknum in device
+    memory: no torch op), and the seed: drawn on x's device, or here the given seed copied there
+    (an op's output may not alias its input). Backward: the base dx GEMM, three zeroed fp32
+    accumulators (dA, dB, dE: the op's outputs may not alias one another; the eager path's one flat
+    buffer is counted in tests/test_host_path.py) and 2 Triton launches (+ the casts of half adapters)."""
     use_backend("triton")
     torch.manual_seed(1)
     for dtype, autocast in ((torch.float32, None), (torch.float32, torch.bfloat16)):
@@ -146,7 +148,7 @@ def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
         assert c.custom == ["adapter_linear"], c.custom
         assert c.triton == ["_shrink_kernel", "_expand_add_kernel"]
         assert c.tables == []
-        assert c.total <= 7, (c.ops, c.triton)
+        assert c.total <= 4, (c.ops, c.triton)
         g = torch.randn_like(out)
         c.reset()
         with c:
@@ -154,7 +156,7 @@ def test_launches_per_layer_forward_backward(use_backend, monkeypatch):
         assert c.custom == ["adapter_linear_backward"], c.custom
         assert c.triton == ["_grad_rank_kernel", "_dA_dx_kernel"]
         assert c.tables == []
-        assert c.total <= 11, (c.ops, c.triton)
+        assert c.total <= 6 + 3 * (autocast is not None), (c.ops, c.triton)
 
 
 def test_launches_importance_and_mask_all_layers(use_backend, monkeypatch):

@@ -36,15 +36,26 @@ def _plan(lora_A, lora_B) -> list:
     """[(is_A, [positions in the A-then-B list])] per (kind, shape) group, in first-seen order
     (cached for the very tensors it was built for: a training step passes the same matrices every
     time, and at hundreds of layers their shape reads in Python outweigh the penalty's own work)."""
+    return _cached(lora_A, lora_B)[0]
+
+
+def _max_rank(lora_A, lora_B) -> int:
+    return _cached(lora_A, lora_B)[2]
+
+
+def _cached(lora_A, lora_B) -> tuple:
+    """(plan, first shapes, largest rank) of these matrices, checked (:func:`_check`) when built."""
     key = (tuple(map(id, lora_A)), tuple(map(id, lora_B)))
     hit = _PLANS.get(key)
     if hit is not None and all(tuple(m.shape) == shape for m, shape in zip((lora_A[0], lora_B[0]), hit[1])):
-        return hit[0]
+        return hit
+    _check(lora_A, lora_B)
     plan = _build_plan(lora_A, lora_B)
     if len(_PLANS) >= 8:
         _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = (plan, (tuple(lora_A[0].shape), tuple(lora_B[0].shape)))
-    return plan
+    max_r = max([int(a.shape[0]) for a in lora_A] + [int(b.shape[1]) for b in lora_B])
+    hit = _PLANS[key] = (plan, (tuple(lora_A[0].shape), tuple(lora_B[0].shape)), max_r)
+    return hit
 
 
 def _build_plan(lora_A, lora_B) -> list:
@@ -150,7 +161,7 @@ def _impl(lora_A, lora_B):
     if name == "triton" and dev.type == "cuda" and not forced_impl():
         from ..kernels import orth as _ko
 
-        if max([a.shape[0] for a in lora_A] + [b.shape[1] for b in lora_B]) > _ko.MAX_RANK:
+        if _max_rank(lora_A, lora_B) > _ko.MAX_RANK:
             name = "torch"  # the kernels are built for r <= 64; the same math in torch ops
     return _IMPLS[name]
 
@@ -165,7 +176,7 @@ def _check(lora_A, lora_B):
 
 
 def _orth_penalty_kernel(lora_A, lora_B):
-    _check(lora_A, lora_B)
+    _cached(lora_A, lora_B)  # checks the matrices the first time these are passed
     fwd, _ = _impl(lora_A, lora_B)
     with no_autocast(lora_A[0].device):
         return fwd(lora_A, lora_B)

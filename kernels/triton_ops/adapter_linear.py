@@ -1,9 +1,10 @@
 """Triton kernels of one adapted layer: shrink, expand-add, and the two backward kernels.
 
 Notation: x [N, k] (N tokens, base dtype), W [d, k] frozen, A [r, k], E [r, 1], B [d, r] (adapter
-dtype), s = scaling / (ranknum + eps) (a [1] fp32 device tensor the caller forms, ``ops/adapter_linear.py``),
-e = E * s (an r-vector folded inside the kernels from E and s: no ``A*E`` tensor, no host read of
-``ranknum``), p = dropout rate.
+dtype), s = scaling / (ranknum + eps) (formed inside each kernel from the [1] ``ranknum`` tensor in
+device memory and the host float ``scaling``: no torch op per call, no host read of ``ranknum``, and a
+captured CUDA graph reads the current ranknum at every replay), e = E * s (an r-vector folded inside
+the kernels: no ``A*E`` tensor), p = dropout rate.
 The rank is padded inside the kernels to R_PAD in {16, 64} with zeros (masked loads), so any
 r <= 64 (init_r = 6, 12, 32 ...) runs on the tensor cores.
 
@@ -12,7 +13,9 @@ Forward (the op ``adalora_fast::adapter_linear`` in ``ops/adapter_linear.py`` ow
   2. t = dropout(x) Aᵀ            [N, r] fp32        ``_shrink_kernel``, 1 launch, 1 pass over x
   3. out += (t ⊙ e) Bᵀ            in place           ``_expand_add_kernel``, 1 launch, 1 RMW of out
 Saved for backward: x, t [N, r], W, A, E, B, ranknum, the seed. The dropped copy of x is never
-written: dropout is regenerated from the seed (Philox) wherever x is read.
+written: dropout is regenerated from the seed (Philox) wherever x is read. The seed is a [1] int64
+tensor in device memory that the kernels load (drawn on the device by the caller, see
+``ops/adapter_linear.py``): no host value, so a CUDA graph replays a fresh seed at each replay.
 
 Backward with g = dout [N, d] (any strides, stride 0 included):
   1. dx = g W                                         cuBLAS (torch), 1 launch
@@ -20,8 +23,8 @@ Backward with g = dout [N, d] (any strides, stride 0 included):
                                                       ``_grad_rank_kernel``, 1 launch, 1 pass over g
   3. dA = geᵀ dropout(x); dx += mask ⊙ (ge A)/(1-p)   ``_dA_dx_kernel``, 1 launch, 1 pass over x,
                                                       1 RMW of dx
-  + one memset of the fp32 [r·k + d·r + r] accumulator of dA, dB, dE (fp32 atomics), + one cast of
-  it when the adapter dtype is half.
+  + one memset of the flat fp32 [r·k + d·r + r] accumulator of dA, dB, dE (fp32 atomics; dA at 0, dB
+  at r·k, dE at r·k + d·r), + one cast of it when the adapter dtype is half.
 
 Dropout keep mask: element (n, c) of x [N, k] is kept iff a 16-bit uniform value is >= thresh =
 round(p·65536) (keep probability 1 - thresh/65536, within 8e-6 of 1-p); one Philox-4x32-10 call
@@ -56,7 +59,8 @@ EXPAND_BLOCK_D = 128
 DA_BLOCK_K = 128
 DA_ROW_BLOCKS = 1
 DA_STAGES = 2
-SEED_OFFSET = 1 << 62  # seeds (< 2**62) are passed as seed + 2**62: always an int64, never 1
+RANKNUM_EPS = 1e-5  # as ops/layout.RANKNUM_EPS (PEFT's): s = scaling / (ranknum + 1e-5)
+_EPS = tl.constexpr(RANKNUM_EPS)  # a kernel reads globals only as constexprs
 
 # (base dtype, adapter dtype) pairs the kernels are compiled for: the adapter dtype is fp32
 # (PEFT's default, autocast_adapter_dtype=True) or the base dtype (autocast, or all-fp32 models).
@@ -69,11 +73,12 @@ DTYPE_PAIRS = (
 )
 
 # Not specialised (one binary whatever their value): N changes with every batch, R is tiny, the flags
-# are runtime branches, and the seed (a new value per step) must not pick a binary by its value %16.
+# are runtime branches, the gradient offsets change with the layer, and the seed pointer (a new [1]
+# tensor per step) must not pick a binary by its alignment.
 # K and D are specialised (Triton's %16 divisibility): a layer's widths are fixed, and knowing they
 # are multiples of 16 lets the column masks stay constant over 8-element groups, so the streaming
 # loads of x / g / out / dx are 128-bit and the tile loops can use async copies (COST.md).
-_INT_ARGS = ["N", "R", "seed", "thresh", "has_dropout", "need_dx"]
+_INT_ARGS = ["SEED", "N", "R", "thresh", "has_dropout", "need_dx", "db_off", "de_off"]
 
 
 def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
@@ -91,15 +96,48 @@ def dropout_threshold(dropout_p: float) -> int:
     return int(round(float(dropout_p) * 65536.0))
 
 
-def dropout_args(dropout_p: float, seed) -> tuple:
-    """(seed + 2**62, thresh, 1/(1-p), has_dropout) for a launch; p = 1 drops everything (scale 0,
+_DROPOUT_ARGS: dict = {}
+
+
+def dropout_args(dropout_p: float) -> tuple:
+    """(thresh, 1/(1-p), has_dropout) for a launch, cached per rate; p = 1 drops everything (scale 0,
     as ``nn.Dropout(1.0)``) instead of dividing by zero."""
-    p = float(dropout_p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout_p={dropout_p} must lie in [0, 1]")
-    if p == 0.0:
-        return SEED_OFFSET, 0, 1.0, 0
-    return int(seed) + SEED_OFFSET, dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0), 1
+    a = _DROPOUT_ARGS.get(dropout_p)
+    if a is None:
+        p = float(dropout_p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout_p={dropout_p} must lie in [0, 1]")
+        a = (0, 1.0, 0) if p == 0.0 else (dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0), 1)
+        if len(_DROPOUT_ARGS) < 64:
+            _DROPOUT_ARGS[dropout_p] = a
+    return a
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """A seed as the kernels read it: a [1] int64 tensor on ``device`` (an int or a tensor given)."""
+    if torch.is_tensor(seed):
+        return seed.detach().reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _seed_arg(seed, dropout_p, device) -> torch.Tensor:
+    # the hot path passes the [1] int64 seed tensor on the device as it is
+    if not dropout_p or seed is None:
+        return no_seed(device)
+    if type(seed) is torch.Tensor and seed.dtype == torch.int64 and seed.device == device:
+        return seed
+    return seed_tensor(seed, device)
+
+
+_NO_SEED: dict = {}
+
+
+def no_seed(device) -> torch.Tensor:
+    """The [1] int64 tensor passed as the seed when dropout is off (the kernels never read it), one per device."""
+    t = _NO_SEED.get(device)
+    if t is None:
+        t = _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return t
 
 
 @triton.jit
@@ -118,18 +156,74 @@ def _keep_tile(seed, rows, col0, K, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _fold_e(E, S, rr, R):
+def _scale(RK, scaling):
+    """s = scaling / (ranknum + eps) in fp32, once per program (a plain division, within 2 ulp of
+    torch's reciprocal-then-product: an IEEE-rounded ``div_rn`` added ~110 SASS instructions to
+    every expand-add program)."""
+    return scaling / (tl.load(RK).to(tl.float32) + _EPS)
+
+
+@triton.jit
+def _bf16_parts(v, UPCAST: tl.constexpr):
+    """An fp32 tile as three bf16 parts, v = p0 + p1 + p2 to within ~2^-24 of v (each part the
+    rounded remainder of the ones before). Under the interpreter (``UPCAST``) the parts come back
+    upcast to fp32 (its bf16 dots are wrong; the values are the same)."""
+    p0 = v.to(tl.bfloat16)
+    r = v - p0.to(tl.float32)
+    p1 = r.to(tl.bfloat16)
+    p2 = (r - p1.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST:
+        return p0.to(tl.float32), p1.to(tl.float32), p2.to(tl.float32)
+    return p0, p1, p2
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. ``DOT_PREC`` "bf16x3" (fp32 adapters on a bf16 base at R_PAD 16 under torch's
+    full-fp32 default, :func:`layer_precision`; FMA dots spill at these tiles): each fp32 operand
+    split into bf16 parts
+    (:func:`_bf16_parts`; ``A_PARTS`` / ``B_PARTS`` of them are used: 1 for values exact in bf16, a
+    bf16 base's x or g; 2 for an fp16 base's, exact in two; 3 for fp32 values) and the products of
+    parts whose orders sum below the largest part count kept, on the tensor cores, accumulated in
+    fp32: x (bf16) · A is 3 products, g (fp16) · B 5, u · B (both fp32) 6, each accurate to ~2^-24
+    of the product like an fp32 one. Two parts (the classic bf16x3, ~2^-16) were not enough: where
+    the adapter term cancels the base output to near zero, the output PEFT rounds from an fp32 sum
+    came out tens of its ulps away. Any other ``DOT_PREC`` is ``tl.dot``'s input precision on the
+    operands as they are."""
+    if DOT_PREC == "bf16x3":
+        a0, a1, a2 = _bf16_parts(a, UPCAST)
+        b0, b1, b2 = _bf16_parts(b, UPCAST)
+        acc = tl.dot(a0, b0, acc)
+        if B_PARTS > 1:
+            acc = tl.dot(a0, b1, acc)
+        if A_PARTS > 1:
+            acc = tl.dot(a1, b0, acc)
+        if A_PARTS > 2 or B_PARTS > 2:  # third-order terms: fp32-class
+            if B_PARTS > 2:
+                acc = tl.dot(a0, b2, acc)
+            if A_PARTS > 1 and B_PARTS > 1:
+                acc = tl.dot(a1, b1, acc)
+            if A_PARTS > 2:
+                acc = tl.dot(a2, b0, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _fold_e(E, s, rr, R):
     """e = E * s as an fp32 [R_PAD] vector, 0 in the pad."""
     ev = tl.load(E + rr, mask=rr < R, other=0.0).to(tl.float32)
-    return ev * tl.load(S)
+    return ev * s
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
-def _dropout_keep_mask_kernel(OUT, N, K, seed, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes the bool keep mask [N, K] the other kernels draw for ``seed`` (tests, debugging).
+def _dropout_keep_mask_kernel(OUT, SEED, N, K, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the bool keep mask [N, K] the other kernels draw for the seed at ``SEED`` (tests, debugging).
 
     Bytes: N·K (bool). Not on the training path.
     """
+    seed = tl.load(SEED)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col0 = tl.program_id(1) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
@@ -140,7 +234,7 @@ def _dropout_keep_mask_kernel(OUT, N, K, seed, thresh, BLOCK_N: tl.constexpr, BL
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _shrink_kernel(
-    X, A, T, N, K, R, stride_xn, stride_xk, seed, thresh, inv_keep, has_dropout,
+    X, A, T, SEED, N, K, R, stride_xn, stride_xk, thresh, inv_keep, has_dropout,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -158,6 +252,7 @@ def _shrink_kernel(
     rr = tl.arange(0, R_PAD)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    seed = tl.load(SEED)  # one scalar load per program; a valid [1] tensor even without dropout
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
@@ -172,14 +267,14 @@ def _shrink_kernel(
         if has_dropout:  # runtime flag: one binary for p = 0 and p > 0
             keep = _keep_tile(seed, rows, k0, K, thresh, BLOCK_N, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
-        acc = tl.dot(x, a, acc, input_precision=DOT_PREC)
+        acc = _dot(x, a, acc, DOT_PREC, 1 if X.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
     acc = acc * inv_keep
     tl.store(T + rows[:, None] * R + rr[None, :], acc, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _expand_add_kernel(
-    T, E, S, B, OUT, N, D, R, stride_on,
+    T, E, RK, B, OUT, N, D, R, stride_on, scaling,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -197,13 +292,13 @@ def _expand_add_kernel(
     row_ok = rows < N
     col_ok = cols < D
     t = tl.load(T + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
-    u = t * _fold_e(E, S, rr, R)[None, :]
+    u = t * _fold_e(E, _scale(RK, scaling), rr, R)[None, :]
     b = tl.load(B + cols[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & col_ok[None, :], other=0.0)
     if UPCAST:
         b = b.to(tl.float32)
     else:
         u = u.to(B.dtype.element_ty)
-    acc = tl.dot(u, b, input_precision=DOT_PREC)
+    acc = _dot(u, b, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PREC, 3, 3, UPCAST)
     m = row_ok[:, None] & col_ok[None, :]
     o_ptr = OUT + rows[:, None] * stride_on + cols[None, :]
     o = tl.load(o_ptr, mask=m, other=0.0).to(tl.float32)
@@ -212,14 +307,16 @@ def _expand_add_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _grad_rank_kernel(
-    G, T, E, S, B, GE, DB, DE, N, D, R, stride_gn, stride_gd,
+    G, T, E, RK, B, GE, DB, DE, N, D, R, stride_gn, stride_gd, scaling, db_off, de_off,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One pass over g [N, d]: gB = g B, dB += gᵀ(t ⊙ e), dE += s Σₙ gB ⊙ t, ge = gB ⊙ e.
 
-    grid (cdiv(N, BLOCK_N),); each program walks all of d for its rows. dB [d, r] and dE [r]
-    accumulate with fp32 atomics into a zeroed buffer (cdiv(N, BLOCK_N) adds per element);
+    grid (cdiv(N, BLOCK_N),); each program walks all of d for its rows. dB [d, r] (at DB + db_off)
+    and dE [r] (at DE + de_off) accumulate with fp32 atomics into zeroed fp32 buffers: on the eager
+    path both are the layer's one flat gradient buffer (offsets r·k and r·k + d·r), on the registered
+    op's path two buffers of their own (offsets 0) (cdiv(N, BLOCK_N) adds per element);
     ge [N, r] fp32 is written. g may have any strides (stride 0 from ``.sum()``).
     LLaMA-7B (N=8192, d=4096, r=12, bf16 g): reads 67.1 MB of g, 0.8 MB of t/ge, 25.2 MB of fp32
     atomics (counted as traffic), 2.1 GFLOP → 93.1 MB, 31.0 µs predicted (d=11008: 249 MB, 82.9 µs);
@@ -231,7 +328,10 @@ def _grad_rank_kernel(
     row_ok = rows < N
     r_ok = rr < R
     t = tl.load(T + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    e = _fold_e(E, S, rr, R)
+    s = _scale(RK, scaling)
+    e = _fold_e(E, s, rr, R)
+    DB = DB + db_off
+    DE = DE + de_off
     u = t * e[None, :]
     if not UPCAST:
         u = u.to(B.dtype.element_ty)
@@ -247,17 +347,18 @@ def _grad_rank_kernel(
             b = b.to(tl.float32)
         else:
             g = g.to(B.dtype.element_ty)
-        gB = tl.dot(g, b, gB, input_precision=DOT_PREC)
-        db = tl.dot(tl.trans(g), u, input_precision=DOT_PREC)
+        gB = _dot(g, b, gB, DOT_PREC, 1 if G.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
+        db = _dot(tl.trans(g), u, tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32), DOT_PREC,
+                  1 if G.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
         tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
-    de = tl.sum(gB * t, axis=0) * tl.load(S)
+    de = tl.sum(gB * t, axis=0) * s
     tl.atomic_add(DE + rr, de, mask=r_ok, sem="relaxed")
     tl.store(GE + rows[:, None] * R + rr[None, :], gB * e[None, :], mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _dA_dx_kernel(
-    X, GE, A, DX, DA, N, K, R, stride_xn, stride_xk, stride_dxn, seed, thresh, inv_keep, has_dropout, need_dx,
+    X, GE, A, DX, DA, SEED, N, K, R, stride_xn, stride_xk, stride_dxn, thresh, inv_keep, has_dropout, need_dx,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ROW_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -280,6 +381,7 @@ def _dA_dx_kernel(
     if UPCAST:
         a = a.to(tl.float32)
     daT = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
+    seed = tl.load(SEED)  # one scalar load per program; a valid [1] tensor even without dropout
     for i in range(ROW_BLOCKS):
         rows = (pid_n.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -292,7 +394,8 @@ def _dA_dx_kernel(
         else:
             keep = tl.full((BLOCK_N, BLOCK_K), 1, tl.int1)
         if need_dx:
-            ta = tl.where(keep, tl.dot(ge, a, input_precision=DOT_PREC) * inv_keep, 0.0)
+            ga = _dot(ge, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_PREC, 3, 3, UPCAST)
+            ta = tl.where(keep, ga * inv_keep, 0.0)
             d_ptr = DX + rows[:, None] * stride_dxn + cols[None, :]
             dx = tl.load(d_ptr, mask=m, other=0.0).to(tl.float32)
             tl.store(d_ptr, (dx + ta).to(DX.dtype.element_ty), mask=m)
@@ -302,7 +405,7 @@ def _dA_dx_kernel(
         else:
             x = x.to(A.dtype.element_ty)
         x = tl.where(keep, x, tl.zeros_like(x))
-        daT = tl.dot(tl.trans(x), ge, daT, input_precision=DOT_PREC)
+        daT = _dot(tl.trans(x), ge, daT, DOT_PREC, 1 if X.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
     daT = daT * inv_keep
     tl.atomic_add(DA + rr[None, :] * K + cols[:, None], daT, mask=r_ok[None, :] & col_ok[:, None], sem="relaxed")
 
@@ -316,71 +419,175 @@ def num_warps(r_pad: int) -> int:
     return 4 if r_pad <= 16 else 8
 
 
-def _common(a_dtype: torch.dtype, r: int) -> dict:
-    rp = pad_rank(r)
-    return dict(R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=dot_precision(a_dtype), num_warps=num_warps(rp))
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the grids (``triton.cdiv`` is a ConstexprFunction: slow to call from host code)."""
+    return -(-a // b)
 
 
-def dropout_keep_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
-    """bool [n, k]: the keep mask the kernels use for ``seed`` and rate ``p``."""
+# per-kernel launch options by (kernel, adapter dtype, rank, dot precision): built once, so a launch
+# costs one dict lookup, not a dict built and merged per call
+_KW: dict = {}
+_BLOCKS = {
+    "shrink": dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_stages=SHRINK_STAGES),
+    "expand_add": dict(BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D),
+    "grad_rank": dict(BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
+    "dA_dx": dict(BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS, num_stages=DA_STAGES),
+}
+
+
+def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
+    """The layer kernels' ``DOT_PREC`` for a base of ``x_dtype``, adapters of ``a_dtype``, rank ``r``:
+    torch's TF32 switch for fp32 adapters (``_launch.dot_precision``), except that full fp32 ("ieee",
+    torch's default) on a bf16 base at R_PAD 16 is "bf16x3" (fp32 products from bf16 tensor-core
+    products, :func:`_dot`; the FMA dots spill at these tiles). At R_PAD 64, or on an fp16 base (whose
+    x and g take two bf16 parts), the split tiles spill (bench/compile_check.py): those layers run the
+    torch implementation on CUDA (``ops/adapter_linear._pick``). Half adapters use the tensor cores as
+    they are. Read at each call: it picks the binary."""
+    prec = dot_precision(a_dtype)
+    if prec == "ieee" and x_dtype == torch.bfloat16 and pad_rank(r) == 16:
+        return "bf16x3"
+    return prec
+
+
+def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.float32) -> dict:
+    """{kernel: constexprs and compile options} of the four layer kernels for adapters of ``a_dtype``
+    at rank ``r`` on a base of ``x_dtype`` (the dot precision: :func:`layer_precision`)."""
+    prec = layer_precision(x_dtype, a_dtype, r)
+    key = (a_dtype, r, prec)
+    kws = _KW.get(key)
+    if kws is None:
+        rp = pad_rank(r)
+        kws = {name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
+               for name, blocks in _BLOCKS.items()}
+        _KW[key] = kws
+    return kws
+
+
+def launch_kwargs(kernel: str, a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.float32) -> dict:
+    """Constexprs and compile options of ``kernel`` ("shrink", "expand_add", "grad_rank", "dA_dx")."""
+    return layer_kwargs(a_dtype, r, x_dtype)[kernel]
+
+
+def dropout_keep_mask(seed, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
+    """bool [n, k]: the keep mask the kernels use for ``seed`` (an int or a [1] int64 tensor) and rate ``p``."""
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
-        seed_arg, thresh = dropout_args(dropout_p, seed)[:2]
-        _launch.launch(_dropout_keep_mask_kernel, grid, out, n, k, seed_arg, thresh,
+        grid = (cdiv(n, BLOCK_N), cdiv(k, BLOCK_K))
+        thresh = dropout_args(dropout_p)[0]
+        _launch.launch(_dropout_keep_mask_kernel, grid, out, seed_tensor(seed, out.device), n, k, thresh,
                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return out.bool()
 
 
 def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
-    """t = dropout(x) Aᵀ, fp32 [N, r]; x [N, k] any strides; A [r, k] contiguous."""
+    """t = dropout(x) Aᵀ, fp32 [N, r]; x [N, k] any strides; A [r, k] contiguous; seed a [1] int64
+    tensor on x's device (an int is put there), unused at p = 0."""
     n, k = x.shape
     r = lora_A.shape[0]
     t = torch.empty((n, r), dtype=torch.float32, device=x.device)
+    seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
-        _shrink_kernel, (triton.cdiv(n, BLOCK_N),),
-        x, lora_A, t, n, k, r, x.stride(0), x.stride(1), *dropout_args(dropout_p, seed),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_stages=SHRINK_STAGES, **_common(lora_A.dtype, r),
+        _shrink_kernel, (cdiv(n, BLOCK_N),),
+        x, lora_A, t, seed, n, k, r, x.stride(0), x.stride(1), *dropout_args(dropout_p),
+        **launch_kwargs("shrink", lora_A.dtype, r, x.dtype),
     )
     return t
 
 
-def expand_add(out: torch.Tensor, t: torch.Tensor, lora_E: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor) -> None:
-    """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·s (s: [1] fp32 on out's device)."""
+def expand_add(out: torch.Tensor, t: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor,
+               ranknum: torch.Tensor, scaling: float) -> None:
+    """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·scaling/(ranknum + eps)
+    (ranknum: [1] on out's device, read by the kernel)."""
     n, d = out.shape
     r = lora_B.shape[1]
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, EXPAND_BLOCK_D))
     _launch.launch(
-        _expand_add_kernel, grid, t, lora_E, s, lora_B, out, n, d, r, out.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D, **_common(lora_B.dtype, r),
+        _expand_add_kernel, (cdiv(n, BLOCK_N), cdiv(d, EXPAND_BLOCK_D)),
+        t, lora_E, ranknum, lora_B, out, n, d, r, out.stride(0), float(scaling),
+        **launch_kwargs("expand_add", lora_B.dtype, r, out.dtype),
     )
 
 
-def grad_rank(g, t, lora_E, s, lora_B, ge, dB, dE) -> None:
-    """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e); dE [r] += s Σ (g B) ⊙ t (fp32 atomics)."""
+def grad_offsets(r: int, k: int, d: int) -> tuple:
+    """(dB offset, dE offset, size) of the flat fp32 gradient buffer [dA r·k | dB d·r | dE r]."""
+    return r * k, r * k + d * r, r * k + d * r + r
+
+
+def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None:
+    """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e), dE [r] += s Σ (g B) ⊙ t (fp32 atomics into
+    zeroed fp32 buffers)."""
     n, d = g.shape
     r = lora_B.shape[1]
     _launch.check_deterministic("the adapter backward (dB, dE)")
     _launch.launch(
-        _grad_rank_kernel, (triton.cdiv(n, BLOCK_N),), g, t, lora_E, s, lora_B, ge, dB, dE, n, d, r,
-        g.stride(0), g.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D, **_common(lora_B.dtype, r),
+        _grad_rank_kernel, (cdiv(n, BLOCK_N),), g, t, lora_E, ranknum, lora_B, ge, dB, dE, n, d, r,
+        g.stride(0), g.stride(1), float(scaling), 0, 0,
+        **launch_kwargs("grad_rank", lora_B.dtype, r, g.dtype),
     )
 
 
 def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
-    """dA [r, k] += geᵀ dropout(x) (fp32 atomics); dx [N, k] += dropout-mask ⊙ (ge A)/(1-p) if dx given."""
+    """dA [r, k] (or the flat buffer, dA first) += geᵀ dropout(x) (fp32 atomics); dx [N, k] +=
+    dropout-mask ⊙ (ge A)/(1-p) if dx given; seed as for :func:`shrink`."""
     n, k = x.shape
     r = lora_A.shape[0]
     _launch.check_deterministic("the adapter backward (dA)")
-    grid = (triton.cdiv(n, BLOCK_N * DA_ROW_BLOCKS), triton.cdiv(k, DA_BLOCK_K))
+    seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
-        _dA_dx_kernel, grid, x, ge, lora_A, dx if dx is not None else x, dA, n, k, r,
-        x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, *dropout_args(dropout_p, seed),
+        _dA_dx_kernel, (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+        x, ge, lora_A, dx if dx is not None else x, dA, seed, n, k, r,
+        x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, *dropout_args(dropout_p),
         int(dx is not None),
-        BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS, num_stages=DA_STAGES,
-        **_common(lora_A.dtype, r),
+        **launch_kwargs("dA_dx", lora_A.dtype, r, x.dtype),
     )
+
+
+def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, out) -> torch.Tensor:
+    """The layer's two forward launches (:func:`shrink`, then :func:`expand_add` into ``out`` in place)
+    with the host work shared: one call per layer step on the eager path. Returns t [N, r] fp32.
+    The caller has checked that x, A, E, B, ranknum and out share one device (the launches skip
+    the per-argument device check)."""
+    n, k = x.shape
+    r, d = lora_A.shape[0], out.shape[1]
+    dev = x.device
+    kws = layer_kwargs(lora_A.dtype, r, x.dtype)
+    t = torch.empty((n, r), dtype=torch.float32, device=dev)
+    thresh, inv_keep, has_dropout = dropout_args(dropout_p)
+    gn = cdiv(n, BLOCK_N)
+    _launch.launch(_shrink_kernel, (gn,), x, lora_A, t, _seed_arg(seed, dropout_p, dev), n, k, r, x.stride(0),
+                   x.stride(1), thresh, inv_keep, has_dropout, _device=dev, **kws["shrink"])
+    _launch.launch(_expand_add_kernel, (gn, cdiv(d, EXPAND_BLOCK_D)), t, lora_E, ranknum, lora_B, out, n, d, r,
+                   out.stride(0), scaling, _device=dev, **kws["expand_add"])
+    return t
+
+
+def backward(g, x, t, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, dx,
+             separate: bool = False):
+    """The layer's two backward launches (:func:`grad_rank`, then :func:`dA_dx`, adding into ``dx`` in
+    place when given) with the host work shared. Returns the flat fp32 gradient [dA | dB | dE]
+    (:func:`grad_offsets`: one memset), or with ``separate`` the three fp32 buffers (dA, dB, dE) of
+    their own (three memsets: the registered op's outputs may not alias one another). The caller has
+    checked the devices, as for :func:`forward`."""
+    n, k = x.shape
+    r, d = lora_A.shape[0], g.shape[1]
+    dev = x.device
+    kws = layer_kwargs(lora_A.dtype, r, x.dtype)
+    _launch.check_deterministic("the adapter backward (dA, dB, dE)")
+    if separate:
+        dA, dB, dE = (torch.zeros(shape, dtype=torch.float32, device=dev) for shape in ((r, k), (d, r), (r,)))
+        db_off = de_off = 0
+        out = dA, dB, dE
+    else:
+        db_off, de_off, size = grad_offsets(r, k, d)
+        dA = dB = dE = out = torch.zeros(size, dtype=torch.float32, device=dev)
+    ge = torch.empty((n, r), dtype=torch.float32, device=dev)
+    thresh, inv_keep, has_dropout = dropout_args(dropout_p)
+    _launch.launch(_grad_rank_kernel, (cdiv(n, BLOCK_N),), g, t, lora_E, ranknum, lora_B, ge, dB, dE, n, d, r,
+                   g.stride(0), g.stride(1), scaling, db_off, de_off, _device=dev, **kws["grad_rank"])
+    _launch.launch(_dA_dx_kernel, (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+                   x, ge, lora_A, dx if dx is not None else x, dA, _seed_arg(seed, dropout_p, dev), n, k, r,
+                   x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, thresh, inv_keep, has_dropout,
+                   int(dx is not None), _device=dev, **kws["dA_dx"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +598,9 @@ def compile_variants():
     """Yield (name, jit fn, signature, constexprs, options) for every config the launchers pick;
     options: num_warps, or a dict of compile options (num_warps, num_stages).
 
-    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC "tf32" for fp32 adapters
-    (the only fp32 binaries the GPU runs, see ``ops/adapter_linear._impl``); dropout and need-dx are runtime
+    Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC for fp32 adapters "tf32"
+    (torch's TF32 switch on) and, on a half base, "bf16x3" (torch's full-fp32 default; an fp32 base
+    then runs the torch implementation, see ``ops/adapter_linear._pick``); dropout and need-dx are runtime
     flags (one binary serves both values). Integer arguments get the specialisation a contiguous
     LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
     the widths K / D 16-divisible); ``bench/compile_check.py`` also compiles the widths unaligned.
@@ -401,40 +609,41 @@ def compile_variants():
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
 
     yield ("dropout_keep_mask", _dropout_keep_mask_kernel,
-           {"OUT": "*i8", "N": "i32", "K": "i32", "seed": "i64", "thresh": "i32",
+           {"OUT": "*i8", "SEED": "*i64", "N": "i32", "K": "i32", "thresh": "i32",
             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
            {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}, NUM_WARPS)
-    # fp32 operands: only the TF32 binaries ship for the GPU; with torch's full-fp32 default the
-    # layer op runs the torch implementation on CUDA (see ops/adapter_linear._impl): the FMA ("ieee")
-    # dots of these 64-wide tiles spill on sm_90 and sm_80. Half operands ignore DOT_PREC.
-    prec = "tf32"
-    for base, adt in DTYPE_PAIRS:
+    # fp32 adapters: the TF32 binaries, and on a bf16 base at R_PAD 16 the bf16x3 ones (torch's
+    # full-fp32 default, layer_precision); never the FMA ("ieee") dots, which spill at these 64-wide
+    # tiles on sm_90 and sm_80 (those layers run the torch implementation). Half operands ignore DOT_PREC.
+    for (base, adt), prec in [(pair, pr) for pair in DTYPE_PAIRS
+                              for pr in (("tf32", "bf16x3") if pair == (torch.bfloat16, torch.float32) else ("tf32",))]:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
-        for rp in RANK_PADS:
+        for rp in (RANK_PADS if prec != "bf16x3" else (16,)):
             common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
             yield (f"shrink[{tag},R{rp}]", _shrink_kernel,
-                   {"X": p(base), "A": p(adt), "T": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-                    "stride_xn": "i32", "stride_xk": "constexpr", "seed": "i64", "thresh": "i32",
+                   {"X": p(base), "A": p(adt), "T": "*fp32", "SEED": "*i64", "N": "i32", "K": "i32", "R": "i32",
+                    "stride_xn": "i32", "stride_xk": "constexpr", "thresh": "i32",
                     "inv_keep": "fp32", "has_dropout": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
                     "DOT_PREC": "constexpr"},
                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
                    {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES})
             yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
-                   {"T": "*fp32", "E": p(adt), "S": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
-                    "D": "i32", "R": "i32", "stride_on": "i32", "R_PAD": "constexpr",
+                   {"T": "*fp32", "E": p(adt), "RK": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
+                    "D": "i32", "R": "i32", "stride_on": "i32", "scaling": "fp32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D), num_warps(rp))
             yield (f"grad_rank[{tag},R{rp}]", _grad_rank_kernel,
-                   {"G": p(base), "T": "*fp32", "E": p(adt), "S": "*fp32", "B": p(adt), "GE": "*fp32",
+                   {"G": p(base), "T": "*fp32", "E": p(adt), "RK": "*fp32", "B": p(adt), "GE": "*fp32",
                     "DB": "*fp32", "DE": "*fp32", "N": "i32", "D": "i32", "R": "i32", "stride_gn": "i32",
-                    "stride_gd": "constexpr", "R_PAD": "constexpr", "BLOCK_N": "constexpr",
+                    "stride_gd": "constexpr", "scaling": "fp32", "db_off": "i32", "de_off": "i32",
+                    "R_PAD": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
                    dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D), num_warps(rp))
             yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,
-                   {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "N": "i32",
-                    "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
-                    "stride_dxn": "i32", "seed": "i64", "thresh": "i32", "inv_keep": "fp32",
+                   {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "SEED": "*i64",
+                    "N": "i32", "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
+                    "stride_dxn": "i32", "thresh": "i32", "inv_keep": "fp32",
                     "has_dropout": "i32", "need_dx": "i32", "R_PAD": "constexpr",
                     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
                     "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
@@ -443,4 +652,4 @@ def compile_variants():
 
 
 __all__ = ["DTYPE_PAIRS", "check_dtypes", "dropout_keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",
-           "compile_variants", "TL_DTYPE"]
+           "forward", "backward", "grad_offsets", "compile_variants", "TL_DTYPE"]

@@ -54,20 +54,21 @@ _F = tl.constexpr(8)  # int64 fields per matrix record (the host table below wri
 
 
 @triton.jit
-def _matrix_record(MATS, i):
-    """Row i of the matrix table: (pointer, rows, cols, row stride, col stride, gram_off, grad_off)."""
+def _matrix_record(MATS, i, MAT_DT: tl.constexpr):
+    """Row i of the matrix table: (pointer, rows, cols, row stride, col stride, gram_off, grad_off);
+    the matrices are ``MAT_DT`` (fp32, bf16 or fp16: read as they are, upcast to fp32 in registers)."""
     rec = MATS + i * _F
-    mp = tl.load(rec).to(tl.pointer_type(tl.float32))
+    mp = tl.load(rec).to(tl.pointer_type(MAT_DT))
     return (mp, tl.load(rec + 1), tl.load(rec + 2), tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5),
             tl.load(rec + 6))
 
 
 @triton.jit
 def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, MAT_DT: tl.constexpr):
     """G[:r, :r] = M Mᵀ as a [R_M=64, R_N] tile (rows padded to 64 for HGMMA, columns to R_N)."""
     i = tl.program_id(0)
-    mp, nr, nc, sr, sc, goff, _ = _matrix_record(MATS, i)
+    mp, nr, nc, sr, sc, goff, _ = _matrix_record(MATS, i, MAT_DT)
     rm = tl.arange(0, R_M)
     rn = tl.arange(0, R_N)
     G = tl.zeros((R_M, R_N), dtype=tl.float32)
@@ -76,6 +77,7 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
         c_ok = cols[None, :] < nc
         mm = tl.load(mp + rm[:, None] * sr + cols[None, :] * sc, mask=(rm[:, None] < nr) & c_ok, other=0.0)
         mn = tl.load(mp + rn[:, None] * sr + cols[None, :] * sc, mask=(rn[:, None] < nr) & c_ok, other=0.0)
+        mm, mn = mm.to(tl.float32), mn.to(tl.float32)
         G = tl.dot(mm, tl.trans(mn), G, input_precision=DOT_PREC)
     gm = (rm[:, None] < nr) & (rn[None, :] < nr)
     D = G - tl.where((rm[:, None] == rn[None, :]) & gm, 1.0, 0.0)
@@ -86,12 +88,12 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
 
 @triton.jit
 def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.constexpr, R_N: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, MAT_DT: tl.constexpr):
     """dM[:, tile] = coef · D M[:, tile], D = G − I as [R_M=64, R_N] (K = R_N)."""
     tile = tl.program_id(0)
     i = tl.load(TILES + tile * 2)
     c0 = tl.load(TILES + tile * 2 + 1)
-    mp, nr, nc, sr, sc, goff, doff = _matrix_record(MATS, i)
+    mp, nr, nc, sr, sc, goff, doff = _matrix_record(MATS, i, MAT_DT)
     rm = tl.arange(0, R_M)
     rn = tl.arange(0, R_N)
     gm = (rm[:, None] < nr) & (rn[None, :] < nr)
@@ -103,6 +105,7 @@ def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.co
     cols = c0 + tl.arange(0, BLOCK_C)
     c_ok = cols[None, :] < nc
     mn = tl.load(mp + rn[:, None] * sr + cols[None, :] * sc, mask=(rn[:, None] < nr) & c_ok, other=0.0)
+    mn = mn.to(tl.float32)
     dm = tl.dot(D, mn, input_precision=DOT_PREC) * coef
     tl.store(GRAD + doff + rm[:, None] * sr + cols[None, :] * sc, dm, mask=(rm[:, None] < nr) & c_ok)
 
@@ -148,23 +151,49 @@ def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], orde
     return tabs, n_live, gram_n, grad_n, max_r
 
 
+_MAT_DT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_FAST: dict = {}  # the tables of the very parameters a training step passes every time (see _work_tables)
+
+
 def _fp32(ms: Sequence[torch.Tensor]) -> list:
     return [m.detach().float().contiguous() for m in ms]
+
+
+def _work_tables(lora_A, lora_B, order=None, bwd_block=BWD_BLOCK_C):
+    """(matrices the kernels read, their dtype as a tl dtype, :func:`_tables`' result).
+
+    The parameters themselves when they share one dtype (fp32, bf16 or fp16: the kernels upcast in
+    registers) and are contiguous, with the tables cached by the parameters' identities and checked
+    against their addresses and shapes (a step passes the same parameters every time: no table walk,
+    no upload, nothing per matrix but two reads); else fp32 contiguous copies (tables rebuilt)."""
+    mats = list(lora_A) + list(lora_B)
+    key = (bwd_block, order, tuple(map(id, mats)))
+    hit = _FAST.get(key)
+    if hit is not None and hit[0] == [m.data_ptr() for m in mats] and hit[1] == [m.shape for m in mats]:
+        return mats, hit[2], hit[3]
+    dt = mats[0].dtype
+    if dt in _MAT_DT and all(m.dtype == dt and m.is_contiguous() for m in mats):
+        res = _tables(lora_A, lora_B, order, bwd_block)
+        if len(_FAST) >= 8:
+            _FAST.pop(next(iter(_FAST)))
+        _FAST[key] = ([m.data_ptr() for m in mats], [m.shape for m in mats], _MAT_DT[dt], res)
+        return mats, _MAT_DT[dt], res
+    work_A, work_B = _fp32(lora_A), _fp32(lora_B)
+    return work_A + work_B, tl.float32, _tables(work_A, work_B, order, bwd_block)
 
 
 def forward(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]):
     """(loss [] fp32, gram [Σr²] fp32, norms [n_nonempty] fp32) for lora_A [r_i, k_i], lora_B [d_i, r_i]:
     one launch (+ 1 sum of the norms). ``gram``/``norms`` are what :func:`backward` needs."""
-    work_A, work_B = _fp32(lora_A), _fp32(lora_B)
-    n_total = len(work_A) + len(work_B)
-    tabs, n_live, gram_n, _, max_r = _tables(work_A, work_B)
-    dev = (work_A + work_B)[0].device
+    mats, mat_dt, (tabs, n_live, gram_n, _, max_r) = _work_tables(lora_A, lora_B)
+    n_total = len(mats)
+    dev = mats[0].device
     gram = torch.empty(gram_n, dtype=torch.float32, device=dev)
     norms = torch.empty(n_live, dtype=torch.float32, device=dev)
     if n_live:
         prec, r_n = dot_precision(torch.float32), pad_rank(max_r)
-        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms,
-                       R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C, DOT_PREC=prec, num_warps=_config(prec, r_n)[0])
+        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms, R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C,
+                       DOT_PREC=prec, MAT_DT=mat_dt, num_warps=_config(prec, r_n)[0])
     loss = norms.sum() * (1.0 / n_total)  # fixed-order reduction: the same bits every run
     return loss, gram, norms
 
@@ -173,19 +202,18 @@ def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequenc
              gram: torch.Tensor, norms: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
     """d loss / d M of every matrix as one flat fp32 buffer, the matrices' gradients one after the
     other in ``order`` (positions in the A-then-B list): one launch."""
-    work_A, work_B = _fp32(lora_A), _fp32(lora_B)
-    work = work_A + work_B
-    n_total = len(work)
     prec = dot_precision(torch.float32)
-    max_r = max([m.shape[0] for m in work_A] + [m.shape[1] for m in work_B] + [0])
+    max_r = max([m.shape[0] for m in lora_A] + [m.shape[1] for m in lora_B] + [0])
     warps, block = _config(prec, pad_rank(min(max(max_r, 1), MAX_RANK)))
-    tabs, n_live, _, grad_n, max_r = _tables(work_A, work_B, tuple(order), block)
-    dev = work[0].device
+    mats, mat_dt, (tabs, n_live, _, grad_n, max_r) = _work_tables(lora_A, lora_B, tuple(order), block)
+    n_total = len(mats)
+    dev = mats[0].device
     grad = torch.empty(grad_n, dtype=torch.float32, device=dev)
     if n_live:
         mtab, ttab = tabs
         _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
-                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=block, DOT_PREC=prec, num_warps=warps)
+                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=block, DOT_PREC=prec, MAT_DT=mat_dt,
+                       num_warps=warps)
     return grad  # a matrix the kernel skips (r = 0 or no columns) has no elements to fill
 
 
@@ -194,15 +222,17 @@ def compile_variants():
     for rn in RANK_PADS:
         for prec in dot_precisions(torch.float32):
             warps, bwd_block = _config(prec, rn)
-            yield (f"orth_fwd[{prec},R{rn}]", _orth_fwd_kernel,
-                   {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32",
-                    "R_M": "constexpr", "R_N": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-                   {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec}, warps)
-            yield (f"orth_bwd[{prec},R{rn}]", _orth_bwd_kernel,
-                   {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32",
-                    "GRAD": "*fp32", "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr",
-                    "BLOCK_C": "constexpr", "DOT_PREC": "constexpr"},
-                   {"R_M": R_M, "R_N": rn, "BLOCK_C": bwd_block, "DOT_PREC": prec}, warps)
+            for tdt, mdt in _MAT_DT.items():
+                tag = f"{prec},R{rn}" + ("" if tdt == torch.float32 else f",{str(tdt)[6:]}")
+                yield (f"orth_fwd[{tag}]", _orth_fwd_kernel,
+                       {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "R_M": "constexpr", "R_N": "constexpr",
+                        "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "MAT_DT": "constexpr"},
+                       {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec, "MAT_DT": mdt}, warps)
+                yield (f"orth_bwd[{tag}]", _orth_bwd_kernel,
+                       {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32",
+                        "GRAD": "*fp32", "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr",
+                        "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "MAT_DT": "constexpr"},
+                       {"R_M": R_M, "R_N": rn, "BLOCK_C": bwd_block, "DOT_PREC": prec, "MAT_DT": mdt}, warps)
 
 
 __all__ = ["forward", "backward", "compile_variants", "INTERPRET"]
