@@ -3,7 +3,18 @@
 import importlib.metadata
 import platform
 
-names = ["torch", "triton", "transformers", "peft", "accelerate", "safetensors", "kernels", "bitsandbytes", "trl", "datasets"]
+names = [
+    "torch",
+    "triton",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "kernels",
+    "bitsandbytes",
+    "trl",
+    "datasets",
+]
 found = []
 for name in names:
     try:

@@ -1,14 +1,14 @@
 """adalora_fast: PEFT's AdaLoRA, with fused kernels and a fast CPU path.
 
-    import adalora_fast as af
-    model = af.get_peft_model(base_model, af.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
-                                                           target_modules=["q_proj", "v_proj"]))
+import adalora_fast as af
+model = af.get_peft_model(base_model, af.AdaLoraConfig(init_r=12, target_r=8, total_step=1000,
+                                                       target_modules=["q_proj", "v_proj"]))
 """
 
 from .allocator import RankAllocator, budget_schedule
+from .bases import AdaLoraConv2d, AdaLoraLinear4bit, AdaLoraLinear8bitLt, AdaLoraLinearUnfused, adapter_layer
 from .config import AdaLoraConfig, PeftType
 from .fileio import CheckpointError
-from .bases import AdaLoraConv2d, AdaLoraLinear4bit, AdaLoraLinear8bitLt, AdaLoraLinearUnfused, adapter_layer
 from .layer import AdaLoraLayer, AdaLoraLinear
 from .model import AdaLoraModel, ModulesToSaveWrapper, get_peft_model
 from .ops import backend_name
@@ -22,6 +22,7 @@ def __getattr__(name):
 
         return AdaLoraCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -135,7 +135,8 @@ class RankAllocator:
         or not, a 1-D piece or a whole view)."""
         p0 = self._params[0] if self._params else None
         return all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._params)) and (
-            p0 is None or (distributed.is_flat_shard(p0), p0.dim()) == self._state0)
+            p0 is None or (distributed.is_flat_shard(p0), p0.dim()) == self._state0
+        )
 
     def refresh(self) -> None:
         """Re-read the parameters from the modules. FSDP shards (DTensors, FSDP1 flat pieces) get a
@@ -297,7 +298,9 @@ class RankAllocator:
                     "model.rankallocator.load_state_dict(...)). Nothing was changed."
                 )
             self._ensure_state(dev)  # moves the state if the model moved
-            scores = sh.scores(self.m1, self.m2) if sh is not None else ops.triplet_scores(self.layout, self.m1, self.m2)
+            scores = (
+                sh.scores(self.m1, self.m2) if sh is not None else ops.triplet_scores(self.layout, self.m1, self.m2)
+            )
             self._mask(scores, self.target_bgt)
             self.finalized = True
             self.reset_ipt()
@@ -315,8 +318,17 @@ class RankAllocator:
         shards: each rank's elements, the scores completed by an all_reduce."""
         cfg, sh = self.config, self._shards
         if sh is None:
-            return ops.importance_update(self.layout, params, None, self.m1, self.m2, cfg.beta1, cfg.beta2,
-                                         want_scores=want_scores, skipped=self._skipped)
+            return ops.importance_update(
+                self.layout,
+                params,
+                None,
+                self.m1,
+                self.m2,
+                cfg.beta1,
+                cfg.beta2,
+                want_scores=want_scores,
+                skipped=self._skipped,
+            )
         sh.importance_update(self.m1, self.m2, cfg.beta1, cfg.beta2, self._skipped)
         return sh.scores(self.m1, self.m2) if want_scores else None
 
@@ -421,8 +433,10 @@ class RankAllocator:
         if m1 is not None and self._state_local:  # this rank's part of a sharded state
             self.params()
             if self._shards is None or self._shards.n_local != m1.numel():
-                raise RuntimeError("the importance state is sharded but the adapter parameters are no longer the "
-                                   "shards it was built on; call state_dict() while the model is wrapped")
+                raise RuntimeError(
+                    "the importance state is sharded but the adapter parameters are no longer the "
+                    "shards it was built on; call state_dict() while the model is wrapped"
+                )
             m1, m2 = self._shards.gather(m1), self._shards.gather(m2)
         sd = {
             "finalized": torch.tensor(self.finalized),

@@ -42,7 +42,6 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from typing import Optional
 
 import torch
 from transformers import TrainerCallback
@@ -119,8 +118,10 @@ def _trainer_init(self, *args, **kwargs):
     from .peft_patch import state_of
 
     acc = state_of(getattr(self, "model", None))
-    if acc is not None and acc.allocator is not None and not any(
-        isinstance(c, PeftScheduleCallback) for c in self.callback_handler.callbacks
+    if (
+        acc is not None
+        and acc.allocator is not None
+        and not any(isinstance(c, PeftScheduleCallback) for c in self.callback_handler.callbacks)
     ):
         self.add_callback(PeftScheduleCallback(acc))
 
@@ -223,7 +224,8 @@ class PeftScheduleCallback(TrainerCallback):
         if not os.path.isdir(folder):
             warnings.warn(
                 f"adalora_fast: the Trainer saved a checkpoint, but {folder!r} does not exist; the rank allocator's "
-                "state was not written, so this checkpoint cannot be resumed", stacklevel=2,
+                "state was not written, so this checkpoint cannot be resumed",
+                stacklevel=2,
             )
             return control
         save_resume_state(self.acc, folder, state.global_step)
@@ -241,8 +243,10 @@ def save_resume_state(acc, folder: str, global_step: int) -> None:
     tensors = {f"param.{k}": p.detach().cpu().contiguous() for k, p in acc.tuner.named_parameters() if p.requires_grad}
     for k, v in acc.current_allocator().state_dict().items():
         tensors[f"allocator.{k}"] = v.detach().cpu().contiguous()
-    atomic_write(os.path.join(folder, RESUME_NAME),
-                 save(tensors, metadata={"format": _FORMAT, "global_step": str(int(global_step))}))
+    atomic_write(
+        os.path.join(folder, RESUME_NAME),
+        save(tensors, metadata={"format": _FORMAT, "global_step": str(int(global_step))}),
+    )
 
 
 def load_resume_state(acc, folder: str) -> None:
@@ -267,13 +271,13 @@ def load_resume_state(acc, folder: str) -> None:
     for k, v in tensors.items():
         if not k.startswith("param."):
             continue
-        p = named.get(k[len("param."):])
+        p = named.get(k[len("param.") :])
         if p is None or p.shape != v.shape:
             what = "no such parameter" if p is None else f"shape {tuple(v.shape)}, the model's {tuple(p.shape)}"
-            raise RuntimeError(f"{path!r}: {k[len('param.'):]}: {what}; the checkpoint is of another model")
+            raise RuntimeError(f"{path!r}: {k[len('param.') :]}: {what}; the checkpoint is of another model")
         params[p] = v
     alloc = acc.current_allocator()
-    state = {k[len("allocator."):]: v for k, v in tensors.items() if k.startswith("allocator.")}
+    state = {k[len("allocator.") :]: v for k, v in tensors.items() if k.startswith("allocator.")}
     ranks = [int(r) for r in state["ranks"].tolist()] if "ranks" in state else None
     if ranks != alloc.layout.ranks:
         raise RuntimeError(f"{path!r}: allocator state for ranks {ranks}, the model's layers have {alloc.layout.ranks}")

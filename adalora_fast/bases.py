@@ -58,8 +58,9 @@ __all__ = [
     "unsupported_reason",
 ]
 
-SUPPORTED = ("torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d (groups=1) and bitsandbytes' "
-             "Linear4bit / Linear8bitLt")
+SUPPORTED = (
+    "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d (groups=1) and bitsandbytes' Linear4bit / Linear8bitLt"
+)
 
 
 # ---------------------------------------------------------------------------------- the dispatch
@@ -119,37 +120,52 @@ def unsupported_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be adapted, in a sentence that names its type (for error messages)."""
     name = _type_name(module)
     if _is_gptq(module):
-        return (f"{name} is a GPTQ layer; adalora_fast has no GPTQ path (GPTQModel, the GPTQ library PEFT adapts, "
-                "brings its own torch and CUDA builds, so no path could be tested against it). Quantize with "
-                "bitsandbytes instead (pip install bitsandbytes; transformers' BitsAndBytesConfig(load_in_4bit=True)), "
-                "or use PEFT's AdaLoRA")
+        return (
+            f"{name} is a GPTQ layer; adalora_fast has no GPTQ path (GPTQModel, the GPTQ library PEFT adapts, "
+            "brings its own torch and CUDA builds, so no path could be tested against it). Quantize with "
+            "bitsandbytes instead (pip install bitsandbytes; transformers' BitsAndBytesConfig(load_in_4bit=True)), "
+            "or use PEFT's AdaLoRA"
+        )
     if type(module) is nn.Conv2d and module.groups != 1:
-        return (f"{name} with groups={module.groups}: PEFT's SVDConv2d adapts groups=1 only (its lora_A is "
-                "[r, in_channels * kh * kw] for all groups)")
+        return (
+            f"{name} with groups={module.groups}: PEFT's SVDConv2d adapts groups=1 only (its lora_A is "
+            "[r, in_channels * kh * kw] for all groups)"
+        )
     if _bnb_nn(module) is not None:
         return f"{name}: of bitsandbytes' layers, adalora_fast adapts Linear4bit (and LinearNF4/FP4) and Linear8bitLt"
     if isinstance(module, nn.Linear):
         w = getattr(module, "weight", None)
-        what = (f"its weight is a {type(w).__module__}.{type(w).__qualname__}" if w is not None and not has_dense_weight(module)
-                and type(w) not in (nn.Parameter, torch.Tensor) else
-                f"its weight (shape {tuple(getattr(w, 'shape', ()))}, {getattr(w, 'dtype', None)}) is no dense float "
-                f"[out_features, in_features] = [{module.out_features}, {module.in_features}] tensor")
+        what = (
+            f"its weight is a {type(w).__module__}.{type(w).__qualname__}"
+            if w is not None and not has_dense_weight(module) and type(w) not in (nn.Parameter, torch.Tensor)
+            else f"its weight (shape {tuple(getattr(w, 'shape', ()))}, {getattr(w, 'dtype', None)}) is no dense float "
+            f"[out_features, in_features] = [{module.out_features}, {module.in_features}] tensor"
+        )
         kind = "is a torch.nn.Linear" if type(module) is nn.Linear else "subclasses torch.nn.Linear"
-        return (f"{name} {kind} but {what} (quantized or sharded?): it is not adapted as a linear layer. "
-                f"adalora_fast adapts {SUPPORTED}; wrap the model before sharding it")
+        return (
+            f"{name} {kind} but {what} (quantized or sharded?): it is not adapted as a linear layer. "
+            f"adalora_fast adapts {SUPPORTED}; wrap the model before sharding it"
+        )
     return f"{name}: adalora_fast adapts {SUPPORTED}"
 
 
-def adapter_layer(base: nn.Module, adapter_name: str = "default", r: int = 12, lora_alpha: float = 8,
-                  lora_dropout: float = 0.0, init_lora_weights: bool = True) -> AdaLoraLayer:
+def adapter_layer(
+    base: nn.Module,
+    adapter_name: str = "default",
+    r: int = 12,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    init_lora_weights: bool = True,
+) -> AdaLoraLayer:
     """The adapted layer for ``base``, by its kind (:func:`base_kind`); raises ``ValueError`` naming
     the type when there is none."""
     kind = base_kind(base)
     if kind is None:
         raise ValueError(unsupported_reason(base))
     cls = LAYER_CLASSES[kind]
-    return cls(base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-               init_lora_weights=init_lora_weights)
+    return cls(
+        base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_lora_weights=init_lora_weights
+    )
 
 
 # ---------------------------------------------------------------------------------- the adapter term
@@ -208,8 +224,17 @@ class _AdapterAdd(torch.autograd.Function):
         return g if need[0] else None, dx, dA, dE, dB, None, None, None
 
 
-def add_adapter_term(result: torch.Tensor, x: torch.Tensor, lora_A, lora_E, lora_B, scaling: float, ranknum,
-                     dropout_p: float, training: bool) -> torch.Tensor:
+def add_adapter_term(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A,
+    lora_E,
+    lora_B,
+    scaling: float,
+    ranknum,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
     """``result + (dropout(x) @ (A*E).T @ B.T) * scaling / (ranknum + 1e-5)`` (PEFT's term), as
     :class:`_AdapterAdd` computes it. x [..., k] is cast to the adapters' dtype (PEFT's
     ``_cast_input_dtype``); under autocast everything runs in the autocast dtype, as PEFT's matmuls
@@ -234,28 +259,48 @@ class AdaLoraLinearUnfused(AdaLoraLayer):
     a dense weight, e.g. transformers' ``FalconLinear``): the base's output plus the adapter term
     (PEFT's ``SVDLinear`` on such a layer). Merging adds the delta to the dense weight."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 12, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, init_lora_weights: bool = True) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 12,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool = True,
+    ) -> None:
         self._check_base(base_layer)
         super().__init__(base_layer, adapter_name, base_layer.in_features, base_layer.out_features)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _check_base(self, base_layer: nn.Module) -> None:
         if base_kind(base_layer) != "linear_custom":
-            raise ValueError(f"{type(self).__name__} adapts subclasses of nn.Linear with their own forward and a dense "
-                             f"weight; {_type_name(base_layer)} is not one (adapter_layer() picks the right class)")
+            raise ValueError(
+                f"{type(self).__name__} adapts subclasses of nn.Linear with their own forward and a dense "
+                f"weight; {_type_name(base_layer)} is not one (adapter_layer() picks the right class)"
+            )
 
     def _base_output(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not isinstance(out, torch.Tensor) or out.shape[-1:] != (self.out_features,):
             what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
-            raise TypeError(f"{_type_name(self.base_layer)} returned {what}, not [..., {self.out_features}]: "
-                            "it cannot be adapted as a linear layer (exclude it from target_modules)")
+            raise TypeError(
+                f"{_type_name(self.base_layer)} returned {what}, not [..., {self.out_features}]: "
+                "it cannot be adapted as a linear layer (exclude it from target_modules)"
+            )
         return out
 
     def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
-        return add_adapter_term(self._base_output(x), x, self.lora_A[a], self.lora_E[a], self.lora_B[a],
-                                self.scaling[a], self.ranknum[a], self.lora_dropout[a], self.training)
+        return add_adapter_term(
+            self._base_output(x),
+            x,
+            self.lora_A[a],
+            self.lora_E[a],
+            self.lora_B[a],
+            self.scaling[a],
+            self.ranknum[a],
+            self.lora_dropout[a],
+            self.training,
+        )
 
 
 class AdaLoraLinear4bit(AdaLoraLinearUnfused):
@@ -304,8 +349,9 @@ class AdaLoraLinear8bitLt(AdaLoraLinearUnfused):
         w, state = base.weight, base.state
         new = dequantize_8bit(base).to(delta.dtype) + delta
         _check_finite(new, safe_merge, adapter)
-        base.weight = bnb.nn.Int8Params(new.to("cpu"), requires_grad=False,
-                                        has_fp16_weights=w.has_fp16_weights).to(w.device)
+        base.weight = bnb.nn.Int8Params(new.to("cpu"), requires_grad=False, has_fp16_weights=w.has_fp16_weights).to(
+            w.device
+        )
         state.reset_grads()
 
 
@@ -357,14 +403,29 @@ class AdaLoraConv2d(AdaLoraLayer):
     then a 1x1 convolution of t with ``B * e`` (r x (k + d) multiply-adds per output pixel instead of
     d x k), added in place into the base's output."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str = "default", r: int = 12, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, init_lora_weights: bool = True) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str = "default",
+        r: int = 12,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool = True,
+    ) -> None:
         if base_kind(base_layer) != "conv2d":
-            raise ValueError(unsupported_reason(base_layer) if type(base_layer) is nn.Conv2d else
-                             f"AdaLoraConv2d adapts torch.nn.Conv2d, got {_type_name(base_layer)}")
+            raise ValueError(
+                unsupported_reason(base_layer)
+                if type(base_layer) is nn.Conv2d
+                else f"AdaLoraConv2d adapts torch.nn.Conv2d, got {_type_name(base_layer)}"
+            )
         kh, kw = base_layer.kernel_size
-        super().__init__(base_layer, adapter_name, base_layer.in_channels, base_layer.out_channels,
-                         lora_in_features=base_layer.in_channels * kh * kw)
+        super().__init__(
+            base_layer,
+            adapter_name,
+            base_layer.in_channels,
+            base_layer.out_channels,
+            lora_in_features=base_layer.in_channels * kh * kw,
+        )
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:

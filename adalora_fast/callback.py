@@ -65,8 +65,12 @@ class AdaLoraCallback(TrainerCallback):
         from .model import AdaLoraModel
 
         if not isinstance(model, AdaLoraModel):
-            hint = (" (a PEFT model: af.patch_peft() or af.accelerate(model) runs its rank schedule in the "
-                    "Trainer without a callback)" if type(model).__module__.startswith("peft") else "")
+            hint = (
+                " (a PEFT model: af.patch_peft() or af.accelerate(model) runs its rank schedule in the "
+                "Trainer without a callback)"
+                if type(model).__module__.startswith("peft")
+                else ""
+            )
             raise TypeError(f"AdaLoraCallback needs an adalora_fast.AdaLoraModel, got {type(model).__name__}{hint}")
         self.model = model
         self.resume_from_checkpoint = resume_from_checkpoint
@@ -116,8 +120,10 @@ class AdaLoraCallback(TrainerCallback):
             return
         final_start = cfg.total_step - cfg.tfinal
         if final_start > max_steps - 1:
-            what = (f"the run ends at step {max_steps - 1}, before the final phase starts at step {final_start}: the "
-                    "budget never falls to target_r per layer and the final mask is never fixed")
+            what = (
+                f"the run ends at step {max_steps - 1}, before the final phase starts at step {final_start}: the "
+                "budget never falls to target_r per layer and the final mask is never fixed"
+            )
         else:
             what = f"the final mask is fixed at step {final_start} but kept for fewer than tfinal={cfg.tfinal} steps"
         warnings.warn(
@@ -165,9 +171,7 @@ class AdaLoraCallback(TrainerCallback):
         if not getattr(args, "should_save", True):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if self._saved == (folder, state.global_step) and os.path.isfile(
-            os.path.join(folder, ALLOCATOR_STATE_NAME)
-        ):
+        if self._saved == (folder, state.global_step) and os.path.isfile(os.path.join(folder, ALLOCATOR_STATE_NAME)):
             return control  # written before the Trainer's save (_save_ahead)
         if not os.path.isdir(folder):
             warnings.warn(
@@ -218,7 +222,9 @@ class AdaLoraCallback(TrainerCallback):
         for folder in self._candidates(args, global_step):
             path = os.path.join(folder, ALLOCATOR_STATE_NAME)
             if not os.path.isfile(path):
-                why.append(f"{folder!r}: no {ALLOCATOR_STATE_NAME}" if os.path.isdir(folder) else f"{folder!r}: not a folder")
+                why.append(
+                    f"{folder!r}: no {ALLOCATOR_STATE_NAME}" if os.path.isdir(folder) else f"{folder!r}: not a folder"
+                )
                 continue
             try:
                 sd, _ = read_allocator_state(path)

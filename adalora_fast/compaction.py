@@ -196,8 +196,11 @@ def _swap_in_optimizer(opt, pairs) -> None:
 
 def _refuse_wrapped(model, alloc) -> None:
     """Compaction replaces parameter objects: refuse models whose parameters an FSDP or DDP wrapper holds."""
-    if _fsdp_managed(model) or alloc.shards is not None or any(
-            distributed.is_dtensor(p) or distributed.is_flat_shard(p) for p in alloc.params()):
+    if (
+        _fsdp_managed(model)
+        or alloc.shards is not None
+        or any(distributed.is_dtensor(p) or distributed.is_flat_shard(p) for p in alloc.params())
+    ):
         raise RuntimeError(
             "compact(): the adapters are FSDP shards. Compaction replaces the adapter parameters, which FSDP's "
             "flat parameters / DTensor shards hold; compact after training (on the unwrapped model, e.g. after "
@@ -238,8 +241,11 @@ def _ddp_wrapper_of(model) -> Optional[nn.Module]:
             if not (isinstance(mods, dict) and mods.get("module") is target):
                 continue
             for holder in gc.get_referrers(mods):
-                owners = [holder] if not isinstance(holder, dict) else (
-                    gc.get_referrers(holder) if holder.get("_modules") is mods else [])
+                owners = (
+                    [holder]
+                    if not isinstance(holder, dict)
+                    else (gc.get_referrers(holder) if holder.get("_modules") is mods else [])
+                )
                 for owner in owners:
                     if isinstance(owner, DistributedDataParallel) and owner.__dict__.get("_modules") is mods:
                         return owner
@@ -292,8 +298,11 @@ class CompactedAllocator(RankAllocator):
     def refresh(self) -> None:
         super().refresh()
         root = self.shard_root
-        if (self._shards is not None or (root is not None and _fsdp_managed(root))
-                or any(distributed.is_dtensor(p) or distributed.is_flat_shard(p) for p in self._params)):
+        if (
+            self._shards is not None
+            or (root is not None and _fsdp_managed(root))
+            or any(distributed.is_dtensor(p) or distributed.is_flat_shard(p) for p in self._params)
+        ):
             raise RuntimeError(
                 "a compacted AdaLoRA model cannot be trained under FSDP (not supported); wrap the model before it "
                 "is compacted and train without compaction, or use DDP-free single-process training after it"
@@ -380,8 +389,10 @@ def _check_compacted_state(sd: dict, full_ranks, kept_ranks, where: str) -> None
         raise ValueError(f"{where}: a compacted allocator state needs a keep mask of sum(ranks) entries")
     full, kept = _kept_ranks(sd)
     if full != list(full_ranks) or kept != list(kept_ranks):
-        raise ValueError(f"{where} is for ranks {full} compacted to {kept}; this model has {list(full_ranks)} "
-                         f"compacted to {list(kept_ranks)}")
+        raise ValueError(
+            f"{where} is for ranks {full} compacted to {kept}; this model has {list(full_ranks)} "
+            f"compacted to {list(kept_ranks)}"
+        )
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -413,8 +424,9 @@ def prepare_allocator_load(model, sd: dict, where: str) -> None:
     keep = asd["keep"].to(torch.bool).view(-1)
     if isinstance(alloc, CompactedAllocator) and alloc.full_keep is not None:
         if alloc.full_ranks != full or not torch.equal(alloc.full_keep.cpu(), keep.cpu()):
-            raise ValueError(f"{where}: this model is compacted with another mask than the checkpoint's; load it "
-                             "into a fresh model")
+            raise ValueError(
+                f"{where}: this model is compacted with another mask than the checkpoint's; load it into a fresh model"
+            )
         return
     if current == kept and (isinstance(alloc, CompactedAllocator) or current != full):
         pass  # the layers already have the saved shapes (load_state_dict of a compacted state dict)
@@ -457,7 +469,12 @@ def _load_pre_hook(model, state_dict, prefix, local_metadata, strict, missing_ke
         if any(v is None for v in got.values()):
             continue
         r_new = got["lora_A"].shape[0]
-        if r_new == m.r[a] or got["lora_B"].dim() != 2 or got["lora_B"].shape[1] != r_new or got["lora_E"].shape[0] != r_new:
+        if (
+            r_new == m.r[a]
+            or got["lora_B"].dim() != 2
+            or got["lora_B"].shape[1] != r_new
+            or got["lora_E"].shape[0] != r_new
+        ):
             continue  # the same rank, or shapes load_state_dict itself will report
         if r_new > m.r[a]:
             if is_compacted(model):
@@ -477,7 +494,9 @@ def _load_pre_hook(model, state_dict, prefix, local_metadata, strict, missing_ke
         shapes = {"lora_A": (r, *old["lora_A"].shape[1:]), "lora_B": (old["lora_B"].shape[0], r), "lora_E": (r, 1)}
         for kind, pd in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("lora_E", m.lora_E)):
             o = old[kind]
-            pd[a] = nn.Parameter(torch.zeros(shapes[kind], dtype=o.dtype, device=o.device), requires_grad=o.requires_grad)
+            pd[a] = nn.Parameter(
+                torch.zeros(shapes[kind], dtype=o.dtype, device=o.device), requires_grad=o.requires_grad
+            )
         m.r[a] = r
     if alloc is not None:
         full = alloc.full_ranks if isinstance(alloc, CompactedAllocator) else list(alloc.layout.ranks)

@@ -128,10 +128,16 @@ class AdaLoraConfig:
         if self.layers_pattern and self.layers_to_transform is None:
             raise _err("layers_pattern", self.layers_pattern, "needs layers_to_transform to be set too")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise _err("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex str")
+            raise _err(
+                "layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex str"
+            )
         if self.modules_to_save is not None:
             mts = self.modules_to_save
-            if isinstance(mts, str) or not isinstance(mts, (list, tuple, set)) or not all(isinstance(m, str) for m in mts):
+            if (
+                isinstance(mts, str)
+                or not isinstance(mts, (list, tuple, set))
+                or not all(isinstance(m, str) for m in mts)
+            ):
                 raise _err("modules_to_save", mts, "must be a list of module names (str), as in PEFT")
             self.modules_to_save = list(mts)
         if self.r != 8:
@@ -224,4 +230,6 @@ def as_config(config: Any) -> AdaLoraConfig:
         return config
     if type(config).__name__ == "AdaLoraConfig" or hasattr(config, "to_dict"):
         return AdaLoraConfig.from_peft(config)
-    raise TypeError(f"config must be an adalora_fast.AdaLoraConfig or a peft.AdaLoraConfig, got {type(config).__name__}")
+    raise TypeError(
+        f"config must be an adalora_fast.AdaLoraConfig or a peft.AdaLoraConfig, got {type(config).__name__}"
+    )

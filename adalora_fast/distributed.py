@@ -74,8 +74,7 @@ class ShardedAdapters:
     ``full_pos`` (int64 [n_local]: each local element's position in the layout's flat buffers).
     """
 
-    def __init__(self, layout: FlatLayout, params: Sequence[torch.Tensor], root=None, names=(), adapter="",
-                 group=None):
+    def __init__(self, layout: FlatLayout, params: Sequence[torch.Tensor], root=None, names=(), adapter="", group=None):
         self.layout, self.params, self.names, self.adapter, self.group = layout, list(params), names, adapter, group
         self.kind = "fsdp2" if is_dtensor(params[0]) else "fsdp1"
         ranges = _fsdp1_ranges(root, params) if self.kind == "fsdp1" else None
@@ -106,7 +105,9 @@ class ShardedAdapters:
         self.weight = torch.cat(w).float()  # fp32 [n_local]: 1/k (A), 1/d (B), 1 (E)
         self.tensor_of = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(self.numels))  # [n_local]
         self._e = [t for t in range(2, len(params), 3) if self.numels[t] > 0]
-        self._e_pos = torch.cat([self.triplet[self._slice(t)] for t in self._e]) if self._e else torch.zeros(0, dtype=torch.int64)
+        self._e_pos = (
+            torch.cat([self.triplet[self._slice(t)] for t in self._e]) if self._e else torch.zeros(0, dtype=torch.int64)
+        )
         self._plans: dict = {}
 
     def _range(self, t, p, ranges):
@@ -117,7 +118,8 @@ class ShardedAdapters:
             if tuple(p.shape) != shape or p.device_mesh.ndim != 1 or placements != (Shard(0),):
                 raise NotImplementedError(
                     f"{self._name(t)}: a DTensor of shape {tuple(p.shape)} with placements {placements}; adalora_fast "
-                    f"supports FSDP2's default sharding, Shard(0) on a 1-D mesh, of the {shape} adapter tensor")
+                    f"supports FSDP2's default sharding, Shard(0) on a 1-D mesh, of the {shape} adapter tensor"
+                )
             rows, cols = shape
             world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
             chunk = -(-rows // world)  # torch.chunk: ceil(rows / world) rows per rank, the last ones shorter or empty
@@ -126,17 +128,20 @@ class ShardedAdapters:
             if tuple(p.to_local().shape) != (r1 - r0, cols):
                 raise NotImplementedError(
                     f"{self._name(t)}: local shard {tuple(p.to_local().shape)}, expected rows {r0}:{r1} of {shape} "
-                    "(torch.chunk's split); uneven custom sharding is not supported")
+                    "(torch.chunk's split); uneven custom sharding is not supported"
+                )
             return r0 * cols, (r1 - r0) * cols
         if not is_flat_shard(p):
             raise NotImplementedError(
                 f"{self._name(t)} is a plain tensor of shape {tuple(p.shape)} while other adapter tensors are sharded; "
-                "adalora_fast needs every adapter tensor sharded the same way (wrap every adapted layer)")
+                "adalora_fast needs every adapter tensor sharded the same way (wrap every adapted layer)"
+            )
         if id(p) not in ranges:
             raise NotImplementedError(
                 f"{self._name(t)} is an FSDP1 flat shard but no FSDP unit inside the AdaLoraModel holds it: with "
                 "FullyShardedDataParallel wrap the layers (auto_wrap_policy) so the adapters live in units inside "
-                "the AdaLoraModel, and pass use_orig_params=True")
+                "the AdaLoraModel, and pass use_orig_params=True"
+            )
         start, n = ranges[id(p)]
         if p.numel() != n or start + n > numel:
             raise RuntimeError(f"{self._name(t)}: {p.numel()} local elements, FSDP's shard info says {n} from {start}")
@@ -215,7 +220,9 @@ class ShardedAdapters:
         flat = torch.cat(everyone)
         valid = flat >= 0
         where[flat[valid]] = torch.arange(flat.numel())[valid]
-        want = torch.cat([torch.arange(self.layout.offsets[t], self.layout.offsets[t] + self.layout.numel_of(t)) for t in ts])
+        want = torch.cat(
+            [torch.arange(self.layout.offsets[t], self.layout.offsets[t] + self.layout.numel_of(t)) for t in ts]
+        )
         perm = where[want]
         if (perm < 0).any():
             raise RuntimeError("the ranks' shards do not cover every adapter element; is every rank in the group?")
@@ -227,8 +234,9 @@ class ShardedAdapters:
         ts = tuple(range(len(self.params)))
         perm, n_max, _ = self._plan(ts)
         full = _all_gather_padded(local, n_max, self.group)[perm.to(local.device)]
-        order = torch.cat([torch.arange(self.layout.offsets[t], self.layout.offsets[t] + self.layout.numel_of(t))
-                           for t in ts]).to(local.device)
+        order = torch.cat(
+            [torch.arange(self.layout.offsets[t], self.layout.offsets[t] + self.layout.numel_of(t)) for t in ts]
+        ).to(local.device)
         out = torch.empty_like(full)
         out[order] = full
         return out
@@ -297,12 +305,15 @@ def gather_full(shards: ShardedAdapters, params: Sequence[torch.Tensor], ts: tup
     return list(_GatherFull.apply(shards, tuple(ts), *pieces))
 
 
-def shards_of(layout: FlatLayout, params: Sequence[torch.Tensor], root=None, names=(), adapter="") -> Optional[ShardedAdapters]:
+def shards_of(
+    layout: FlatLayout, params: Sequence[torch.Tensor], root=None, names=(), adapter=""
+) -> Optional[ShardedAdapters]:
     """A :class:`ShardedAdapters` when the adapter parameters are FSDP shards, else None (whole tensors)."""
     if params and hasattr(params[0], "ds_id"):  # DeepSpeed ZeRO marks the parameters it partitions
         raise NotImplementedError(
             "the adapter parameters are DeepSpeed ZeRO-3 partitions: not supported by adalora_fast's allocator and "
-            "penalty; use DDP, FSDP2 (fully_shard) or FSDP1 (use_orig_params=True), or ZeRO stage 1/2")
+            "penalty; use DDP, FSDP2 (fully_shard) or FSDP1 (use_orig_params=True), or ZeRO stage 1/2"
+        )
     if not params or not (is_dtensor(params[0]) or is_flat_shard(params[0])):
         return None
     if is_flat_shard(params[0]) and all(tuple(p.shape) == s for p, s in zip(params, layout.tensor_shapes)):

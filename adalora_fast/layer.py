@@ -65,8 +65,14 @@ class AdaLoraLayer(nn.Module):
     A subclass sets its shapes through ``__init__``, calls ``update_layer`` and implements
     ``_adapted_forward(x, adapter)`` (and ``_add_to_base_weight`` when its weight is not dense)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, in_features: int, out_features: int,
-                 lora_in_features: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        in_features: int,
+        out_features: int,
+        lora_in_features: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -183,7 +189,8 @@ class AdaLoraLayer(nn.Module):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """B (A*E) * scaling / (ranknum + RANKNUM_EPS) [d, lora_in_features] (subclasses lay it out as their weight)."""
         return (
-            self.lora_B[adapter] @ (self.lora_A[adapter] * self.lora_E[adapter])
+            self.lora_B[adapter]
+            @ (self.lora_A[adapter] * self.lora_E[adapter])
             * self.scaling[adapter]
             / (self.ranknum[adapter] + RANKNUM_EPS)
         )

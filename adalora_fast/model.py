@@ -41,7 +41,9 @@ def _as_step(global_step: Any) -> int:
     """``global_step`` as an int: any integral scalar (int, numpy integer, integral float, 0-d or
     one-element tensor), not a bool, not a float with a fraction, not negative (PEFT takes any of these)."""
     v = global_step
-    bad = ValueError(f"global_step={global_step!r}: must be an integer >= 0 (an int, a numpy integer or a 0-d integer tensor)")
+    bad = ValueError(
+        f"global_step={global_step!r}: must be an integer >= 0 (an int, a numpy integer or a 0-d integer tensor)"
+    )
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
             raise bad
@@ -204,12 +206,15 @@ class AdaLoraModel(nn.Module):
             )
 
     def add_adapter(self, *args, **kwargs):
-        raise NotImplementedError("adalora_fast holds one adapter per model (PEFT's AdaLoRA trains one too); "
-                                  "wrap another copy of the base model instead")
+        raise NotImplementedError(
+            "adalora_fast holds one adapter per model (PEFT's AdaLoRA trains one too); "
+            "wrap another copy of the base model instead"
+        )
 
     def load_adapter(self, *args, **kwargs):
-        raise NotImplementedError("adalora_fast holds one adapter per model: use "
-                                  "AdaLoraModel.from_pretrained(base_model, path) to load one")
+        raise NotImplementedError(
+            "adalora_fast holds one adapter per model: use AdaLoraModel.from_pretrained(base_model, path) to load one"
+        )
 
     def delete_adapter(self, *args, **kwargs):
         raise NotImplementedError("adalora_fast holds one adapter per model: use unload() to remove it")
@@ -341,7 +346,9 @@ class AdaLoraModel(nn.Module):
 
     def _check_adapter_names(self, adapter_names) -> None:
         if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
-            raise ValueError(f"adapter_names={adapter_names!r}: this model holds the one adapter {self.active_adapter!r}")
+            raise ValueError(
+                f"adapter_names={adapter_names!r}: this model holds the one adapter {self.active_adapter!r}"
+            )
 
     def _unload(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         for name, m in self.adapted_layers():
@@ -367,7 +374,9 @@ class AdaLoraModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------ save / load (save_load.py)
     def adapter_state_dict(self) -> dict:
@@ -420,12 +429,16 @@ class AdaLoraModel(nn.Module):
         pruned triplets can come back at later masking steps)."""
         return save_load.allocator_checkpoint(self)
 
-    def load_allocator_checkpoint(self, sd: dict, load_adapters: bool = True, where: str = "allocator checkpoint") -> None:
+    def load_allocator_checkpoint(
+        self, sd: dict, load_adapters: bool = True, where: str = "allocator checkpoint"
+    ) -> None:
         """Restore what ``allocator_checkpoint()`` returned: the full-rank adapters (unless
         ``load_adapters`` is False) and the allocator state."""
         save_load.load_allocator_checkpoint(self, sd, load_adapters, where)
 
 
-def get_peft_model(model: nn.Module, peft_config: Union[AdaLoraConfig, Any], adapter_name: str = "default") -> AdaLoraModel:
+def get_peft_model(
+    model: nn.Module, peft_config: Union[AdaLoraConfig, Any], adapter_name: str = "default"
+) -> AdaLoraModel:
     """Wrap ``model`` with AdaLoRA adapters (takes our config or a ``peft.AdaLoraConfig``)."""
     return AdaLoraModel(model, peft_config, adapter_name)

@@ -124,15 +124,26 @@ def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
 
 # ---------------------------------------------------------------------------------- the layer
 # Reasons a layer runs PEFT's own forward because of its state at this call: expected, no warning.
-_QUIET = ("merged", "adapters disabled", "active adapter not on this layer", "rank 0", "not accelerated",
-          "extra forward arguments")
+_QUIET = (
+    "merged",
+    "adapters disabled",
+    "active adapter not on this layer",
+    "rank 0",
+    "not accelerated",
+    "extra forward arguments",
+)
 
 
 def _base_has_hooks(base: nn.Module) -> bool:
     return bool(
-        base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or base._backward_hooks
+        or base._backward_pre_hooks
         or "forward" in base.__dict__  # accelerate's AlignDevicesHook replaces the instance's forward
-        or _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+        or _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks
         or _m._global_backward_pre_hooks
     )
 
@@ -178,8 +189,7 @@ def fallback_reason(layer: nn.Module, x: Optional[torch.Tensor] = None) -> Optio
         return f"dropout module {type(drop).__name__} (only torch.nn.Dropout and Identity are fused)"
     if not all(_plain(t) for t in (base.weight, base.bias, layer.lora_A[a], layer.lora_E[a], layer.lora_B[a])):
         return "tensor subclasses (FSDP2 DTensors, quantised weights)"
-    if (x is not None and not getattr(layer, "cast_input_dtype_enabled", True)
-            and x.dtype != layer.lora_A[a].dtype):
+    if x is not None and not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != layer.lora_A[a].dtype:
         return "cast_input_dtype_enabled=False with an input dtype other than the adapter's"
     return None
 
@@ -191,9 +201,12 @@ def _svd_linear_forward(self, x, *args, **kwargs):
     why = "extra forward arguments" if (args or kwargs) else fallback_reason(self, x)
     if why is not None:
         if why not in _QUIET:
-            _warn_once("layer:" + why, f"adalora_fast: a PEFT AdaLoRA layer runs PEFT's own forward (same results, "
-                                        f"PEFT's speed): {why}. adalora_fast.peft_patch.explain(model) lists every "
-                                        "layer's reason.")
+            _warn_once(
+                "layer:" + why,
+                f"adalora_fast: a PEFT AdaLoRA layer runs PEFT's own forward (same results, "
+                f"PEFT's speed): {why}. adalora_fast.peft_patch.explain(model) lists every "
+                "layer's reason.",
+            )
         return orig(self, x, *args, **kwargs)
     a = self.active_adapters[0]
     base = self.base_layer
@@ -268,8 +281,9 @@ class _Accelerated:
     def _layers(self) -> list:
         P = _peft_classes()
         a = self.adapter
-        return [(n, m) for n, m in self.tuner.model.named_modules()
-                if isinstance(m, P["AdaLoraLayer"]) and a in m.lora_A]
+        return [
+            (n, m) for n, m in self.tuner.model.named_modules() if isinstance(m, P["AdaLoraLayer"]) and a in m.lora_A
+        ]
 
     def _build(self) -> RankAllocator:
         # PEFT's config object itself: its total_step may be filled later (Trainer max_steps,
@@ -321,11 +335,16 @@ class _Accelerated:
         if self.explicit or self.allocator is None:
             return
         if self.step_unknown and self.next_step is None:
-            _warn_once(f"step:{id(self)}", (
-                "adalora_fast: this PEFT AdaLoRA model was accelerated after its rank schedule had begun, and PEFT "
-                "does not record the step it reached, so the automatic schedule does not run: pass "
-                "adalora_fast.accelerate(model, next_step=N), train it with the HF Trainer (its global_step is "
-                "used), or call model.base_model.update_and_allocate(step) yourself"), stacklevel=4)
+            _warn_once(
+                f"step:{id(self)}",
+                (
+                    "adalora_fast: this PEFT AdaLoRA model was accelerated after its rank schedule had begun, and PEFT "
+                    "does not record the step it reached, so the automatic schedule does not run: pass "
+                    "adalora_fast.accelerate(model, next_step=N), train it with the HF Trainer (its global_step is "
+                    "used), or call model.base_model.update_and_allocate(step) yourself"
+                ),
+                stacklevel=4,
+            )
             return
         step = self.first_step()
         self.next_step = step + 1

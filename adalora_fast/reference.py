@@ -46,7 +46,12 @@ def adapter_linear(
 
 
 def importance_update(
-    p: torch.Tensor, grad: torch.Tensor, exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor, beta1: float, beta2: float
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_ipt: torch.Tensor,
+    exp_avg_unc: torch.Tensor,
+    beta1: float,
+    beta2: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``RankAllocator.update_ipt`` for one parameter: returns the new (exp_avg_ipt, exp_avg_unc)
     and how many elements were skipped.

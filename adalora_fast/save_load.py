@@ -39,8 +39,16 @@ from torch import nn
 from . import distributed
 from .allocator import RankAllocator
 from .config import CONFIG_NAME, AdaLoraConfig, as_config
-from .fileio import (CheckpointError, atomic_write_files, read_bytes, read_safetensors, read_safetensors_metadata,
-                     read_torch, remove, sha256)
+from .fileio import (
+    CheckpointError,
+    atomic_write_files,
+    read_bytes,
+    read_safetensors,
+    read_safetensors_metadata,
+    read_torch,
+    remove,
+    sha256,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -205,7 +213,11 @@ def read_allocator_state(state_path: str) -> tuple[dict, dict]:
 
 
 def from_pretrained(
-    cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+    cls,
+    model: nn.Module,
+    model_id: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
     config: Optional[Any] = None,
 ):
     """``AdaLoraModel.from_pretrained``: ``cls`` wraps ``model``, then takes the adapter saved in
@@ -235,7 +247,9 @@ def from_pretrained(
             if sum(keep) != len(keep):
                 layers[mod].resize(adapter_name, torch.tensor(keep, dtype=torch.bool))
         config.rank_pattern = pattern
-    where = f"{adapter_path} (with init_r={config.init_r}" + (f" and the rank_pattern of {config_path})" if pattern else ")")
+    where = f"{adapter_path} (with init_r={config.init_r}" + (
+        f" and the rank_pattern of {config_path})" if pattern else ")"
+    )
     _load_adapter_file(self, tensors, where, layers, adapter_name, with_lora=not resume)
     if is_trainable and not resume:
         self.rankallocator = RankAllocator(config, self.adapted_layers(), adapter_name)
@@ -274,8 +288,10 @@ def _check_rank_pattern(pattern: dict, layers: dict, adapter_name: str, config, 
     for key, keep in pattern.items():
         mod = re.sub(rf"\.lora_E(\.{re.escape(adapter_name)})?$", "", key)
         if mod not in layers:
-            raise CheckpointError(f"{config_path}: rank_pattern names {key!r}, but {mod!r} is not an adapted module "
-                                  "of this model (target_modules and the model must be those of the save)")
+            raise CheckpointError(
+                f"{config_path}: rank_pattern names {key!r}, but {mod!r} is not an adapted module "
+                "of this model (target_modules and the model must be those of the save)"
+            )
         r = layers[mod].r[adapter_name]
         if len(keep) != r:
             raise CheckpointError(
@@ -286,8 +302,9 @@ def _check_rank_pattern(pattern: dict, layers: dict, adapter_name: str, config, 
     return out
 
 
-def _check_state_belongs(model, sd: dict, meta: dict, state_path: str, adapter_path: str, adapter_bytes: bytes,
-                         tensors: dict) -> None:
+def _check_state_belongs(
+    model, sd: dict, meta: dict, state_path: str, adapter_path: str, adapter_bytes: bytes, tensors: dict
+) -> None:
     """Refuse a state file saved with another adapter file than the one beside it."""
     rec = meta.get("adapter_sha256")
     if rec is not None:

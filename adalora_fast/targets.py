@@ -133,7 +133,6 @@ def find_targets(model: nn.Module, config: AdaLoraConfig) -> list:
     if not targets:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of the model that can be adapted; "
-            "such modules are, for example: "
-            + ", ".join([n for n, m in model.named_modules() if is_adaptable(m)][:8])
+            "such modules are, for example: " + ", ".join([n for n, m in model.named_modules() if is_adaptable(m)][:8])
         )
     return targets

@@ -29,14 +29,20 @@ def main(argv=None) -> int:
 
         return finetune_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer cases, the same rounds and warm-ups (CI)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smaller sizes, fewer cases, the same rounds and warm-ups (CI)"
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table to stderr)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="output folder")
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="output folder"
+    )
     ap.add_argument("--no-files", action="store_true", help="write no CSV/PNG")
     ap.add_argument("--only", default=None, help="comma list of sections: layer,alloc,step,quant4,final,memory,host")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (>= 5 recommended)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core this process may use)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: every core this process may use)"
+    )
     args = ap.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -60,7 +66,9 @@ def main(argv=None) -> int:
     log = sys.stderr if args.json else sys.stdout
 
     rows, curve = [], []
-    bar = tqdm(total=cases.count_ticks(plan), desc=f"bench {plan.name} on {info['device']}", file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=cases.count_ticks(plan), desc=f"bench {plan.name} on {info['device']}", file=sys.stderr, leave=False
+    )
 
     def tick():
         bar.update(1)
@@ -90,9 +98,19 @@ def main(argv=None) -> int:
 
         rows += host_path.bench_rows(repeats=plan.repeats if args.quick else max(plan.repeats, 15))
     bar.close()
-    order = {"layer": 0, "update_and_allocate": 1, "orth_penalty": 2, "train step": 3, "train step (bf16 base)": 4,
-             "train step (autocast bf16)": 5, "train step (4-bit base)": 5.5, "train step (compiled)": 6, "compile": 7,
-             "final phase": 8, "memory": 9}
+    order = {
+        "layer": 0,
+        "update_and_allocate": 1,
+        "orth_penalty": 2,
+        "train step": 3,
+        "train step (bf16 base)": 4,
+        "train step (autocast bf16)": 5,
+        "train step (4-bit base)": 5.5,
+        "train step (compiled)": 6,
+        "compile": 7,
+        "final phase": 8,
+        "memory": 9,
+    }
     rows.sort(key=lambda r: order.get(r["section"], 10))
 
     elapsed = time.perf_counter() - t_start
@@ -116,7 +134,9 @@ def main(argv=None) -> int:
         step_compiled_model=plan.compiled_shape.describe() if plan.compiled_shape is not None else None,
         step_4bit_model=(
             f"{plan.quant4_shape.describe()}, dropout {'/'.join(f'{p:g}' for p in plan.quant4_dropouts)}; every "
-            "projection a bitsandbytes Linear4bit (NF4), the adapters fp32" if plan.quant4_shape is not None else None
+            "projection a bitsandbytes Linear4bit (NF4), the adapters fp32"
+            if plan.quant4_shape is not None
+            else None
         ),
         step_base="the same model without adapters: weights frozen, embeddings' output requires grad "
         "(backward runs through every layer to it); ours/base etc. = step time / base step time",
@@ -144,8 +164,12 @@ def main(argv=None) -> int:
         meta["warning"] = busy
 
     text = []
-    text.append(f"adalora_fast bench ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
-                f"backend={info['backend']}" + (f" (C++ CPU ext: {info['cpu_ext']})" if "cpu_ext" in info else "") + f", torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}")
+    text.append(
+        f"adalora_fast bench ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
+        f"backend={info['backend']}"
+        + (f" (C++ CPU ext: {info['cpu_ext']})" if "cpu_ext" in info else "")
+        + f", torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}"
+    )
     text.append(f"threads          : {info['threads']} torch threads, {os.cpu_count()} CPUs")
     if "loadavg_1min" in meta:
         text.append(f"load avg (1 min) : {meta['loadavg_1min']}")
@@ -175,8 +199,14 @@ def main(argv=None) -> int:
         if curve or any(r["section"].startswith("train step") for r in rows):
             load = f", load average {meta['loadavg_1min']}" if "loadavg_1min" in meta else ""
             try:
-                report.plot(rows, curve, png_path, f"adalora_fast vs PEFT on {info['device_name']} ({info['threads']} threads{load}), "
-                            f"{date}, {plan.name} plan, {plan.repeats} rounds", warning=busy and f"WARNING: {busy}")
+                report.plot(
+                    rows,
+                    curve,
+                    png_path,
+                    f"adalora_fast vs PEFT on {info['device_name']} ({info['threads']} threads{load}), "
+                    f"{date}, {plan.name} plan, {plan.repeats} rounds",
+                    warning=busy and f"WARNING: {busy}",
+                )
                 files["png"] = png_path
             except Exception as exc:  # a plot failure must not lose the figures
                 text.append(f"(plot not written: {exc})")
@@ -184,7 +214,9 @@ def main(argv=None) -> int:
     text.append(f"done in {elapsed:.0f} s" + (f"; wrote {', '.join(files.values())}" if files else ""))
     print("\n".join(text), file=log)
     if args.json:
-        json.dump({"meta": meta, "rows": rows, "allocator_curve": curve, "targets": ts, "files": files}, sys.stdout, indent=1)
+        json.dump(
+            {"meta": meta, "rows": rows, "allocator_curve": curve, "targets": ts, "files": files}, sys.stdout, indent=1
+        )
         sys.stdout.write("\n")
     return 0
 

@@ -98,8 +98,11 @@ _H1024 = {"hidden": 1024, "intermediate": 2752, "heads": 8}
 _H512 = {"hidden": 512, "intermediate": 1376, "heads": 4}
 # the final phase at the GLUE-like prunings of the paper (12 -> 3, 12 -> 8): a small vocabulary, so that
 # the LM head does not drown the adapters' share of the step
-_FINAL = tuple(FinalSize(LlamaShape(layers=2, vocab=1024, seq=128, batch=b, **h), 12, t, dropouts=(0.1, 0.0), inner=n)
-               for h, b, n in ((_H512, 4, 4), (_H1024, 2, 2)) for t in (3, 8))
+_FINAL = tuple(
+    FinalSize(LlamaShape(layers=2, vocab=1024, seq=128, batch=b, **h), 12, t, dropouts=(0.1, 0.0), inner=n)
+    for h, b, n in ((_H512, 4, 4), (_H1024, 2, 2))
+    for t in (3, 8)
+)
 
 DEFAULT = Plan(
     name="default",
@@ -136,7 +139,9 @@ QUICK = Plan(
     alloc_counts=(7, 56, 224),
     alloc_shape=LlamaShape(hidden=128, layers=0, intermediate=344, heads=2),
     step_sizes=(
-        StepSize(LlamaShape(hidden=64, layers=2, intermediate=172, heads=2, vocab=1024, seq=64, batch=2), dropouts=(0.1,)),
+        StepSize(
+            LlamaShape(hidden=64, layers=2, intermediate=172, heads=2, vocab=1024, seq=64, batch=2), dropouts=(0.1,)
+        ),
         StepSize(LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128)),
     ),
     step_shape=LlamaShape(layers=2, vocab=1024, seq=64, batch=2, **_H128),
@@ -247,21 +252,25 @@ def layer_cases(plan: Plan, device, tick) -> list:
     for k, d in plan.layer_shapes:
         for p in plan.dropouts:
             dt = plan.layer_dtype
-            layers = {kind: _one_layer(kind, k, d, plan.r, p, device, dtype=dt)
-                      for kind in ("ours", "peft_adalora", "peft_lora")}
+            layers = {
+                kind: _one_layer(kind, k, d, plan.r, p, device, dtype=dt)
+                for kind in ("ours", "peft_adalora", "peft_lora")
+            }
             torch.manual_seed(1)
             x = torch.randn(N, k, device=device, dtype=dt, requires_grad=True)
             g = torch.randn(N, d, device=device, dtype=dt)
             case = f"N={N} k={k} d={d} r={plan.r} p={p}" + (f" {str(dt)[6:]}" if dt is not None else "")
 
-            def fwd(layer):
+            def fwd(layer, x=x):
                 return lambda: layer(x)
 
-            def fwd_bwd(layer):
+            def fwd_bwd(layer, x=x, g=g):
                 return layer_fwd_bwd(layer, x, g)
 
             for metric, make in (("forward", fwd), ("forward+backward", fwd_bwd)):
-                t = alternate({n: make(m) for n, m in layers.items()}, device, plan.repeats, plan.warmup, plan.min_sample_s)
+                t = alternate(
+                    {n: make(m) for n, m in layers.items()}, device, plan.repeats, plan.warmup, plan.min_sample_s
+                )
                 rows.append(_row("layer", case, metric, "ms", {n: t.median(n) * 1e3 for n in layers}, t))
                 tick()
             del layers, x, g
@@ -285,7 +294,9 @@ def layer_memory_cases(plan: Plan, device, tick) -> list:
                 vals[kind] = c["bytes"]
                 del out, layer
             case = f"{name} N={N} k={k} d={d} r={plan.r} p={p}"
-            rows.append(_row("memory", case, "saved for backward / layer", "KiB", {n: v / 1024 for n, v in vals.items()}))
+            rows.append(
+                _row("memory", case, "saved for backward / layer", "KiB", {n: v / 1024 for n, v in vals.items()})
+            )
             if p > 0 and device.type == "cpu":
                 # PEFT LoRA with its dropout copy of x taken out: the target for ours at p > 0. CPU only:
                 # on CUDA PEFT LoRA at p = 0.1 saves just 1 byte per element more than at p = 0 (the
@@ -293,7 +304,10 @@ def layer_memory_cases(plan: Plan, device, tick) -> list:
                 x_copy = N * k * 4
                 rows.append(
                     _row(
-                        "memory", case, "PEFT LoRA minus dropout copy", "KiB",
+                        "memory",
+                        case,
+                        "PEFT LoRA minus dropout copy",
+                        "KiB",
                         {"ours": vals["ours"] / 1024, "peft_lora": (vals["peft_lora"] - x_copy) / 1024},
                     )
                 )
@@ -340,7 +354,9 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
     s = plan.alloc_shape
     flusher = cache_flusher(device)
     for n in plan.alloc_counts:
-        shape = LlamaShape(hidden=s.hidden, layers=math.ceil(n / 7), intermediate=s.intermediate, heads=s.heads, vocab=256)
+        shape = LlamaShape(
+            hidden=s.hidden, layers=math.ceil(n / 7), intermediate=s.intermediate, heads=s.heads, vocab=256
+        )
         targets = PROJECTIONS if n % 7 == 0 else projection_names(n)
         models = {}
         for kind in ("ours", "peft_adalora"):
@@ -357,6 +373,7 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
         def in_training_order(kind):
             flusher()
             opts[kind].step()
+
         n_ours = len(models["ours"][0].rankallocator.layout.ranks)
         assert n_ours == n, (n_ours, n)
         case = f"{n} layers (hidden={s.hidden}, inter={s.intermediate}, r={plan.r})"
@@ -371,7 +388,9 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
             vals = {k: t.median(k) * 1e3 for k in fns}
             label_c = label + (", in training order" if before else "")
             rows.append(_row("update_and_allocate", case, label_c, "ms", vals, t))
-            rows.append(_row("update_and_allocate", case, label_c + " / layer", "us", {k: v * 1e3 / n for k, v in vals.items()}))
+            rows.append(
+                _row("update_and_allocate", case, label_c + " / layer", "us", {k: v * 1e3 / n for k, v in vals.items()})
+            )
             key = ("mask" if step == MASK_STEP else "nomask") + ("_cold" if before else "")
             for who, kind in (("ours", "ours"), ("peft", "peft_adalora")):
                 point[f"{who}_{key}_ms"] = vals[kind]
@@ -381,14 +400,17 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
 
         if n > plan.orth_max_layers:
             tick()
-            vals = {"ours": _state_bytes_ours(models["ours"][0]) / 1024, "peft_adalora": _state_bytes_peft(models["peft_adalora"][0]) / 1024}
+            vals = {
+                "ours": _state_bytes_ours(models["ours"][0]) / 1024,
+                "peft_adalora": _state_bytes_peft(models["peft_adalora"][0]) / 1024,
+            }
             rows.append(_row("memory", case, "allocator state", "KiB", vals))
             curve.append(point)
             del models
             _free()
             continue
 
-        def orth(kind):
+        def orth(kind, models=models):
             m, _, ps = models[kind]
             pen = (lambda: m.orth_penalty()) if kind == "ours" else (lambda: _peft_orth_penalty(m))
 
@@ -402,12 +424,18 @@ def allocator_cases(plan: Plan, device, tick) -> tuple:
         rows.append(_row("orth_penalty", case, "forward+backward", "ms", vals, t))
         for who, kind in (("ours", "ours"), ("peft", "peft_adalora")):
             point[f"{who}_orth_ms"] = vals[kind]
-            point[f"{who}_orth_lo_ms"], point[f"{who}_orth_hi_ms"] = min(t.samples[kind]) * 1e3, max(t.samples[kind]) * 1e3
+            point[f"{who}_orth_lo_ms"], point[f"{who}_orth_hi_ms"] = (
+                min(t.samples[kind]) * 1e3,
+                max(t.samples[kind]) * 1e3,
+            )
         # the check that both compute the same number
         with torch.no_grad():
             a, b = float(models["ours"][0].orth_penalty()), float(_peft_orth_penalty(models["peft_adalora"][0]))
         point["orth_agree"] = math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
-        vals = {"ours": _state_bytes_ours(models["ours"][0]) / 1024, "peft_adalora": _state_bytes_peft(models["peft_adalora"][0]) / 1024}
+        vals = {
+            "ours": _state_bytes_ours(models["ours"][0]) / 1024,
+            "peft_adalora": _state_bytes_peft(models["peft_adalora"][0]) / 1024,
+        }
         rows.append(_row("memory", case, "allocator state", "KiB", vals))
         tick()
         curve.append(point)
@@ -439,8 +467,19 @@ def _step_numbers(inner: int, deltaT: int = 10):
         yield n
 
 
-def _step_fn(kind, shape: LlamaShape, plan: Plan, device, p, ids, inner: int, compiled=False, dtype=None, autocast=False,
-             quant4=False):
+def _step_fn(
+    kind,
+    shape: LlamaShape,
+    plan: Plan,
+    device,
+    p,
+    ids,
+    inner: int,
+    compiled=False,
+    dtype=None,
+    autocast=False,
+    quant4=False,
+):
     """One training step of contender ``kind`` as closures over one model: ``(step, parts, model)``.
 
     ``step()``: forward (through ``torch.compile`` when ``compiled``; under
@@ -545,8 +584,21 @@ def _share_rows(section, case, parts, plan: Plan, inner: int, device, meta: dict
     return rows
 
 
-def _step_rows(section, shape: LlamaShape, plan: Plan, device, p, inner: int, tick, share=False, memory=True,
-               dtype=None, autocast=False, variant="fp32", quant4=False) -> list:
+def _step_rows(
+    section,
+    shape: LlamaShape,
+    plan: Plan,
+    device,
+    p,
+    inner: int,
+    tick,
+    share=False,
+    memory=True,
+    dtype=None,
+    autocast=False,
+    variant="fp32",
+    quant4=False,
+) -> list:
     """One alternation of the four contenders' training steps (base, ours, PEFT AdaLoRA, PEFT
     LoRA): step time and throughput rows, then our penalty + update_and_allocate share (``share``)
     and the activation memory of one forward (``memory``)."""
@@ -554,15 +606,25 @@ def _step_rows(section, shape: LlamaShape, plan: Plan, device, p, inner: int, ti
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     fns, parts, models = {}, {}, {}
     for kind in STEP_CONTENDERS:
-        fns[kind], parts[kind], models[kind] = _step_fn(kind, shape, plan, device, p, ids, inner, dtype=dtype,
-                                                        autocast=autocast, quant4=quant4)
+        fns[kind], parts[kind], models[kind] = _step_fn(
+            kind, shape, plan, device, p, ids, inner, dtype=dtype, autocast=autocast, quant4=quant4
+        )
     t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=inner, tick=tick)
     case = _step_case(shape, plan.r, p)
     meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": variant}
     med = {k: t.median(k) for k in fns}
     rows = [
         _row(section, case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
-        _row(section, case, "throughput", "tok/s", {k: shape.tokens / v for k, v in med.items()}, t, higher_is_better=True, **meta),
+        _row(
+            section,
+            case,
+            "throughput",
+            "tok/s",
+            {k: shape.tokens / v for k, v in med.items()},
+            t,
+            higher_is_better=True,
+            **meta,
+        ),
     ]
     if share:
         rows += _share_rows(section, case, parts["ours"], plan, inner, device, meta)
@@ -590,10 +652,30 @@ def step_cases(plan: Plan, device, tick) -> list:
         for j, p in enumerate(size.dropouts):
             rows += _step_rows("train step", size.shape, plan, device, p, size.inner, tick, share=size.share and j == 0)
     for p in plan.dtype_dropouts:
-        rows += _step_rows("train step (bf16 base)", plan.step_shape, plan, device, p, plan.dtype_inner, tick,
-                           memory=False, dtype=torch.bfloat16, variant="bf16 base")
-        rows += _step_rows("train step (autocast bf16)", plan.step_shape, plan, device, p, plan.dtype_inner, tick,
-                           memory=False, autocast=True, variant="autocast")
+        rows += _step_rows(
+            "train step (bf16 base)",
+            plan.step_shape,
+            plan,
+            device,
+            p,
+            plan.dtype_inner,
+            tick,
+            memory=False,
+            dtype=torch.bfloat16,
+            variant="bf16 base",
+        )
+        rows += _step_rows(
+            "train step (autocast bf16)",
+            plan.step_shape,
+            plan,
+            device,
+            p,
+            plan.dtype_inner,
+            tick,
+            memory=False,
+            autocast=True,
+            variant="autocast",
+        )
     if plan.compiled_shape is not None:
         for p in plan.compiled_dropouts:
             rows += _compiled_step_rows(plan, device, p, tick)
@@ -622,10 +704,24 @@ def _compiled_step_rows(plan: Plan, device, p, tick) -> list:
     meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": "compiled"}
     rows = [
         _row("train step (compiled)", case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
-        _row("train step (compiled)", case, "throughput", "tok/s", {k: shape.tokens / v for k, v in med.items()},
-             t, higher_is_better=True, **meta),
-        _row("compile", case, "compile time (first 2 steps - 2 steps)", "s",
-             {k: max(0.0, first[k] - 2 * med[k]) for k in fns}, **meta),
+        _row(
+            "train step (compiled)",
+            case,
+            "throughput",
+            "tok/s",
+            {k: shape.tokens / v for k, v in med.items()},
+            t,
+            higher_is_better=True,
+            **meta,
+        ),
+        _row(
+            "compile",
+            case,
+            "compile time (first 2 steps - 2 steps)",
+            "s",
+            {k: max(0.0, first[k] - 2 * med[k]) for k in fns},
+            **meta,
+        ),
     ]
     del fns
     torch._dynamo.reset()
@@ -644,8 +740,14 @@ def quantize_4bit(model, device) -> None:
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in PROJECTIONS:
-            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute,
-                                  quant_type="nf4", device="cpu")
+            q = bnb.nn.Linear4bit(
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                compute_dtype=compute,
+                quant_type="nf4",
+                device="cpu",
+            )
             q.weight = bnb.nn.Params4bit(m.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
             if m.bias is not None:
                 q.bias = nn.Parameter(m.bias.data.to("cpu"), requires_grad=False)
@@ -661,8 +763,18 @@ def quant4_cases(plan: Plan, device, tick) -> list:
         return []
     rows = []
     for p in plan.quant4_dropouts:
-        rows += _step_rows("train step (4-bit base)", plan.quant4_shape, plan, device, p, plan.dtype_inner, tick,
-                           memory=False, variant="4-bit base", quant4=True)
+        rows += _step_rows(
+            "train step (4-bit base)",
+            plan.quant4_shape,
+            plan,
+            device,
+            p,
+            plan.dtype_inner,
+            tick,
+            memory=False,
+            variant="4-bit base",
+            quant4=True,
+        )
     return rows
 
 
@@ -688,8 +800,17 @@ def _final_phase_models(size: FinalSize, device, p):
     base = llama(size.shape, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = af.get_peft_model(base, af.AdaLoraConfig(init_r=size.init_r, target_r=size.target_r, lora_alpha=32,
-                                                      lora_dropout=p, target_modules=PROJECTIONS, **sk))
+        m = af.get_peft_model(
+            base,
+            af.AdaLoraConfig(
+                init_r=size.init_r,
+                target_r=size.target_r,
+                lora_alpha=32,
+                lora_dropout=p,
+                target_modules=PROJECTIONS,
+                **sk,
+            ),
+        )
     m.train()
     opt = torch.optim.AdamW(adapter_params(m), lr=1e-4)
     torch.manual_seed(4)
@@ -729,32 +850,71 @@ def final_phase_cases(plan: Plan, device, tick) -> list:
                         opt.step()
                         m.update_and_allocate(next(counter))
                         opt.zero_grad()
+
                 return step
 
-            fns = {"uncompacted": stepper(mu, ou, itertools.count(first)),
-                   "compacted": stepper(mc, oc, itertools.count(first)), "base": stepper(base, None, None)}
+            fns = {
+                "uncompacted": stepper(mu, ou, itertools.count(first)),
+                "compacted": stepper(mc, oc, itertools.count(first)),
+                "base": stepper(base, None, None),
+            }
             t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=size.inner, tick=tick)
             med = {k: t.median(k) for k in fns}
             layers = mc.adapted_layers()
             kept, n_mod = sum(m.r["default"] for _, m in layers), len(layers)
-            case = (f"hidden={shape.hidden}, {shape.layers} layers x 7 proj, {shape.batch}x{shape.seq} tokens, "
-                    f"r={size.init_r}->{size.target_r} (kept {kept} of {size.init_r * n_mod}), p={p}")
-            meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "init_r": size.init_r,
-                    "target_r": size.target_r, "kept_fraction": kept / (size.init_r * n_mod)}
+            case = (
+                f"hidden={shape.hidden}, {shape.layers} layers x 7 proj, {shape.batch}x{shape.seq} tokens, "
+                f"r={size.init_r}->{size.target_r} (kept {kept} of {size.init_r * n_mod}), p={p}"
+            )
+            meta = {
+                "hidden": shape.hidden,
+                "layers": shape.layers,
+                "p": p,
+                "init_r": size.init_r,
+                "target_r": size.target_r,
+                "kept_fraction": kept / (size.init_r * n_mod),
+            }
             for key, label in (("uncompacted", "step time, uncompacted"), ("compacted", "step time, compacted")):
                 tk = Timing(samples={"ours": t.samples[key], "base": t.samples["base"]})
-                rows.append(_row("final phase", case, label, "ms", {"ours": med[key] * 1e3, "base": med["base"] * 1e3},
-                                 tk, **meta))
+                rows.append(
+                    _row(
+                        "final phase",
+                        case,
+                        label,
+                        "ms",
+                        {"ours": med[key] * 1e3, "base": med["base"] * 1e3},
+                        tk,
+                        **meta,
+                    )
+                )
             # the overhead from the medians, and from each contender's best round (on a busy machine
             # the best round is the better estimate of the uncontended time; the target reads it)
             goal = meta["kept_fraction"] + 0.10
             for how, v in (("medians", med), ("best rounds", {k: min(t.samples[k]) for k in fns})):
                 over_u, over_c = v["uncompacted"] - v["base"], v["compacted"] - v["base"]
-                rows.append(_row("final phase", case, f"adapter overhead over base, compacted / uncompacted ({how})",
-                                 "x", {"ours": over_c / over_u if over_u > 0 else None}, goal=goal, how=how, **meta))
+                rows.append(
+                    _row(
+                        "final phase",
+                        case,
+                        f"adapter overhead over base, compacted / uncompacted ({how})",
+                        "x",
+                        {"ours": over_c / over_u if over_u > 0 else None},
+                        goal=goal,
+                        how=how,
+                        **meta,
+                    )
+                )
             for key, (m, opt) in (("uncompacted", (mu, ou)), ("compacted", (mc, oc))):
-                rows.append(_row("final phase", case, f"trainable params + AdamW state, {key}", "MiB",
-                                 {"ours": _trainable_and_adamw_bytes(m, opt) / 2**20}, **meta))
+                rows.append(
+                    _row(
+                        "final phase",
+                        case,
+                        f"trainable params + AdamW state, {key}",
+                        "MiB",
+                        {"ours": _trainable_and_adamw_bytes(m, opt) / 2**20},
+                        **meta,
+                    )
+                )
             del fns, mu, mc, ou, oc, base
             _free()
     return rows

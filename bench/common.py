@@ -301,8 +301,12 @@ def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha:
             import adalora_fast as af
 
             cfg = af.AdaLoraConfig(
-                init_r=r, target_r=max(1, (2 * r) // 3), lora_alpha=lora_alpha, lora_dropout=dropout,
-                target_modules=targets, **schedule_kwargs(),
+                init_r=r,
+                target_r=max(1, (2 * r) // 3),
+                lora_alpha=lora_alpha,
+                lora_dropout=dropout,
+                target_modules=targets,
+                **schedule_kwargs(),
             )
             m = af.get_peft_model(base, cfg)
             return m, m.update_and_allocate
@@ -311,8 +315,13 @@ def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha:
         task = {"task_type": "CAUSAL_LM"} if causal_lm else {}
         if kind == "peft_adalora":
             cfg = peft.AdaLoraConfig(
-                init_r=r, target_r=max(1, (2 * r) // 3), lora_alpha=lora_alpha, lora_dropout=dropout,
-                target_modules=targets, **schedule_kwargs(), **task,
+                init_r=r,
+                target_r=max(1, (2 * r) // 3),
+                lora_alpha=lora_alpha,
+                lora_dropout=dropout,
+                target_modules=targets,
+                **schedule_kwargs(),
+                **task,
             )
             m = peft.get_peft_model(base, cfg)
             return m, m.base_model.update_and_allocate

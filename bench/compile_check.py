@@ -98,8 +98,11 @@ def sass_stats(sass: str) -> dict:
     (CTA scope, reported separately).
     """
     insns = parse_sass(sass)
-    loops = [(_target(rest), a) for a, op, rest in insns
-             if op.startswith("BRA") and _target(rest) is not None and _target(rest) < a]
+    loops = [
+        (_target(rest), a)
+        for a, op, rest in insns
+        if op.startswith("BRA") and _target(rest) is not None and _target(rest) < a
+    ]
 
     def in_loop(addr):
         return any(t <= addr <= a for t, a in loops)
@@ -130,12 +133,17 @@ def sass_stats(sass: str) -> dict:
         "insns": len(real),
         "loop_insns": len(body),
         "n_loops": len(loops),
-        "membar_gpu": count(is_dev_membar), "membar_gpu_loop": count(is_dev_membar, in_loop),
-        "membar_cta": count(is_cta_membar), "membar_cta_loop": count(is_cta_membar, in_loop),
-        "errbar": count(lambda op: op == "ERRBAR"), "cctl": count(lambda op: op.startswith("CCTL")),
-        "atomics": count(is_atomic), "atomics_loop": count(is_atomic, in_loop),
+        "membar_gpu": count(is_dev_membar),
+        "membar_gpu_loop": count(is_dev_membar, in_loop),
+        "membar_cta": count(is_cta_membar),
+        "membar_cta_loop": count(is_cta_membar, in_loop),
+        "errbar": count(lambda op: op == "ERRBAR"),
+        "cctl": count(lambda op: op.startswith("CCTL")),
+        "atomics": count(is_atomic),
+        "atomics_loop": count(is_atomic, in_loop),
         "atomic_ops": sorted({op for _, op, _ in insns if is_atomic(op)}),
-        "loads": loads, "loop_loads": loop_loads,
+        "loads": loads,
+        "loop_loads": loop_loads,
     }
 
 
@@ -162,8 +170,9 @@ def _compile_one(job):
         f.write(ck.asm["cubin"])
         path = f.name
     try:
-        sass = subprocess.run([CUOBJDUMP, "--dump-resource-usage", "--dump-sass", path], capture_output=True,
-                              text=True, check=True).stdout
+        sass = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", "--dump-sass", path], capture_output=True, text=True, check=True
+        ).stdout
         res = sass
     finally:
         os.unlink(path)
@@ -172,11 +181,20 @@ def _compile_one(job):
         raise RuntimeError(f"cannot parse cuobjdump resource usage for {name} sm_{arch}:\n{res}")
     reg, stack, shared, local = (int(v) for v in m.groups())
     return {
-        "name": name, "kernel": fn.__name__, "arch": arch, "num_warps": num_warps,
-        "num_stages": opts.get("num_stages"), "aligned": aligned,
-        "registers": reg, "stack": stack, "local": local, "static_shared": shared,
-        "dyn_shared": int(ck.metadata.shared), "smem_limit": SMEM_LIMIT[arch],
-        "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),
+        "name": name,
+        "kernel": fn.__name__,
+        "arch": arch,
+        "num_warps": num_warps,
+        "num_stages": opts.get("num_stages"),
+        "aligned": aligned,
+        "registers": reg,
+        "stack": stack,
+        "local": local,
+        "static_shared": shared,
+        "dyn_shared": int(ck.metadata.shared),
+        "smem_limit": SMEM_LIMIT[arch],
+        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "hmma": len(re.findall(r"\bHMMA\.", sass)),
         "matmul": "tl.dot" in fn.src or "tl.dot(" in fn.src,
         **sass_stats(sass),
     }
@@ -187,15 +205,21 @@ def _widths(loads: dict) -> str:
 
 
 def table(results) -> str:
-    lines = [("| config | arch | regs | spill B | smem B | HGMMA | HMMA | MEMBAR.GPU (loop) | atomics | "
-              "SASS insns (per tile) | global loads in the tile loop |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| config | arch | regs | spill B | smem B | HGMMA | HMMA | MEMBAR.GPU (loop) | atomics | "
+            "SASS insns (per tile) | global loads in the tile loop |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
         per_tile = r["loop_insns"] or r["insns"]
-        lines.append(f"| {r['name']} | sm_{r['arch']} | {r['registers']} | {r['local']} | "
-                     f"{r['static_shared'] + r['dyn_shared']} | {r['hgmma']} | {r['hmma']} | "
-                     f"{r['membar_gpu']} ({r['membar_gpu_loop']}) | {' '.join(r['atomic_ops']) or '-'} | "
-                     f"{r['insns']} ({per_tile}) | {_widths(r['loop_loads'] if r['loop_insns'] else r['loads'])} |")
+        lines.append(
+            f"| {r['name']} | sm_{r['arch']} | {r['registers']} | {r['local']} | "
+            f"{r['static_shared'] + r['dyn_shared']} | {r['hgmma']} | {r['hmma']} | "
+            f"{r['membar_gpu']} ({r['membar_gpu_loop']}) | {' '.join(r['atomic_ops']) or '-'} | "
+            f"{r['insns']} ({per_tile}) | {_widths(r['loop_loads'] if r['loop_insns'] else r['loads'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -207,14 +231,21 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("bench.compile_check must run without TRITON_INTERPRET=1 (the interpreter's @triton.jit "
-                         "functions cannot be compiled)")
+        raise SystemExit(
+            "bench.compile_check must run without TRITON_INTERPRET=1 (the interpreter's @triton.jit "
+            "functions cannot be compiled)"
+        )
     for tool in (CUOBJDUMP, PTXAS):
         if not os.access(tool, os.X_OK):
             raise SystemExit(f"missing {tool}: Triton's wheel must ship ptxas and cuobjdump for this check")
     vs = variants()
-    jobs = [(i, a, al) for i, v in enumerate(vs) for a in ARCHS for al in (True, False)
-            if (al or unaligned_too(v)) and (not args.only or args.only in v[0])]
+    jobs = [
+        (i, a, al)
+        for i, v in enumerate(vs)
+        for a in ARCHS
+        for al in (True, False)
+        if (al or unaligned_too(v)) and (not args.only or args.only in v[0])
+    ]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as ex:
             results = list(ex.map(_compile_one, jobs))

@@ -45,10 +45,18 @@ def ours(k, d):
         ("fwd", "_expand_add_kernel: out += (t⊙e) Bᵀ", 2 * H * N * d + 4 * N * R + H * d * R, 2 * N * d * RP),
         ("bwd", "dx = g W (cuBLAS)", H * (N * d + d * k + N * k), 2 * N * k * d),
         ("bwd", "memset fp32 dA/dB/dE accumulator", 4 * (R * k + d * R + R), 0),
-        ("bwd", "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
-         H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R, 4 * N * d * RP),
-        ("bwd", "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
-         H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 64) * R * k, 4 * N * k * RP),
+        (
+            "bwd",
+            "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
+            H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R,
+            4 * N * d * RP,
+        ),
+        (
+            "bwd",
+            "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
+            H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 64) * R * k,
+            4 * N * k * RP,
+        ),
         ("bwd", "cast accumulator to bf16", 6 * (R * k + d * R + R), 0),
     ]
 
@@ -91,15 +99,23 @@ def sass_counts(path=None) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "sass.json")
-            subprocess.run([sys.executable, "-m", "bench.compile_check", "--only", SASS_CONFIG, "--json", path],
-                           cwd=root, env=env, check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "bench.compile_check", "--only", SASS_CONFIG, "--json", path],
+                cwd=root,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             with open(path) as f:
                 results = json.load(f)
     else:
         with open(path) as f:
             results = json.load(f)
-    return {r["kernel"]: r for r in results
-            if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{SASS_CONFIG}]")}
+    return {
+        r["kernel"]: r
+        for r in results
+        if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{SASS_CONFIG}]")
+    }
 
 
 def launch_shape(kernel: str, k: int, d: int):
@@ -125,8 +141,10 @@ KERNEL_ROWS = {"_shrink_kernel": 1, "_expand_add_kernel": 2, "_grad_rank_kernel"
 
 def kernel_table(counts: dict):
     """Markdown: per shape and kernel the bandwidth bound (90 % / 70 %), the issue bound, the prediction."""
-    out = [("| layer (k→d) | kernel | MB | bw µs @90% | bw µs @70% | SASS insns/tile | tiles | issue µs | "
-            "predicted µs |"), "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        ("| layer (k→d) | kernel | MB | bw µs @90% | bw µs @70% | SASS insns/tile | tiles | issue µs | predicted µs |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     totals = {}
     for k, d in SHAPES:
         rows = ours(k, d)
@@ -139,8 +157,10 @@ def kernel_table(counts: dict):
             iss = issue_us(rec, programs, tiles, warps)
             p_lo, p_hi = max(bw90, iss), max(bw70, iss)
             lo, hi = lo + p_lo, hi + p_hi
-            out.append(f"| {k}→{d} | {kernel} | {b / 1e6:.1f} | {bw90:.1f} | {bw70:.1f} | "
-                       f"{rec['loop_insns'] or rec['insns']} | {tiles} | {iss:.1f} | {p_lo:.1f}–{p_hi:.1f} |")
+            out.append(
+                f"| {k}→{d} | {kernel} | {b / 1e6:.1f} | {bw90:.1f} | {bw70:.1f} | "
+                f"{rec['loop_insns'] or rec['insns']} | {tiles} | {iss:.1f} | {p_lo:.1f}–{p_hi:.1f} |"
+            )
         small = sum(t_us(b, f) for ph, op, b, f in rows if "memset" in op or "cast" in op) / BW_FACTORS[1]
         totals[(k, d)] = (lo + small, hi + small)
         out.append(f"| {k}→{d} | adapter part (+ memset, cast) | | | | | | | **{lo + small:.0f}–{hi + small:.0f}** |")
@@ -166,9 +186,13 @@ def layer_tables():
                     adapter[ph] += tt
             for ph in ("fwd", "bwd"):
                 b, f, tt = tot[ph]
-                out.append(f"| {ph} total | | {b / 1e6:.1f} | {f / 1e9:.2f} | {tt:.1f} (adapter part {adapter[ph]:.1f}) |")
-            out.append(f"| fwd+bwd | | | | {tot['fwd'][2] + tot['bwd'][2]:.1f} (adapter part "
-                       f"{adapter['fwd'] + adapter['bwd']:.1f}) |")
+                out.append(
+                    f"| {ph} total | | {b / 1e6:.1f} | {f / 1e9:.2f} | {tt:.1f} (adapter part {adapter[ph]:.1f}) |"
+                )
+            out.append(
+                f"| fwd+bwd | | | | {tot['fwd'][2] + tot['bwd'][2]:.1f} (adapter part "
+                f"{adapter['fwd'] + adapter['bwd']:.1f}) |"
+            )
     return "\n".join(out)
 
 
@@ -188,21 +212,55 @@ def step_tables():
     rows.append(("importance update (every step)", "ours: 1 launch + memset", 24 * n_el, 10 * n_el, "bf16", 2))
     rows.append(("importance update (every step)", "PEFT: ~10 ops per tensor", 96 * n_el, 10 * n_el, "bf16", 10 * n_t))
     # masking step (every deltaT steps), beyond the update above
-    rows.append(("masking (every ΔT steps)", "ours: scores in the same pass; sort-based selection; 1 mask launch",
-                 4 * 3 * sum(R for _ in layers), 0, "bf16", "1 + selection"))
-    rows.append(("masking (every ΔT steps)", "PEFT: element scores, means, cat, kthvalue, masked_fill, .item()",
-                 12 * n_el + 8 * n_el, 0, "bf16", 8 * len(layers) + 4 * n_t))
+    rows.append(
+        (
+            "masking (every ΔT steps)",
+            "ours: scores in the same pass; sort-based selection; 1 mask launch",
+            4 * 3 * sum(R for _ in layers),
+            0,
+            "bf16",
+            "1 + selection",
+        )
+    )
+    rows.append(
+        (
+            "masking (every ΔT steps)",
+            "PEFT: element scores, means, cat, kthvalue, masked_fill, .item()",
+            12 * n_el + 8 * n_el,
+            0,
+            "bf16",
+            8 * len(layers) + 4 * n_t,
+        )
+    )
     # orthogonal penalty: fp32 adapters, TF32 products on a [64, 16] tile
     fl = 2 * 64 * RP * cols
     rows.append(("orth penalty forward", "ours: 1 launch (+ memset)", 4 * n_mat_el, fl, "tf32", 2))
-    rows.append(("orth penalty forward", "PEFT: Gram, eye, sub, norm per matrix", 4 * n_mat_el,
-                 2 * R * R * cols, "tf32", 4 * 2 * len(layers)))
+    rows.append(
+        (
+            "orth penalty forward",
+            "PEFT: Gram, eye, sub, norm per matrix",
+            4 * n_mat_el,
+            2 * R * R * cols,
+            "tf32",
+            4 * 2 * len(layers),
+        )
+    )
     rows.append(("orth penalty backward", "ours: 1 launch", 8 * n_mat_el, fl, "tf32", 1))
-    rows.append(("orth penalty backward", "PEFT: norm/sub backward, 2 mm + add per matrix", 28 * n_mat_el,
-                 4 * R * R * cols, "tf32", 5 * 2 * len(layers)))
-    out = [f"\nLLaMA-7B, all 224 linears adapted, r = {R}: {n_el / 1e6:.1f} M adapter elements (fp32), "
-           f"{n_t} tensors.\n",
-           "| what | path | MB moved | GFLOP | predicted µs | launches |", "|---|---|---|---|---|---|"]
+    rows.append(
+        (
+            "orth penalty backward",
+            "PEFT: norm/sub backward, 2 mm + add per matrix",
+            28 * n_mat_el,
+            4 * R * R * cols,
+            "tf32",
+            5 * 2 * len(layers),
+        )
+    )
+    out = [
+        f"\nLLaMA-7B, all 224 linears adapted, r = {R}: {n_el / 1e6:.1f} M adapter elements (fp32), {n_t} tensors.\n",
+        "| what | path | MB moved | GFLOP | predicted µs | launches |",
+        "|---|---|---|---|---|---|",
+    ]
     for what, path, b, f, peak, nl in rows:
         out.append(f"| {what} | {path} | {b / 1e6:.1f} | {f / 1e9:.2f} | {t_us(b, f, peak):.1f} | {nl} |")
     return "\n".join(out)

@@ -22,20 +22,37 @@ from pathlib import Path
 
 import torch
 
-SHAPES = [(37, 300, 70), (9, 17, 1), (333, 77, 5), (512, 256, 8), (512, 256, 12), (512, 688, 12), (512, 256, 64),
-          (1024, 1024, 12)]
+SHAPES = [
+    (37, 300, 70),
+    (9, 17, 1),
+    (333, 77, 5),
+    (512, 256, 8),
+    (512, 256, 12),
+    (512, 688, 12),
+    (512, 256, 64),
+    (1024, 1024, 12),
+]
 
 
 def _build_old(rev: str):
     from torch.utils import cpp_extension
 
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:csrc/adapter_linear_cpu.cpp"], check=True,
-                         capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(root), "show", f"{rev}:csrc/adapter_linear_cpu.cpp"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     d = Path(tempfile.mkdtemp())
     (d / "old.cpp").write_text(src.replace("adalora_fast_cpu", "adalora_fast_ab_old"))
-    cpp_extension.load(name="adalora_fast_ab_old", sources=[str(d / "old.cpp")], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"])
+    cpp_extension.load(
+        name="adalora_fast_ab_old",
+        sources=[str(d / "old.cpp")],
+        is_python_module=False,
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+        extra_ldflags=["-fopenmp"],
+    )
     return torch.ops.adalora_fast_ab_old
 
 
@@ -70,18 +87,29 @@ def main() -> None:
         g = torch.Generator().manual_seed(N + k + r)
         x, A, ge = (torch.randn(s, generator=g) for s in ((N, k), (r, k), (N, r)))
         W = torch.randn(k, k, generator=g)
-        torch.testing.assert_close(new.dropout_shrink(x, A, 7, 0.1), old.dropout_shrink(x, A, 7, 0.1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            new.dropout_shrink(x, A, 7, 0.1), old.dropout_shrink(x, A, 7, 0.1), rtol=1e-4, atol=1e-4
+        )
         d_new, d_old = torch.randn(N, k, generator=g), None
         d_old = d_new.clone()
-        torch.testing.assert_close(new.dropout_shrink_backward(x, A, ge, d_new, 7, 0.1, True),
-                                   old.dropout_shrink_backward(x, A, ge, d_old, 7, 0.1, True), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(
+            new.dropout_shrink_backward(x, A, ge, d_new, 7, 0.1, True),
+            old.dropout_shrink_backward(x, A, ge, d_old, 7, 0.1, True),
+            rtol=1e-4,
+            atol=1e-3,
+        )
         torch.testing.assert_close(d_new, d_old, rtol=1e-4, atol=1e-4)
         dx = torch.zeros(N, k)
-        t = _time({"fwd new": lambda: new.dropout_shrink(x, A, 7, 0.1),
-                   "fwd old": lambda: old.dropout_shrink(x, A, 7, 0.1),
-                   "bwd new": lambda: new.dropout_shrink_backward(x, A, ge, dx, 7, 0.1, True),
-                   "bwd old": lambda: old.dropout_shrink_backward(x, A, ge, dx, 7, 0.1, True),
-                   "x@W": lambda: x @ W}, args.rounds)
+        t = _time(
+            {
+                "fwd new": lambda: new.dropout_shrink(x, A, 7, 0.1),
+                "fwd old": lambda: old.dropout_shrink(x, A, 7, 0.1),
+                "bwd new": lambda: new.dropout_shrink_backward(x, A, ge, dx, 7, 0.1, True),
+                "bwd old": lambda: old.dropout_shrink_backward(x, A, ge, dx, 7, 0.1, True),
+                "x@W": lambda: x @ W,
+            },
+            args.rounds,
+        )
         print(f"N={N:5d} k={k:5d} r={r:3d}  " + "  ".join(f"{name} {v:7.0f}" for name, v in t.items()))
 
 

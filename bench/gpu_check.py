@@ -33,8 +33,11 @@ def predictions(counts, k: int, d: int) -> dict:
     for kernel, idx in cop.KERNEL_ROWS.items():
         b = rows[idx][2]
         programs, tiles, warps = cop.launch_shape(kernel, k, d)
-        out[kernel] = (b / 1e6, *(b / (cop.BW * f) * 1e6 for f in cop.BW_FACTORS),
-                       cop.issue_us(counts[kernel], programs, tiles, warps))
+        out[kernel] = (
+            b / 1e6,
+            *(b / (cop.BW * f) * 1e6 for f in cop.BW_FACTORS),
+            cop.issue_us(counts[kernel], programs, tiles, warps),
+        )
     return out
 
 
@@ -63,12 +66,19 @@ def _operands(n: int, k: int, d: int, device="cuda"):
     dev, dt, r = torch.device(device), torch.bfloat16, 12
     torch.manual_seed(0)
     return types.SimpleNamespace(
-        r=r, x=torch.randn(n, k, device=dev, dtype=dt), g=torch.randn(n, d, device=dev, dtype=dt),
-        A=torch.randn(r, k, device=dev, dtype=dt) * 0.02, E=torch.randn(r, 1, device=dev, dtype=dt),
-        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02, rk=torch.full((1,), 12.0, device=dev),
+        r=r,
+        x=torch.randn(n, k, device=dev, dtype=dt),
+        g=torch.randn(n, d, device=dev, dtype=dt),
+        A=torch.randn(r, k, device=dev, dtype=dt) * 0.02,
+        E=torch.randn(r, 1, device=dev, dtype=dt),
+        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02,
+        rk=torch.full((1,), 12.0, device=dev),
         seed=torch.tensor([7], dtype=torch.int64, device=dev),
-        out=torch.randn(n, d, device=dev, dtype=dt), dx=torch.randn(n, k, device=dev, dtype=dt),
-        ge=torch.randn(n, r, device=dev), dA=torch.zeros(r, k, device=dev), dB=torch.zeros(d, r, device=dev),
+        out=torch.randn(n, d, device=dev, dtype=dt),
+        dx=torch.randn(n, k, device=dev, dtype=dt),
+        ge=torch.randn(n, r, device=dev),
+        dA=torch.zeros(r, k, device=dev),
+        dB=torch.zeros(d, r, device=dev),
         dE=torch.zeros(r, device=dev),
     )
 
@@ -124,8 +134,22 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
 
     cdiv = ka.cdiv
     o = _operands(n, k, d)
-    r, x, g, A, E, B, rk, seed, out, dx, ge, dA, dB, dE = (o.r, o.x, o.g, o.A, o.E, o.B, o.rk, o.seed, o.out, o.dx,
-                                                           o.ge, o.dA, o.dB, o.dE)
+    r, x, g, A, E, B, rk, seed, out, dx, ge, dA, dB, dE = (
+        o.r,
+        o.x,
+        o.g,
+        o.A,
+        o.E,
+        o.B,
+        o.rk,
+        o.seed,
+        o.out,
+        o.dx,
+        o.ge,
+        o.dA,
+        o.dB,
+        o.dE,
+    )
     t = torch.empty(n, r, device=x.device)
     com = dict(R_PAD=16, UPCAST=False, DOT_PREC="tf32")
     rows = []
@@ -136,20 +160,69 @@ def sweep(n: int, k: int, d: int, repeats: int) -> list:
             for cfg in _configs(kind):
                 c = dict(com, **cfg)
                 if kind == "shrink":
-                    fn = lambda c=c, da=da: _launch.launch(ka._shrink_kernel, (cdiv(n, c["BLOCK_N"]),), x, A, t, seed,
-                                                           n, k, r, x.stride(0), x.stride(1), *da, **c)
+                    fn = lambda c=c, da=da: _launch.launch(
+                        ka._shrink_kernel,
+                        (cdiv(n, c["BLOCK_N"]),),
+                        x,
+                        A,
+                        t,
+                        seed,
+                        n,
+                        k,
+                        r,
+                        x.stride(0),
+                        x.stride(1),
+                        *da,
+                        **c,
+                    )
                 elif kind == "grad_rank":
-                    fn = lambda c=c: _launch.launch(ka._grad_rank_kernel, (cdiv(n, c["BLOCK_N"]),), g, t, E, rk, B,
-                                                    ge, dB, dE, n, d, r, g.stride(0), g.stride(1), 2.0, 0, 0, **c)
+                    fn = lambda c=c: _launch.launch(
+                        ka._grad_rank_kernel,
+                        (cdiv(n, c["BLOCK_N"]),),
+                        g,
+                        t,
+                        E,
+                        rk,
+                        B,
+                        ge,
+                        dB,
+                        dE,
+                        n,
+                        d,
+                        r,
+                        g.stride(0),
+                        g.stride(1),
+                        2.0,
+                        0,
+                        0,
+                        **c,
+                    )
                 elif kind == "dA_dx":
                     grid = (cdiv(n, c["BLOCK_N"] * c["ROW_BLOCKS"]), cdiv(k, c["BLOCK_K"]))
-                    fn = lambda c=c, grid=grid, da=da: _launch.launch(ka._dA_dx_kernel, grid, x, ge, A, dx, dA, seed, n,
-                                                                      k, r, x.stride(0), x.stride(1), dx.stride(0), *da,
-                                                                      1, **c)
+                    fn = lambda c=c, grid=grid, da=da: _launch.launch(
+                        ka._dA_dx_kernel,
+                        grid,
+                        x,
+                        ge,
+                        A,
+                        dx,
+                        dA,
+                        seed,
+                        n,
+                        k,
+                        r,
+                        x.stride(0),
+                        x.stride(1),
+                        dx.stride(0),
+                        *da,
+                        1,
+                        **c,
+                    )
                 else:
                     grid = (cdiv(n, c["BLOCK_N"]), cdiv(d, c["BLOCK_D"]))
-                    fn = lambda c=c, grid=grid: _launch.launch(ka._expand_add_kernel, grid, t, E, rk, B, out, n, d, r,
-                                                               out.stride(0), 2.0, **c)
+                    fn = lambda c=c, grid=grid: _launch.launch(
+                        ka._expand_add_kernel, grid, t, E, rk, B, out, n, d, r, out.stride(0), 2.0, **c
+                    )
                 if kind == "expand_add" and p:
                     continue  # no dropout in expand_add
                 try:
@@ -172,21 +245,29 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", help="a bench.compile_check --json result (default: compile the sm_90 binaries)")
     ap.add_argument("--n", type=int, default=cop.N, help="tokens per layer (the predictions assume 8192)")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--sweep", action="store_true", help="also time every launch configuration of _configs "
-                    "(4096→4096 and 4096→11008) and print the best per kernel")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time every launch configuration of _configs "
+        "(4096→4096 and 4096→11008) and print the best per kernel",
+    )
     args = ap.parse_args(argv)
     if args.n != cop.N:
         cop.N = args.n
     counts = cop.sass_counts(args.sass)
     on_gpu = torch.cuda.is_available()
-    print(f"{'k→d':>12} {'kernel':<20} {'MB':>7} {'bw@90%':>8} {'bw@70%':>8} {'issue':>7} {'predicted µs':>14} "
-          f"{'measured µs':>12} {'GB/s':>7} {'meas/pred':>9}")
+    print(
+        f"{'k→d':>12} {'kernel':<20} {'MB':>7} {'bw@90%':>8} {'bw@70%':>8} {'issue':>7} {'predicted µs':>14} "
+        f"{'measured µs':>12} {'GB/s':>7} {'meas/pred':>9}"
+    )
     for k, d in cop.SHAPES:
         pred = predictions(counts, k, d)
         meas = measure(args.n, k, d, args.repeats) if on_gpu else {}
         for kernel, (mb, bw90, bw70, iss) in pred.items():
             lo, hi = max(bw90, iss), max(bw70, iss)
-            line = f"{f'{k}→{d}':>12} {kernel[1:-7]:<20} {mb:7.1f} {bw90:8.1f} {bw70:8.1f} {iss:7.1f} {lo:6.1f}–{hi:<7.1f}"
+            line = (
+                f"{f'{k}→{d}':>12} {kernel[1:-7]:<20} {mb:7.1f} {bw90:8.1f} {bw70:8.1f} {iss:7.1f} {lo:6.1f}–{hi:<7.1f}"
+            )
             if kernel in meas:
                 m = meas[kernel]
                 ratio = m / lo if m < lo else (m / hi if m > hi else 1.0)
@@ -204,7 +285,9 @@ def main(argv=None) -> int:
                     ok = [r for r in rows if r[0] == kind and r[2] == p and r[3] is not None and not r[4]]
                     if ok:
                         ship, best = ok[0], min(ok, key=lambda r: r[3])
-                        print(f"best {k}->{d} {kind:<10} p={p}: {best[3]:7.1f} us {best[1]}  (shipped {ship[3]:7.1f} us)")
+                        print(
+                            f"best {k}->{d} {kind:<10} p={p}: {best[3]:7.1f} us {best[1]}  (shipped {ship[3]:7.1f} us)"
+                        )
     return 0
 
 

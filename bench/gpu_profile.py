@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="ours,peft_lora")
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--cprofile", action="store_true",
-                    help="instead: Python's cProfile over the steps (host functions by own time)")
+    ap.add_argument(
+        "--cprofile", action="store_true", help="instead: Python's cProfile over the steps (host functions by own time)"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA GPU", file=sys.stderr)
@@ -70,8 +71,10 @@ def main(argv=None) -> int:
             ev = prof.key_averages()
             dev_us = sum(e.self_device_time_total for e in ev) / args.steps
             launches = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) / args.steps
-            print(f"\n=== {variant} {kind}: wall {wall * 1e3:.2f} ms/step, device {dev_us / 1e3:.2f} ms/step, "
-                  f"{launches:.0f} kernels/step")
+            print(
+                f"\n=== {variant} {kind}: wall {wall * 1e3:.2f} ms/step, device {dev_us / 1e3:.2f} ms/step, "
+                f"{launches:.0f} kernels/step"
+            )
             print(ev.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
             print(ev.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
             summary.append((variant, kind, wall * 1e3, dev_us / 1e3, launches))

@@ -62,11 +62,13 @@ class Step:
         self.autocast = variant == "autocast"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model, self.update = make_contender("ours" if kind == "ours_captured" else kind, base, R, P, PROJECTIONS)
+            self.model, self.update = make_contender(
+                "ours" if kind == "ours_captured" else kind, base, R, P, PROJECTIONS
+            )
         self.model.train()
         self.params = adapter_params(self.model)
         captured = kind == "ours_captured" and dev.type == "cuda"
-        self.opt = (torch.optim.AdamW(self.params, lr=1e-4, capturable=captured) if self.params else None)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, capturable=captured) if self.params else None
         self.n = 5000  # a step number of the schedule's budget-shrinking phase (bench/common.MASK_STEP)
         self.graph = None
         if captured:
@@ -147,8 +149,13 @@ def measure(step: Step, steps: int) -> dict:
         ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = len(ev)
         device_ms = sum(e.device_time for e in ev) / 1e3
-    return {"ms": statistics.median(samples), "spread": (max(samples) - min(samples)) / statistics.median(samples),
-            "host_ms": statistics.median(host) * 1e3, "kernels": kernels, "device_ms": device_ms}
+    return {
+        "ms": statistics.median(samples),
+        "spread": (max(samples) - min(samples)) / statistics.median(samples),
+        "host_ms": statistics.median(host) * 1e3,
+        "kernels": kernels,
+        "device_ms": device_ms,
+    }
 
 
 def main(argv=None) -> int:
@@ -175,8 +182,10 @@ def main(argv=None) -> int:
         _sync(dev)
         del a
     rows = []
-    print(f"{'model':<16} {'variant':<9} {'contender':<14} {'ms/step':>9} {'host ms':>8} {'kernels':>8} "
-          f"{'device ms':>9} {'spread':>7}")
+    print(
+        f"{'model':<16} {'variant':<9} {'contender':<14} {'ms/step':>9} {'host ms':>8} {'kernels':>8} "
+        f"{'device ms':>9} {'spread':>7}"
+    )
     for name, shape, variants in plan:
         for variant in variants:
             left = args.budget_s - (time.perf_counter() - t_start)
@@ -201,15 +210,20 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                 r = res[kind]
                 fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-                print(f"{name:<16} {variant:<9} {kind:<14} {r['ms']:9.2f} {r['host_ms']:8.2f} {fmt(r['kernels'], '8d')} "
-                      f"{fmt(r['device_ms'], '9.2f')} {r['spread'] * 100:6.0f}%", flush=True)
+                print(
+                    f"{name:<16} {variant:<9} {kind:<14} {r['ms']:9.2f} {r['host_ms']:8.2f} {fmt(r['kernels'], '8d')} "
+                    f"{fmt(r['device_ms'], '9.2f')} {r['spread'] * 100:6.0f}%",
+                    flush=True,
+                )
             rows.append((name, variant, res))
     print("\nratios (ms per step): ours / PEFT LoRA, ours / base; per adapted layer: host ms over base's")
     for name, variant, res in rows:
         if {"ours", "peft_lora", "base"} <= set(res):
             n_layers = (H2048 if name == "hidden-2048" else L7B if name.startswith("llama") else TINY).layers * 7
-            line = (f"{name:<16} {variant:<9} eager ours/LoRA {res['ours']['ms'] / res['peft_lora']['ms']:.2f}, "
-                    f"ours/base {res['ours']['ms'] / res['base']['ms']:.2f}")
+            line = (
+                f"{name:<16} {variant:<9} eager ours/LoRA {res['ours']['ms'] / res['peft_lora']['ms']:.2f}, "
+                f"ours/base {res['ours']['ms'] / res['base']['ms']:.2f}"
+            )
             if "ours_captured" in res:
                 c = res["ours_captured"]["ms"]
                 line += f"; captured ours/LoRA {c / res['peft_lora']['ms']:.2f}, ours/base {c / res['base']['ms']:.2f}"
@@ -227,7 +241,10 @@ def main(argv=None) -> int:
 
             print("\nthe four layer kernels at the LLaMA-7B shapes (bench.gpu_check):", flush=True)
             gpu_check.main(["--repeats", "30"])
-    print(f"\ngpu_step done in {time.perf_counter() - t_start:.0f} s" + (" (dry run: nothing measured)" if not on_gpu else ""))
+    print(
+        f"\ngpu_step done in {time.perf_counter() - t_start:.0f} s"
+        + (" (dry run: nothing measured)" if not on_gpu else "")
+    )
     return 0
 
 

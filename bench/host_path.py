@@ -45,11 +45,54 @@ SETTINGS = ("bf16", "fp32_adapters", "autocast")
 KINDS = ("base", "peft_lora", "ours")
 # ops that run no kernel: allocations, views, metadata, host reads
 _NO_KERNEL = {
-    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "detach_", "alias",
-    "lift_fresh", "_local_scalar_dense", "item", "is_same_size", "size", "stride", "sym_size", "sym_stride",
-    "numel", "dim", "view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "permute", "expand",
-    "unsqueeze", "squeeze", "select", "slice", "resolve_conj", "resolve_neg", "_reshape_alias", "contiguous",
-    "unbind", "split", "split_with_sizes", "chunk", "narrow", "view_as", "to", "_to_copy", "clone", "copy", "is_nonzero", "result_type", "set_", "_has_compatible_shallow_copy_type",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "detach_",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "item",
+    "is_same_size",
+    "size",
+    "stride",
+    "sym_size",
+    "sym_stride",
+    "numel",
+    "dim",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "as_strided",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "resolve_conj",
+    "resolve_neg",
+    "_reshape_alias",
+    "contiguous",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "narrow",
+    "view_as",
+    "to",
+    "_to_copy",
+    "clone",
+    "copy",
+    "is_nonzero",
+    "result_type",
+    "set_",
+    "_has_compatible_shallow_copy_type",
 }
 # composite ops whose CUDA implementation is one fused kernel, where the CPU decomposes them
 _FUSED_ON_CUDA = {"dropout", "native_dropout", "feature_dropout"}
@@ -173,8 +216,13 @@ def count_launches(step, stub: _Stub) -> dict:
     for ev in prof.events():
         if ev.cpu_parent is None:
             walk(ev)
-    return {"aten": len(ops), "triton": stub.count, "total": len(ops) + stub.count, "aten_ops": sorted(ops),
-            "triton_kernels": list(stub.names)}
+    return {
+        "aten": len(ops),
+        "triton": stub.count,
+        "total": len(ops) + stub.count,
+        "aten_ops": sorted(ops),
+        "triton_kernels": list(stub.names),
+    }
 
 
 def direct_launch_us(n: int = 20000) -> float:
@@ -199,7 +247,9 @@ def direct_launch_us(n: int = 20000) -> float:
             pass
 
     class Kernel:
-        params = [P(f"a{i}", False) for i in range(12)] + [P(n, True) for n in ("BLOCK_N", "BLOCK_K", "R_PAD", "UPCAST")]
+        params = [P(f"a{i}", False) for i in range(12)] + [
+            P(n, True) for n in ("BLOCK_N", "BLOCK_K", "R_PAD", "UPCAST")
+        ]
 
         def __getitem__(self, grid):
             return lambda *a, **k: Compiled()
@@ -233,8 +283,17 @@ def _time(fn, inner: int) -> float:
     return (time.thread_time() - t0) / inner
 
 
-def measure(settings=SETTINGS, repeats: int = 15, warmup: int = 20, sample_s: float = 0.05,
-            k: int = 64, d: int = 64, n: int = 16, r: int = 12, p: float = 0.1) -> list:
+def measure(
+    settings=SETTINGS,
+    repeats: int = 15,
+    warmup: int = 20,
+    sample_s: float = 0.05,
+    k: int = 64,
+    d: int = 64,
+    n: int = 16,
+    r: int = 12,
+    p: float = 0.1,
+) -> list:
     """One row per setting (see the module docstring); times in microseconds."""
     import torch
 
@@ -264,33 +323,56 @@ def measure(settings=SETTINGS, repeats: int = 15, warmup: int = 20, sample_s: fl
             med = {kind: statistics.median(s) for kind, s in samples.items()}
             spread = max((max(s) - min(s)) / statistics.median(s) for s in samples.values())
             # the overhead from each round's own base (the contenders of a round ran back to back)
-            over_rounds = {kind: [a - b for a, b in zip(samples[kind], samples["base"])] for kind in ("peft_lora", "ours")}
+            over_rounds = {
+                kind: [a - b for a, b in zip(samples[kind], samples["base"])] for kind in ("peft_lora", "ours")
+            }
             over = {kind: statistics.median(v) for kind, v in over_rounds.items()}
-            ratios = [o / l for o, l in zip(over_rounds["ours"], over_rounds["peft_lora"]) if l > 0]
-            rows.append(dict(
-                setting=setting, base_us=med["base"], peft_lora_us=med["peft_lora"], ours_us=med["ours"],
-                peft_lora_overhead_us=over["peft_lora"], ours_overhead_us=over["ours"],
-                overhead_ratio=over["ours"] / over["peft_lora"] if over["peft_lora"] > 0 else None,
-                overhead_ratio_lo=min(ratios) if ratios else None, overhead_ratio_hi=max(ratios) if ratios else None,
-                # ours with each stubbed Triton launch charged the direct launch's measured bookkeeping
-                direct_launch_us=per_launch,
-                ours_overhead_charged_us=over["ours"] + launches["ours"]["triton"] * per_launch,
-                launches_base=launches["base"]["total"], launches_peft_lora=launches["peft_lora"]["total"],
-                launches_ours=launches["ours"]["total"], launch_detail={kd: launches[kd] for kd in KINDS},
-                spread=spread, samples=samples, k=k, d=d, n=n, r=r, p=p, repeats=repeats,
-            ))
+            ratios = [o / lo for o, lo in zip(over_rounds["ours"], over_rounds["peft_lora"]) if lo > 0]
+            rows.append(
+                dict(
+                    setting=setting,
+                    base_us=med["base"],
+                    peft_lora_us=med["peft_lora"],
+                    ours_us=med["ours"],
+                    peft_lora_overhead_us=over["peft_lora"],
+                    ours_overhead_us=over["ours"],
+                    overhead_ratio=over["ours"] / over["peft_lora"] if over["peft_lora"] > 0 else None,
+                    overhead_ratio_lo=min(ratios) if ratios else None,
+                    overhead_ratio_hi=max(ratios) if ratios else None,
+                    # ours with each stubbed Triton launch charged the direct launch's measured bookkeeping
+                    direct_launch_us=per_launch,
+                    ours_overhead_charged_us=over["ours"] + launches["ours"]["triton"] * per_launch,
+                    launches_base=launches["base"]["total"],
+                    launches_peft_lora=launches["peft_lora"]["total"],
+                    launches_ours=launches["ours"]["total"],
+                    launch_detail={kd: launches[kd] for kd in KINDS},
+                    spread=spread,
+                    samples=samples,
+                    k=k,
+                    d=d,
+                    n=n,
+                    r=r,
+                    p=p,
+                    repeats=repeats,
+                )
+            )
     return rows
 
 
 def table(rows: list) -> str:
-    head = (f"{'setting':<14} {'base us':>8} {'LoRA us':>8} {'ours us':>8} {'LoRA +us':>9} {'ours +us':>9} "
-            f"{'ours/LoRA +':>11} {'(rounds)':>11} {'launches base/LoRA/ours':>24} {'spread':>7}")
+    head = (
+        f"{'setting':<14} {'base us':>8} {'LoRA us':>8} {'ours us':>8} {'LoRA +us':>9} {'ours +us':>9} "
+        f"{'ours/LoRA +':>11} {'(rounds)':>11} {'launches base/LoRA/ours':>24} {'spread':>7}"
+    )
     lines = [head]
     charged = []
     for r in rows:
         ratio = f"{r['overhead_ratio']:.2f}" if r["overhead_ratio"] is not None else "-"
-        rng = (f"{r['overhead_ratio_lo']:.2f}-{r['overhead_ratio_hi']:.2f}"
-               if r.get("overhead_ratio_lo") is not None else "-")
+        rng = (
+            f"{r['overhead_ratio_lo']:.2f}-{r['overhead_ratio_hi']:.2f}"
+            if r.get("overhead_ratio_lo") is not None
+            else "-"
+        )
         lines.append(
             f"{r['setting']:<14} {r['base_us']:8.1f} {r['peft_lora_us']:8.1f} {r['ours_us']:8.1f} "
             f"{r['peft_lora_overhead_us']:9.1f} {r['ours_overhead_us']:9.1f} {ratio:>11} {rng:>11} "
@@ -299,14 +381,19 @@ def table(rows: list) -> str:
         if r.get("ours_overhead_charged_us") is not None and r["peft_lora_overhead_us"] > 0:
             charged.append(f"{r['setting']} {r['ours_overhead_charged_us'] / r['peft_lora_overhead_us']:.2f}")
     if charged:
-        lines.append(f"ours/LoRA + with each Triton launch charged its direct-launch bookkeeping "
-                     f"({rows[0]['direct_launch_us']:.1f} us, measured; the driver call not): {', '.join(charged)}")
+        lines.append(
+            f"ours/LoRA + with each Triton launch charged its direct-launch bookkeeping "
+            f"({rows[0]['direct_launch_us']:.1f} us, measured; the driver call not): {', '.join(charged)}"
+        )
     return "\n".join(lines)
 
 
 SECTION = "host path (CUDA code path, on the CPU)"
-SETTING_LABELS = {"bf16": "bf16 base + bf16 adapters", "fp32_adapters": "bf16 base + fp32 adapters",
-                  "autocast": "fp32 layer under autocast bf16"}
+SETTING_LABELS = {
+    "bf16": "bf16 base + bf16 adapters",
+    "fp32_adapters": "bf16 base + fp32 adapters",
+    "autocast": "fp32 layer under autocast bf16",
+}
 
 
 def bench_rows(repeats: int = 15) -> list:
@@ -321,16 +408,37 @@ def bench_rows(repeats: int = 15) -> list:
         case = f"{SETTING_LABELS.get(r['setting'], r['setting'])}, k=d={r['k']}, N={r['n']}, r={r['r']}, p={r['p']:g}"
         samples = {"ours": r["samples"]["ours"], "peft_lora": r["samples"]["peft_lora"], "base": r["samples"]["base"]}
         t = Timing(samples={k: [v * 1e-6 for v in s] for k, s in samples.items()})
-        rows.append(_row(SECTION, case, "host us per layer step (fwd+bwd)", "us",
-                         {"ours": r["ours_us"], "peft_lora": r["peft_lora_us"], "base": r["base_us"]}, t,
-                         setting=r["setting"]))
-        over = _row(SECTION, case, "adapter host overhead us (minus base)", "us",
-                    {"ours": r["ours_overhead_us"], "peft_lora": r["peft_lora_overhead_us"]}, setting=r["setting"])
+        rows.append(
+            _row(
+                SECTION,
+                case,
+                "host us per layer step (fwd+bwd)",
+                "us",
+                {"ours": r["ours_us"], "peft_lora": r["peft_lora_us"], "base": r["base_us"]},
+                t,
+                setting=r["setting"],
+            )
+        )
+        over = _row(
+            SECTION,
+            case,
+            "adapter host overhead us (minus base)",
+            "us",
+            {"ours": r["ours_overhead_us"], "peft_lora": r["peft_lora_overhead_us"]},
+            setting=r["setting"],
+        )
         over["spread"] = r["spread"]
         rows.append(over)
-        rows.append(_row(SECTION, case, "device launches per layer step", "launches",
-                         {"ours": r["launches_ours"], "peft_lora": r["launches_peft_lora"], "base": r["launches_base"]},
-                         setting=r["setting"]))
+        rows.append(
+            _row(
+                SECTION,
+                case,
+                "device launches per layer step",
+                "launches",
+                {"ours": r["launches_ours"], "peft_lora": r["launches_peft_lora"], "base": r["launches_base"]},
+                setting=r["setting"],
+            )
+        )
     return rows
 
 
@@ -344,11 +452,25 @@ def targets(rows: list) -> list:
         where = f"host path {r.get('setting')}"
         if r["metric"].startswith("adapter host overhead"):
             v = r["ours"] / r["peft_lora"] if r["peft_lora"] > 0 else float("inf")
-            out.append({"target": f"{where}: ours / PEFT LoRA host overhead", "value": v, "goal": "<= 0.50",
-                        "met": v <= 0.5, "note": "CPU, Triton path forced, launches stubbed"})
+            out.append(
+                {
+                    "target": f"{where}: ours / PEFT LoRA host overhead",
+                    "value": v,
+                    "goal": "<= 0.50",
+                    "met": v <= 0.5,
+                    "note": "CPU, Triton path forced, launches stubbed",
+                }
+            )
         elif r["metric"].startswith("device launches"):
-            out.append({"target": f"{where}: launches ours / PEFT LoRA", "value": r["ours"] / r["peft_lora"],
-                        "goal": "<= 1.00", "met": r["ours"] <= r["peft_lora"], "note": ""})
+            out.append(
+                {
+                    "target": f"{where}: launches ours / PEFT LoRA",
+                    "value": r["ours"] / r["peft_lora"],
+                    "goal": "<= 1.00",
+                    "met": r["ours"] <= r["peft_lora"],
+                    "note": "",
+                }
+            )
     return out
 
 
@@ -356,8 +478,14 @@ def run_in_subprocess(args=()) -> list:
     """The rows, measured in a child process with the environment this measurement needs."""
     env = dict(os.environ, **_ENV)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "bench.host_path", "--json", *args], env=env, cwd=root,
-                         stdout=subprocess.PIPE, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.host_path", "--json", *args],
+        env=env,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)["rows"]
 
 
@@ -376,14 +504,18 @@ def main(argv=None) -> int:
     if args.json:
         json.dump({"rows": rows, "loadavg_1min": load}, sys.stdout)
         return 0
-    print(f"host path per layer step (fwd+bwd), k=d={rows[0]['k']}, N={rows[0]['n']}, r={rows[0]['r']}, "
-          f"p={rows[0]['p']}, 1 thread, {rows[0]['repeats']} rounds; load avg {load:.2f}")
+    print(
+        f"host path per layer step (fwd+bwd), k=d={rows[0]['k']}, N={rows[0]['n']}, r={rows[0]['r']}, "
+        f"p={rows[0]['p']}, 1 thread, {rows[0]['repeats']} rounds; load avg {load:.2f}"
+    )
     print(table(rows))
     if args.ops:
         for r in rows:
             for kind, det in r["launch_detail"].items():
-                print(f"  {r['setting']:<14} {kind:<10} {det['total']:3d}: {' '.join(det['aten_ops'])} | "
-                      f"{' '.join(det['triton_kernels'])}")
+                print(
+                    f"  {r['setting']:<14} {kind:<10} {det['total']:3d}: {' '.join(det['aten_ops'])} | "
+                    f"{' '.join(det['triton_kernels'])}"
+                )
     return 0
 
 

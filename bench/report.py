@@ -8,17 +8,49 @@ import datetime
 import os
 
 COLUMNS = [
-    "section", "case", "metric", "unit", "ours", "peft_adalora", "peft_lora", "base", "x_adalora", "x_lora",
-    "ours_vs_base", "peft_adalora_vs_base", "peft_lora_vs_base", "spread",
-    "ours_best", "peft_adalora_best", "peft_lora_best", "base_best",
-    "ours_lo", "ours_hi", "peft_adalora_lo", "peft_adalora_hi", "peft_lora_lo", "peft_lora_hi", "base_lo", "base_hi",
+    "section",
+    "case",
+    "metric",
+    "unit",
+    "ours",
+    "peft_adalora",
+    "peft_lora",
+    "base",
+    "x_adalora",
+    "x_lora",
+    "ours_vs_base",
+    "peft_adalora_vs_base",
+    "peft_lora_vs_base",
+    "spread",
+    "ours_best",
+    "peft_adalora_best",
+    "peft_lora_best",
+    "base_best",
+    "ours_lo",
+    "ours_hi",
+    "peft_adalora_lo",
+    "peft_adalora_hi",
+    "peft_lora_lo",
+    "peft_lora_hi",
+    "base_lo",
+    "base_hi",
 ]
 # One name and one colour per contender, in every table and picture of the bench and of the
 # fine-tune, so a reader who learnt "red is PEFT AdaLoRA" in one figure can trust it in the next.
-LABELS = {"ours": "adalora_fast", "peft_adalora": "PEFT AdaLoRA", "peft_lora": "PEFT LoRA", "base": "base (no adapters)",
-          "ours_compact": "adalora_fast (compacted)"}
-COLORS = {"ours": "tab:blue", "peft_adalora": "tab:red", "peft_lora": "tab:gray", "base": "black",
-          "ours_compact": "tab:cyan"}
+LABELS = {
+    "ours": "adalora_fast",
+    "peft_adalora": "PEFT AdaLoRA",
+    "peft_lora": "PEFT LoRA",
+    "base": "base (no adapters)",
+    "ours_compact": "adalora_fast (compacted)",
+}
+COLORS = {
+    "ours": "tab:blue",
+    "peft_adalora": "tab:red",
+    "peft_lora": "tab:gray",
+    "base": "black",
+    "ours_compact": "tab:cyan",
+}
 # the adapted contenders of the training-step panels, in their bars' order
 STEP_KINDS = ("ours", "peft_adalora", "peft_lora")
 SHARE_METRIC = "penalty + update_and_allocate share of the step"
@@ -51,7 +83,9 @@ def text_table(head: list, body: list, right, gaps=()) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
 
     def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     out = [line(head), line(["-" * w for w in widths])]
     for i, cells in enumerate(body):
@@ -65,15 +99,40 @@ def table(rows: list) -> str:
     """The rows as a text table. ``base`` is the model without adapters (training-step rows only);
     ``ours/base``, ``AdaLoRA/base``, ``LoRA/base``: each contender's figure over the base's (step
     time, or saved bytes in the memory rows)."""
-    head = ["section", "case", "metric", "unit", "adalora_fast", "PEFT AdaLoRA", "PEFT LoRA", "base", "x AdaLoRA", "x LoRA",
-            "ours/base", "AdaLoRA/base", "LoRA/base", "spread"]
+    head = [
+        "section",
+        "case",
+        "metric",
+        "unit",
+        "adalora_fast",
+        "PEFT AdaLoRA",
+        "PEFT LoRA",
+        "base",
+        "x AdaLoRA",
+        "x LoRA",
+        "ours/base",
+        "AdaLoRA/base",
+        "LoRA/base",
+        "spread",
+    ]
     body = []
     for r in rows:
         body.append(
             [
-                r["section"], r["case"], r["metric"], r["unit"], _fmt(r["ours"]), _fmt(r["peft_adalora"]),
-                _fmt(r["peft_lora"]), _fmt(r.get("base")), _ratio(r["x_adalora"]), _ratio(r["x_lora"]),
-                *("-" if r.get(f"{k}_vs_base") is None else f"{r[f'{k}_vs_base']:.3f}" for k in ("ours", "peft_adalora", "peft_lora")),
+                r["section"],
+                r["case"],
+                r["metric"],
+                r["unit"],
+                _fmt(r["ours"]),
+                _fmt(r["peft_adalora"]),
+                _fmt(r["peft_lora"]),
+                _fmt(r.get("base")),
+                _ratio(r["x_adalora"]),
+                _ratio(r["x_lora"]),
+                *(
+                    "-" if r.get(f"{k}_vs_base") is None else f"{r[f'{k}_vs_base']:.3f}"
+                    for k in ("ours", "peft_adalora", "peft_lora")
+                ),
                 "-" if r["spread"] is None else f"{100 * r['spread']:.0f}%",
             ]
         )
@@ -95,7 +154,12 @@ def write_csv(rows: list, path: str, meta: dict, columns: list = COLUMNS) -> Non
 
 def _find(rows, section, metric, case_has="", unit=None):
     for r in rows:
-        if r["section"] == section and r["metric"] == metric and case_has in r["case"] and (unit is None or r["unit"] == unit):
+        if (
+            r["section"] == section
+            and r["metric"] == metric
+            and case_has in r["case"]
+            and (unit is None or r["unit"] == unit)
+        ):
             return r
     return None
 
@@ -152,8 +216,18 @@ def targets(rows: list, curve: list) -> list:
         # with the hidden size as the step's does, so the hidden-128 share (printed in the table) is
         # larger by design
         if r["metric"] == SHARE_METRIC and r["ours"] is not None and r.get("hidden") == 256:
-            add(f"step {step_label(r, sep=' ')}: (orth penalty + update_and_allocate) / step, %", r["ours"], "<= 2.0", r["ours"] <= 2.0)
-    for label in ("masking step", "non-masking step", "masking step, in training order", "non-masking step, in training order"):
+            add(
+                f"step {step_label(r, sep=' ')}: (orth penalty + update_and_allocate) / step, %",
+                r["ours"],
+                "<= 2.0",
+                r["ours"] <= 2.0,
+            )
+    for label in (
+        "masking step",
+        "non-masking step",
+        "masking step, in training order",
+        "non-masking step, in training order",
+    ):
         r = _find(rows, "update_and_allocate", label, "224 layers", unit="ms")
         if r is not None:
             add(f"update_and_allocate, 224 layers, {label}: PEFT / ours", r["x_adalora"], ">= 20", r["x_adalora"] >= 20)
@@ -167,8 +241,15 @@ def targets(rows: list, curve: list) -> list:
                     continue
                 a = by[ref][f"ours_{key}_ms"] / ref
                 b = by[hi][f"ours_{key}_ms"] / hi
-                label = ("masking" if key.startswith("mask") else "non-masking") + (", in training order" if key.endswith("cold") else "")
-                add(f"update_and_allocate per layer, {label}: {hi} / {ref} layers", b / a, "<= 1.25 (near-flat)", b / a <= 1.25)
+                label = ("masking" if key.startswith("mask") else "non-masking") + (
+                    ", in training order" if key.endswith("cold") else ""
+                )
+                add(
+                    f"update_and_allocate per layer, {label}: {hi} / {ref} layers",
+                    b / a,
+                    "<= 1.25 (near-flat)",
+                    b / a <= 1.25,
+                )
     # the isolated orthogonal penalty has no target of its own (it once had >= 10x PEFT): its row stays
     # in the table for information, and the penalty's cost is judged inside a training step (above)
     for r in rows:
@@ -176,18 +257,32 @@ def targets(rows: list, curve: list) -> list:
             v = r["ours"] / r["peft_lora"]
             extra = (r["ours"] - r["peft_lora"]) * 1024
             note = f"ours {'+' if extra >= 0 else '-'}{abs(extra):.0f} B" if abs(extra) > 0.5 else "equal"
-            add(f"saved bytes {r['case'].split()[0]} p=0.1: ours / (PEFT LoRA - dropout copy)", v, "<= 1.00", v <= 1.0, note)
+            add(
+                f"saved bytes {r['case'].split()[0]} p=0.1: ours / (PEFT LoRA - dropout copy)",
+                v,
+                "<= 1.00",
+                v <= 1.0,
+                note,
+            )
     for r in rows:
         if r["section"] == "memory" and r["metric"] == "allocator state" and "224 layers" in r["case"]:
             v = r["ours"] / r["peft_adalora"]
             add("allocator state bytes, 224 layers: ours / PEFT", v, "<= 0.667", v <= 2 / 3 + 1e-9)
     for r in rows:
         # compaction: the adapters' cost over the base should shrink with the kept share of the rank
-        if (r["section"] == "final phase" and r["metric"].startswith("adapter overhead") and r.get("how") == "best rounds"
-                and r["ours"] is not None):
+        if (
+            r["section"] == "final phase"
+            and r["metric"].startswith("adapter overhead")
+            and r.get("how") == "best rounds"
+            and r["ours"] is not None
+        ):
             where = f"final phase hidden {r['hidden']} r={r['init_r']}->{r['target_r']} p={r['p']:g}"
-            add(f"{where}: overhead compacted / uncompacted", r["ours"], f"<= {r['goal']:.2f} (kept + 0.10)",
-                r["ours"] <= r["goal"])
+            add(
+                f"{where}: overhead compacted / uncompacted",
+                r["ours"],
+                f"<= {r['goal']:.2f} (kept + 0.10)",
+                r["ours"] <= r["goal"],
+            )
     return out
 
 
@@ -196,12 +291,16 @@ def busy_warning(rows: list, load_before, load_after, cpus: int) -> str | None:
     start or the end, or (a burst the two readings missed) a training-step row's rounds spread wider
     than their median, (max - min) / median > 1."""
     if load_before is not None and max(load_before, load_after) > 1.25 * cpus:
-        return (f"other processes were competing for the CPU (load average {load_before:.1f} at start, "
-                f"{load_after:.1f} at end, {cpus} CPUs); the figures are noisy (see spread)")
+        return (
+            f"other processes were competing for the CPU (load average {load_before:.1f} at start, "
+            f"{load_after:.1f} at end, {cpus} CPUs); the figures are noisy (see spread)"
+        )
     worst = max((r["spread"] for r in rows if _is_step(r) and r["spread"] is not None), default=0.0)
     if worst > 1.0:
-        return (f"some training-step rounds were far off their median (spread up to {100 * worst:.0f} %): another "
-                "process was probably running; compare the medians with care")
+        return (
+            f"some training-step rounds were far off their median (spread up to {100 * worst:.0f} %): another "
+            "process was probably running; compare the medians with care"
+        )
     return None
 
 
@@ -209,7 +308,9 @@ def targets_table(ts: list) -> str:
     w = max(len(t["target"]) for t in ts) if ts else 10
     lines = [f"{'target'.ljust(w)}  {'value':>8}  {'goal':<20}  met  note"]
     for t in ts:
-        lines.append(f"{t['target'].ljust(w)}  {t['value']:8.4f}  {t['goal']:<20}  {'yes' if t['met'] else 'NO ':3}  {t['note']}")
+        lines.append(
+            f"{t['target'].ljust(w)}  {t['value']:8.4f}  {t['goal']:<20}  {'yes' if t['met'] else 'NO ':3}  {t['note']}"
+        )
     return "\n".join(lines)
 
 
@@ -265,14 +366,28 @@ def _curve_panel(ax, curve, per_layer: bool) -> None:
             mid = [p[f"{who}_{key}_ms"] * c for p, c in zip(pts, scale)]
             lo = [p.get(f"{who}_{key}_lo_ms", p[f"{who}_{key}_ms"]) * c for p, c in zip(pts, scale)]
             hi = [p.get(f"{who}_{key}_hi_ms", p[f"{who}_{key}_ms"]) * c for p, c in zip(pts, scale)]
-            ax.errorbar([p["layers"] for p in pts], mid, yerr=_range_err(mid, lo, hi), fmt=fmt, color=COLORS[kind],
-                        mfc="white" if hollow else COLORS[kind], capsize=2, ms=4, label=f"{LABELS[kind]}, {what}")
+            ax.errorbar(
+                [p["layers"] for p in pts],
+                mid,
+                yerr=_range_err(mid, lo, hi),
+                fmt=fmt,
+                color=COLORS[kind],
+                mfc="white" if hollow else COLORS[kind],
+                capsize=2,
+                ms=4,
+                label=f"{LABELS[kind]}, {what}",
+            )
     if per_layer:
-        _log_layers_axes(ax, xs, "µs per adapted layer (median, bars: min-max of rounds)",
-                         "per-layer cost (flat = scales linearly)")
+        _log_layers_axes(
+            ax, xs, "µs per adapted layer (median, bars: min-max of rounds)", "per-layer cost (flat = scales linearly)"
+        )
     else:
-        _log_layers_axes(ax, xs, "update_and_allocate, ms (median, bars: min-max of rounds)",
-                         "update_and_allocate vs number of adapted layers")
+        _log_layers_axes(
+            ax,
+            xs,
+            "update_and_allocate, ms (median, bars: min-max of rounds)",
+            "update_and_allocate vs number of adapted layers",
+        )
 
 
 def _paired_ratio_range(r, k) -> tuple:
@@ -293,16 +408,31 @@ def _step_ratio_panel(ax, steps) -> None:
         pos = [i + (j - 1) * width for i in range(len(steps))]
         vals = [r[f"{k}_vs_base"] for r in steps]
         rng = [_paired_ratio_range(r, k) for r in steps]
-        bars = ax.bar(pos, vals, width, label=f"{LABELS[k]} / base", color=COLORS[k],
-                      yerr=_range_err(vals, [a for a, _ in rng], [b for _, b in rng]), capsize=2, ecolor="black")
+        bars = ax.bar(
+            pos,
+            vals,
+            width,
+            label=f"{LABELS[k]} / base",
+            color=COLORS[k],
+            yerr=_range_err(vals, [a for a, _ in rng], [b for _, b in rng]),
+            capsize=2,
+            ecolor="black",
+        )
         for b, v in zip(bars, vals):
             # left of the bar's centre, where its error bar runs
             ax.text(b.get_x() + b.get_width() * 0.28, v, f" {v:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
         if k == "ours":
             goals = [(x, base_goal(r)) for x, r in zip(pos, steps) if base_goal(r) is not None]
             if goals:
-                ax.scatter([x for x, _ in goals], [g for _, g in goals], marker="_", s=300, color="black", zorder=5,
-                           label="target for ours / base")
+                ax.scatter(
+                    [x for x, _ in goals],
+                    [g for _, g in goals],
+                    marker="_",
+                    s=300,
+                    color="black",
+                    zorder=5,
+                    label="target for ours / base",
+                )
     ax.axhline(1.0, color="black", lw=0.8)
     # the scale follows the medians: a round disturbed by another process may leave its bar's top outside
     top = max([r[f"{k}_vs_base"] for r in steps for k in STEP_KINDS] + [1.3])
@@ -311,8 +441,11 @@ def _step_ratio_panel(ax, steps) -> None:
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([step_label(r) for r in steps], fontsize=7)
     ax.set_ylabel("step time / base model's step time")
-    ax.set_title("whole training step against the same model without adapters (1 = base: frozen weights, "
-                 "forward + backward to the embeddings)", fontsize=10)
+    ax.set_title(
+        "whole training step against the same model without adapters (1 = base: frozen weights, "
+        "forward + backward to the embeddings)",
+        fontsize=10,
+    )
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
 
@@ -326,7 +459,16 @@ def _step_abs_panel(ax, steps) -> None:
         vals = [r[k] for r in steps]
         lo = [r.get(f"{k}_lo") or v for r, v in zip(steps, vals)]
         hi = [r.get(f"{k}_hi") or v for r, v in zip(steps, vals)]
-        ax.bar(pos, vals, width, label=LABELS[k], color=COLORS[k], yerr=_range_err(vals, lo, hi), capsize=1.5, ecolor="dimgray")
+        ax.bar(
+            pos,
+            vals,
+            width,
+            label=LABELS[k],
+            color=COLORS[k],
+            yerr=_range_err(vals, lo, hi),
+            capsize=1.5,
+            ecolor="dimgray",
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([step_label(r) for r in steps], fontsize=6, rotation=60, ha="right")
@@ -349,7 +491,9 @@ def figure(rows: list, curve: list, title: str, warning: str | None = None):
 
     steps = [r for r in rows if _is_step(r) and r["metric"] == "step time" and r.get("base") is not None]
     fig = plt.figure(figsize=(18, 12))
-    gs = fig.add_gridspec(2, 3, height_ratios=[1, 1], hspace=0.62, wspace=0.3, left=0.05, right=0.88, top=0.9, bottom=0.08)
+    gs = fig.add_gridspec(
+        2, 3, height_ratios=[1, 1], hspace=0.62, wspace=0.3, left=0.05, right=0.88, top=0.9, bottom=0.08
+    )
     axes = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[0, 2]), fig.add_subplot(gs[1, :])]
     for ax, per_layer in ((axes[0], False), (axes[1], True)):
         if curve:

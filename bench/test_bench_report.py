@@ -52,7 +52,7 @@ def test_each_sample_holds_one_masking_step_per_ten(inner):
     steps = list(itertools.islice(cases._step_numbers(inner), 200))
     assert all(b > a for a, b in itertools.pairwise(steps))
     for i in range(len(steps) - inner):
-        window = steps[i:i + inner]
+        window = steps[i : i + inner]
         assert sum(s % 10 == 0 for s in window) == max(1, inner // 10), (i, window)
     if inner >= 10:
         assert steps[:10] == list(range(MASK_STEP - 9, MASK_STEP + 1))
@@ -68,7 +68,9 @@ def test_base_contender_runs_backward_through_the_frozen_layers():
     m, upd = make_contender("base", llama(shape, torch.device("cpu")), 4, 0.1, PROJECTIONS)
     assert upd is None and not any(p.requires_grad for p in m.parameters())
     seen = {}
-    m.model.layers[0].register_forward_hook(lambda mod, inp, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    m.model.layers[0].register_forward_hook(
+        lambda mod, inp, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out)
+    )
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     loss = m(input_ids=ids, labels=ids).loss
     seen["h"].retain_grad()
@@ -85,8 +87,9 @@ def _step_row(hidden, p, variant, ms: dict, section="train step"):
     """A step-time row from per-round milliseconds (as cases._step_rows builds it)."""
     t = _timing({k: [x / 1e3 for x in v] for k, v in ms.items()})
     vals = {k: t.median(k) * 1e3 for k in ms}
-    return cases._row(section, f"hidden={hidden} p={p}", "step time", "ms", vals, t,
-                      hidden=hidden, layers=8, p=p, variant=variant)
+    return cases._row(
+        section, f"hidden={hidden} p={p}", "step time", "ms", vals, t, hidden=hidden, layers=8, p=p, variant=variant
+    )
 
 
 ROUNDS = {
@@ -109,8 +112,18 @@ def test_row_keeps_rounds_and_ratios_to_base():
 
 def _share_row(hidden, value):
     t = _timing({"ours": [value / 100] * 3})
-    return cases._row("train step", f"hidden={hidden}", report.SHARE_METRIC, "%", {"ours": value}, t,
-                      hidden=hidden, layers=8, p=0.1, variant="fp32")
+    return cases._row(
+        "train step",
+        f"hidden={hidden}",
+        report.SHARE_METRIC,
+        "%",
+        {"ours": value},
+        t,
+        hidden=hidden,
+        layers=8,
+        p=0.1,
+        variant="fp32",
+    )
 
 
 def test_targets_and_their_bounds():
@@ -123,7 +136,9 @@ def test_targets_and_their_bounds():
         _step_row(256, 0.1, "compiled", ROUNDS, section="train step (compiled)"),
         _share_row(256, 1.5),
         _share_row(128, 3.0),  # printed in the table, no target at hidden 128
-        cases._row("orth_penalty", "224 layers (hidden=128)", "forward+backward", "ms", {"ours": 5.0, "peft_adalora": 30.0}),
+        cases._row(
+            "orth_penalty", "224 layers (hidden=128)", "forward+backward", "ms", {"ours": 5.0, "peft_adalora": 30.0}
+        ),
     ]
     ts = {t["target"]: t for t in report.targets(rows, [])}
     goals = {name: t["goal"] for name, t in ts.items() if "ours / base" in name}
@@ -166,8 +181,11 @@ def _curve():
 
 @pytest.fixture(scope="module")
 def fig():
-    rows = [_step_row(128, 0.1, "fp32", ROUNDS), _step_row(256, 0.0, "fp32", ROUNDS),
-            _step_row(256, 0.1, "bf16 base", ROUNDS, section="train step (bf16 base)")]
+    rows = [
+        _step_row(128, 0.1, "fp32", ROUNDS),
+        _step_row(256, 0.0, "fp32", ROUNDS),
+        _step_row(256, 0.1, "bf16 base", ROUNDS, section="train step (bf16 base)"),
+    ]
     f = report.figure(rows, _curve(), "fake run", warning="WARNING: busy")
     f.canvas.draw()
     yield f
@@ -271,8 +289,15 @@ def test_finetune_csv_goes_through_the_report_writer(tmp_path):
     for m, base in (("ours", 0.8), ("peft_lora", 0.7)):
         for seed in (0, 1):
             r = {k: base + 0.01 * seed for k in PER_SEED}
-            r.update(method=m, seed=seed, step_s=[0.1, 0.2], ce=[1.0, 0.9], trainable_params=10,
-                     final_total_rank=96, final_adapter_params=1000)
+            r.update(
+                method=m,
+                seed=seed,
+                step_s=[0.1, 0.2],
+                ce=[1.0, 0.9],
+                trainable_params=10,
+                final_total_rank=96,
+                final_adapter_params=1000,
+            )
             results.append(r)
     summary = summarise(results)
     stem = str(tmp_path / "run")
@@ -283,7 +308,10 @@ def test_finetune_csv_goes_through_the_report_writer(tmp_path):
     rows = list(csv.DictReader(lines[2:]))
     assert list(rows[0]) == CSV_COLUMNS
     assert [(r["method"], r["seed"]) for r in rows] == [
-        ("ours", "0"), ("ours", "1"), ("peft_lora", "0"), ("peft_lora", "1"),
+        ("ours", "0"),
+        ("ours", "1"),
+        ("peft_lora", "0"),
+        ("peft_lora", "1"),
         *((m, s) for m in ("ours", "peft_lora") for s in ("mean", "std", "min", "max")),
     ]
     mean = next(r for r in rows if r["method"] == "ours" and r["seed"] == "mean")

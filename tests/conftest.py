@@ -45,8 +45,15 @@ TRITON_DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
 
 REAL_IMPLS = ("torch", "cpp", "triton")
 # the public ops a test calls through ``adalora_fast.ops`` (wrapped on a GPU machine)
-_PUBLIC_OPS = ("adapter_linear", "dropout_keep_mask", "importance_update", "triplet_scores", "keep_mask_to_budget",
-               "apply_mask", "orth_penalty")
+_PUBLIC_OPS = (
+    "adapter_linear",
+    "dropout_keep_mask",
+    "importance_update",
+    "triplet_scores",
+    "keep_mask_to_budget",
+    "apply_mask",
+    "orth_penalty",
+)
 # the ops autograd differentiates through (their inputs move with a differentiable ``.to``); the
 # others get detached copies that carry ``.grad``
 _DIFFERENTIABLE_OPS = ("adapter_linear", "orth_penalty")
@@ -111,8 +118,11 @@ def _on_cuda(fn, differentiable: bool):
 
         dargs = [to_dev(a) for a in args]
         dkw = {k: to_dev(v) for k, v in kwargs.items()}
-        ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cpu"))
-               if torch.is_autocast_enabled("cpu") else torch.autocast("cuda", enabled=False))
+        ctx = (
+            torch.autocast("cuda", dtype=torch.get_autocast_dtype("cpu"))
+            if torch.is_autocast_enabled("cpu")
+            else torch.autocast("cuda", enabled=False)
+        )
         with ctx:
             out = fn(*dargs, **dkw)
         with torch.no_grad():

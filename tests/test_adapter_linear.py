@@ -19,14 +19,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close, rtol_for
 
 from adalora_fast import ops, reference
+from tolerances import assert_close, rtol_for
 
 
 # ----------------------------------------------------------------------------- helpers
-def _make(lead, k, d, r, *, bias=True, bias_grad=False, fifo=False, base_dtype=torch.float32,
-          adapter_dtype=torch.float32, weight_grad=False, masked=False, seed=0):
+def _make(
+    lead,
+    k,
+    d,
+    r,
+    *,
+    bias=True,
+    bias_grad=False,
+    fifo=False,
+    base_dtype=torch.float32,
+    adapter_dtype=torch.float32,
+    weight_grad=False,
+    masked=False,
+    seed=0,
+):
     """Fresh random inputs for one adapted layer (E non-zero so the adapter term matters)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, k, generator=g).to(base_dtype)
@@ -77,8 +90,9 @@ def _autocast(dtype):
 
 def _run_ops(t, ranknum, scaling, go, *, fifo=False, p=0.0, training=True, seed=None, reduce="dot", autocast=None):
     with _autocast(autocast):
-        out = ops.adapter_linear(t["x"], t["w"], t["b"], t["A"], t["E"], t["B"], scaling, ranknum, p, training, fifo,
-                                 seed=seed)
+        out = ops.adapter_linear(
+            t["x"], t["w"], t["b"], t["A"], t["E"], t["B"], scaling, ranknum, p, training, fifo, seed=seed
+        )
     _loss(out, go, reduce).backward()
     return out, _grads(t)
 
@@ -200,8 +214,9 @@ DTYPE_CASES = [
 def test_dtype_pairs_match_reference(impl, dtypes, case):
     base_dtype, adapter_dtype = dtypes
     N, k, d, r, p, masked = case
-    t, ranknum, scaling, go = _make((N,), k, d, r, base_dtype=base_dtype, adapter_dtype=adapter_dtype,
-                                    masked=masked, seed=N * 131 + r)
+    t, ranknum, scaling, go = _make(
+        (N,), k, d, r, base_dtype=base_dtype, adapter_dtype=adapter_dtype, masked=masked, seed=N * 131 + r
+    )
     t2 = _clone(t)
     out, grads = _run_ops(t, ranknum, scaling, go, p=p, seed=1234)
     keep = _keep_for(1234, (N, k), p, adapter_dtype) if p > 0 else None
@@ -282,8 +297,9 @@ DROPOUT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("lead,fifo,base_dtype", DROPOUT_CASES,
-                         ids=["N33", "3d-conv1d", "N1", "3d-bf16-base", "N33-conv1d-bf16-base"])
+@pytest.mark.parametrize(
+    "lead,fifo,base_dtype", DROPOUT_CASES, ids=["N33", "3d-conv1d", "N1", "3d-bf16-base", "N33-conv1d-bf16-base"]
+)
 def test_dropout_matches_reference_with_same_mask(impl, lead, fifo, base_dtype):
     p, seed = 0.1, 1234
     k, d, r = 17, 12, 12

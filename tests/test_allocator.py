@@ -89,7 +89,7 @@ def test_rank_pattern_none_before_first_mask_then_peft_keys():
     for v in rp.values():
         assert isinstance(v, list) and len(v) == 4 and all(isinstance(b, bool) for b in v)
     # the pattern reflects E: pruned triplets have E == 0
-    for (name, m) in model.adapted_layers():
+    for name, m in model.adapted_layers():
         keep = torch.tensor(rp[f"{name}.lora_E.default"])
         assert torch.all(m.lora_E["default"][~keep] == 0)
     budget, _ = model.rankallocator.budget_schedule(3)
@@ -147,7 +147,8 @@ def test_skipped_final_step_still_finalises_and_reapplies_mask():
     ((model(x) - y).pow(2).mean()).backward()
     opt.step()
     pruned_moved = sum(
-        int((m.lora_E["default"][~torch.tensor(final[f"{n}.lora_E.default"])] != 0).sum()) for n, m in model.adapted_layers()
+        int((m.lora_E["default"][~torch.tensor(final[f"{n}.lora_E.default"])] != 0).sum())
+        for n, m in model.adapted_layers()
     )
     assert pruned_moved > 0
     model.update_and_allocate(13)

@@ -19,13 +19,13 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_llama
-from tolerances import assert_close
 from torch import nn
 
 import adalora_fast as af
 from adalora_fast import bases, targets
 from adalora_fast.layer import AdaLoraLinear
+from tiny_models import tiny_llama
+from tolerances import assert_close
 
 bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" per 8-bit call
@@ -57,8 +57,12 @@ def load_quantized(path, bits: int):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if bits == 4:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4",
-                               llm_int8_skip_modules=["v_proj", "lm_head"])
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["v_proj", "lm_head"],
+        )
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
@@ -68,8 +72,15 @@ def tiny_falcon():
     from transformers import FalconConfig, FalconForCausalLM
 
     torch.manual_seed(0)
-    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       new_decoder_architecture=False, multi_query=True, bias=True)
+    cfg = FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=False,
+        multi_query=True,
+        bias=True,
+    )
     return FalconForCausalLM(cfg)
 
 
@@ -148,7 +159,11 @@ KINDS = ["4bit", "8bit", "conv2d", "falcon"]
 # ---------------------------------------------------------------------------------- which layer, which path
 def test_dispatch_by_exact_kind(llama_dir):
     m4, m8 = load_quantized(llama_dir, 4), load_quantized(llama_dir, 8)
-    q4, v4, q8 = m4.model.layers[0].self_attn.q_proj, m4.model.layers[0].self_attn.v_proj, m8.model.layers[0].self_attn.q_proj
+    q4, v4, q8 = (
+        m4.model.layers[0].self_attn.q_proj,
+        m4.model.layers[0].self_attn.v_proj,
+        m8.model.layers[0].self_attn.q_proj,
+    )
     assert isinstance(q4, nn.Linear) and isinstance(q8, nn.Linear)  # why isinstance must not decide
     assert (bases.base_kind(q4), bases.base_kind(v4), bases.base_kind(q8)) == ("linear4bit", "linear", "linear8bitlt")
     assert type(bases.adapter_layer(q4)) is af.AdaLoraLinear4bit
@@ -162,7 +177,9 @@ def test_dispatch_by_exact_kind(llama_dir):
     with pytest.raises(ValueError, match="Linear4bit"):  # the fused op's class refuses what is not a plain linear
         AdaLoraLinear(q.to("cpu"))
     # "all-linear" selects what PEFT's does on a 4-bit model (bitsandbytes layers included, lm_head not)
-    pm = peft.get_peft_model(load_quantized(llama_dir, 4), peft.AdaLoraConfig(total_step=10, target_modules="all-linear"))
+    pm = peft.get_peft_model(
+        load_quantized(llama_dir, 4), peft.AdaLoraConfig(total_step=10, target_modules="all-linear")
+    )
     ours = af.get_peft_model(m4, af.AdaLoraConfig(total_step=10, target_modules="all-linear"))
     assert sorted(ours.targeted_module_names) == sorted(pm.base_model.targeted_module_names)
     assert len(ours.targeted_module_names) == 14
@@ -183,14 +200,18 @@ class Int8Weights(nn.Linear):
         self.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
 
 
-@pytest.mark.parametrize("module,words", [
-    (QuantLinear(), ["QuantLinear", "GPTQ", "pip install bitsandbytes"]),
-    (nn.Conv2d(4, 4, 3, groups=2), ["Conv2d", "groups=2"]),
-    (Int8Weights(), ["Int8Weights", "subclasses torch.nn.Linear", "torch.int8"]),
-    (nn.Linear(4, 4).to(torch.float8_e4m3fn), ["torch.nn.modules.linear.Linear is a torch.nn.Linear", "float8"]),
-    (nn.Embedding(10, 4), ["Embedding"]),
-    (nn.Conv1d(2, 2, 3), ["Conv1d"]),
-], ids=["gptq", "grouped-conv2d", "int8-linear-subclass", "float8-linear", "embedding", "conv1d"])
+@pytest.mark.parametrize(
+    "module,words",
+    [
+        (QuantLinear(), ["QuantLinear", "GPTQ", "pip install bitsandbytes"]),
+        (nn.Conv2d(4, 4, 3, groups=2), ["Conv2d", "groups=2"]),
+        (Int8Weights(), ["Int8Weights", "subclasses torch.nn.Linear", "torch.int8"]),
+        (nn.Linear(4, 4).to(torch.float8_e4m3fn), ["torch.nn.modules.linear.Linear is a torch.nn.Linear", "float8"]),
+        (nn.Embedding(10, 4), ["Embedding"]),
+        (nn.Conv1d(2, 2, 3), ["Conv1d"]),
+    ],
+    ids=["gptq", "grouped-conv2d", "int8-linear-subclass", "float8-linear", "embedding", "conv1d"],
+)
 def test_unsupported_layers_raise_naming_their_type(module, words):
     class Holder(nn.Module):
         def __init__(self):
@@ -223,8 +244,18 @@ def test_t5_defaults_adapt_wo_whose_weight_the_model_reads():
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    base = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8, num_layers=1,
-                                               num_heads=4, decoder_start_token_id=0, dropout_rate=0.0))
+    base = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_ff=48,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+        )
+    )
     b2 = copy.deepcopy(base)
     kw = dict(init_r=4, target_r=2, total_step=10, lora_alpha=8)  # target_modules=None: PEFT's t5 default
     torch.manual_seed(1)
@@ -248,14 +279,58 @@ def test_default_target_table_is_peft_s():
     assert targets.DEFAULT_TARGET_MODULES == {**PEFT_TABLE, **targets.EXTRA_TARGET_MODULES}
 
 
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
-            vocab_size=64, d_model=32, d_ff=48, num_layers=1, num_heads=2, n_embd=32, n_layer=1, n_head=2, ffn_dim=48,
-            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=48, decoder_ffn_dim=48, head_dim=16, d_kv=16, max_position_embeddings=64, n_positions=64,
-            rotary_dim=8, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=48,
+    vocab_size=64,
+    d_model=32,
+    d_ff=48,
+    num_layers=1,
+    num_heads=2,
+    n_embd=32,
+    n_layer=1,
+    n_head=2,
+    ffn_dim=48,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    head_dim=16,
+    d_kv=16,
+    max_position_embeddings=64,
+    n_positions=64,
+    rotary_dim=8,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 # every model type of PEFT's table that builds from a generic tiny config (the others are checked by the table test)
-MODEL_TYPES = ["t5", "mt5", "bart", "gpt2", "bloom", "opt", "gptj", "gpt_neox", "llama", "bert", "roberta",
-               "deberta-v2", "gpt_bigcode", "deberta", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"]
+MODEL_TYPES = [
+    "t5",
+    "mt5",
+    "bart",
+    "gpt2",
+    "bloom",
+    "opt",
+    "gptj",
+    "gpt_neox",
+    "llama",
+    "bert",
+    "roberta",
+    "deberta-v2",
+    "gpt_bigcode",
+    "deberta",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "qwen2",
+    "qwen3",
+]
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -270,7 +345,9 @@ def test_default_targets_are_peft_s(model_type):
     b2 = copy.deepcopy(base)
     pm = peft.get_peft_model(base, peft.AdaLoraConfig(init_r=2, target_r=1, total_step=10))
     ours = af.get_peft_model(b2, af.AdaLoraConfig(init_r=2, target_r=1, total_step=10))
-    assert ours.targeted_module_names and sorted(ours.targeted_module_names) == sorted(pm.base_model.targeted_module_names)
+    assert ours.targeted_module_names and sorted(ours.targeted_module_names) == sorted(
+        pm.base_model.targeted_module_names
+    )
     theirs, mine = lora_params(pm), lora_params(ours)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -296,22 +373,32 @@ def test_regex_default_stays_a_regex():
     def model():
         m = nn.Module()
         m.config = Cfg()
-        m.model = nn.ModuleDict({"language_model": nn.ModuleDict({"layers": nn.ModuleList([block()])}),
-                                 "vision_tower": nn.ModuleList([block()])})
+        m.model = nn.ModuleDict(
+            {
+                "language_model": nn.ModuleDict({"layers": nn.ModuleList([block()])}),
+                "vision_tower": nn.ModuleList([block()]),
+            }
+        )
         return m
 
     pm = peft.get_peft_model(model(), peft.AdaLoraConfig(init_r=2, target_r=1, total_step=10))
     ours = af.get_peft_model(model(), af.AdaLoraConfig(init_r=2, target_r=1, total_step=10))
-    assert sorted(ours.targeted_module_names) == sorted(pm.base_model.targeted_module_names) == [
-        "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.v_proj"]
+    assert (
+        sorted(ours.targeted_module_names)
+        == sorted(pm.base_model.targeted_module_names)
+        == ["model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.v_proj"]
+    )
 
 
 # ---------------------------------------------------------------------------------- init, forward, gradients
 def test_init_is_peft_s_for_linear_conv1d_and_conv2d():
     from tiny_models import tiny_gpt2
 
-    for make, tm in [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"]),
-                     (conv_net, CONV_TARGETS)]:
+    for make, tm in [
+        (tiny_llama, ["q_proj", "v_proj", "down_proj"]),
+        (tiny_gpt2, ["c_attn", "c_fc"]),
+        (conv_net, CONV_TARGETS),
+    ]:
         b1, b2 = make(), make()
         kw = dict(init_r=5, target_r=2, total_step=10, target_modules=tm)
         torch.manual_seed(3)
@@ -374,8 +461,9 @@ def schedules(llama_dir):
             opt_o.step()
             ours.update_and_allocate(step)
             opt_o.zero_grad()
-            history.append((lp.item(), lo.item(), copy.deepcopy(pm.peft_config["default"].rank_pattern),
-                            ours.rank_pattern))
+            history.append(
+                (lp.item(), lo.item(), copy.deepcopy(pm.peft_config["default"].rank_pattern), ours.rank_pattern)
+            )
         out[kind] = (pm, ours, batch, history)
     return out
 
@@ -384,8 +472,11 @@ def schedules(llama_dir):
 def test_schedule_matches_peft(kind, schedules):
     pm, ours, _, history = schedules[kind]
     kinds = {type(m).__name__ for _, m in ours.adapted_layers()}
-    expected = {"4bit": {"AdaLoraLinear4bit", "AdaLoraLinear"}, "8bit": {"AdaLoraLinear8bitLt"},
-                "conv2d": {"AdaLoraConv2d", "AdaLoraLinear"}}[kind]
+    expected = {
+        "4bit": {"AdaLoraLinear4bit", "AdaLoraLinear"},
+        "8bit": {"AdaLoraLinear8bitLt"},
+        "conv2d": {"AdaLoraConv2d", "AdaLoraLinear"},
+    }[kind]
     assert kinds == expected  # 4-bit: a model mixing 4-bit and plain linear targets in one budget
     masked = 0
     for step, (lp, lo, rp_peft, rp_ours) in enumerate(history):
@@ -422,7 +513,8 @@ def test_save_and_load_both_ways(kind, schedules, llama_dir, tmp_path):
     loaded_by_ours = af.AdaLoraModel.from_pretrained(fresh_base(kind, llama_dir), str(tmp_path / "peft"))
     torch.testing.assert_close(outputs(loaded_by_ours, batch), outputs(pm, batch), rtol=1e-5, atol=1e-6)
     assert {n: m.r["default"] for n, m in loaded_by_ours.adapted_layers()} == {
-        n: sum(keep) for n, keep in _by_module(pm.peft_config["default"].rank_pattern).items()}
+        n: sum(keep) for n, keep in _by_module(pm.peft_config["default"].rank_pattern).items()
+    }
 
 
 def _by_module(rank_pattern):
@@ -453,7 +545,13 @@ def _weights(model, names):
     for n in names:
         m = model.get_submodule(n)
         kind = bases.base_kind(m)
-        w = bases.dequantize_4bit(m) if kind == "linear4bit" else bases.dequantize_8bit(m) if kind == "linear8bitlt" else m.weight
+        w = (
+            bases.dequantize_4bit(m)
+            if kind == "linear4bit"
+            else bases.dequantize_8bit(m)
+            if kind == "linear8bitlt"
+            else m.weight
+        )
         out[n] = w.detach().float()
     return out
 
@@ -503,7 +601,9 @@ def test_merge_unmerge_4bit_round_trip(llama_dir, packed):
     ours.unmerge_adapter()
     after = _weights(ours.model, names)
     for n in names:  # bf16 absmax: 2^-8 relative
-        torch.testing.assert_close(after[n], before[n], rtol=0, atol=0 if not packed else 4e-3 * before[n].abs().max().item())
+        torch.testing.assert_close(
+            after[n], before[n], rtol=0, atol=0 if not packed else 4e-3 * before[n].abs().max().item()
+        )
     torch.testing.assert_close(outputs(ours, batch, train=not packed), logits, rtol=1e-6, atol=1e-6)
 
 
@@ -511,8 +611,10 @@ def test_merge_unmerge_4bit_round_trip(llama_dir, packed):
 def test_adapter_term_with_dropout_gradcheck():
     g = torch.Generator().manual_seed(0)
     N, k, d, r = 5, 6, 4, 3
-    args = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-            for shape in ((N, d), (N, k), (r, k), (r, 1), (d, r))]
+    args = [
+        torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for shape in ((N, d), (N, k), (r, k), (r, 1), (d, r))
+    ]
     s = torch.tensor([0.7], dtype=torch.float64)
 
     def f(result, x, A, E, B):

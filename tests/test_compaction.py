@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
-from tiny_models import tiny_llama
-from tolerances import assert_close
 
 import adalora_fast as af
 from adalora_fast import compaction
+from tiny_models import tiny_llama
+from tolerances import assert_close
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # warm-up 0..2, masks at 4 and 6, the final mask at step 8 (= total_step - tfinal), frozen after
@@ -44,8 +44,10 @@ def _data(n=12):
 def _model(orth=0.5, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = af.get_peft_model(tiny_llama(seed), af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS,
-                                                                     lora_dropout=0.0, orth_reg_weight=orth))
+        model = af.get_peft_model(
+            tiny_llama(seed),
+            af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS, lora_dropout=0.0, orth_reg_weight=orth),
+        )
     for _, m in model.adapted_layers():  # E = 0 at init would hide the adapters' effect on the logits
         torch.nn.init.normal_(m.lora_E["default"], std=0.1)
     return model
@@ -161,7 +163,9 @@ def test_an_optimizer_built_before_an_earlier_compaction_is_brought_over():
 
 def test_optimizer_state_that_cannot_be_sliced_raises_and_changes_nothing():
     model, opt, _ = _trained()
-    p = next(m for _, m in model.adapted_layers() if not all(model.rank_pattern[f"{_}.lora_E.default"])).lora_A["default"]
+    p = next(m for _, m in model.adapted_layers() if not all(model.rank_pattern[f"{_}.lora_E.default"])).lora_A[
+        "default"
+    ]
     opt.state[p]["factored_row"] = torch.zeros(p.shape[0] + p.shape[1])  # e.g. Adafactor's row statistics
     before = _lora(model)
     with pytest.raises(ValueError, match="'factored_row'.*Nothing was changed"):
@@ -270,9 +274,20 @@ def _trainer(model, out, compact=True, **kw):
         def __getitem__(self, i):
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True, max_steps=12,
-                             save_strategy="steps", save_steps=5, seed=7, **kw)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_steps=12,
+        save_strategy="steps",
+        save_steps=5,
+        seed=7,
+        **kw,
+    )
     cb = af.AdaLoraCallback(model, compact=compact)
     return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]), cb
 
@@ -340,8 +355,9 @@ def test_ddp_and_fsdp_wrapped_models_are_refused():
     store = tempfile.NamedTemporaryFile(delete=False)
     store.close()
     os.remove(store.name)
-    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         model, opt, _ = _trained()
         ddp = DistributedDataParallel(model)

@@ -58,8 +58,17 @@ def test_compiled_layer_equals_eager(p, training):
 
 def _tiny_llama():
     base = tiny_llama(max_position_embeddings=32)
-    cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=3, tfinal=4, deltaT=2, total_step=16, lora_alpha=8,
-                           lora_dropout=0.1, target_modules=TARGETS)
+    cfg = af.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        tinit=3,
+        tfinal=4,
+        deltaT=2,
+        total_step=16,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=TARGETS,
+    )
     model = af.get_peft_model(base, cfg)
     for _, m in model.adapted_layers():  # E = 0 at init: give the adapters a say from step 0
         torch.nn.init.normal_(m.lora_E["default"], std=0.1)
@@ -95,8 +104,9 @@ def test_compiled_llama_trains_like_eager():
 def test_meta_forward_shapes():
     with torch.device("meta"):
         base = tiny_llama(None)
-    model = af.get_peft_model(base, af.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_dropout=0.1,
-                                                     target_modules=TARGETS)).to("meta")
+    model = af.get_peft_model(
+        base, af.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_dropout=0.1, target_modules=TARGETS)
+    ).to("meta")
     ids = torch.zeros(3, 7, dtype=torch.long, device="meta")
     out = model(input_ids=ids, labels=ids)
     assert out.logits.shape == (3, 7, 64) and out.logits.device.type == "meta"

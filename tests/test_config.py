@@ -7,10 +7,10 @@ import warnings
 import peft
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
 
 import adalora_fast as af
 from adalora_fast.layer import AdaLoraLinear
+from tiny_models import tiny_gpt2, tiny_llama
 
 BASE = dict(total_step=100, target_modules=["q_proj"])
 
@@ -52,8 +52,21 @@ def test_bad_value_raises_naming_field_and_value(field, value, extra):
 def test_valid_config_and_defaults_match_peft():
     ours = af.AdaLoraConfig(total_step=100)
     theirs = peft.AdaLoraConfig(total_step=100)
-    for f in ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "lora_alpha",
-              "lora_dropout", "bias", "r", "init_lora_weights"):
+    for f in (
+        "target_r",
+        "init_r",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "beta1",
+        "beta2",
+        "orth_reg_weight",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "r",
+        "init_lora_weights",
+    ):
         assert getattr(ours, f) == getattr(theirs, f), f
 
 
@@ -98,7 +111,10 @@ def _ours_adapted(make, **cfg):
         (_llama, dict(target_modules=r".*\.(q|k)_proj")),
         (_llama, dict(target_modules=r"model\.layers\.1\.mlp\.(gate|down)_proj")),
         (_llama, dict(target_modules="all-linear")),
-        (_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"])),
+        (
+            _llama,
+            dict(target_modules=["q_proj", "v_proj", "down_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+        ),
         (_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], exclude_modules=["down_proj"])),
         (_llama, dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*")),
         (_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
@@ -121,19 +137,41 @@ def test_target_and_exclude_modules_select_what_peft_selects(make, cfg):
 
 def test_get_peft_model_accepts_peft_config():
     pc = peft.AdaLoraConfig(
-        total_step=50, init_r=6, target_r=3, tinit=5, tfinal=10, deltaT=2, beta1=0.8, beta2=0.9, lora_alpha=16,
-        orth_reg_weight=0.3, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+        total_step=50,
+        init_r=6,
+        target_r=3,
+        tinit=5,
+        tfinal=10,
+        deltaT=2,
+        beta1=0.8,
+        beta2=0.9,
+        lora_alpha=16,
+        orth_reg_weight=0.3,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = af.get_peft_model(_llama(), pc)
     c = m.peft_config["default"]
     assert isinstance(c, af.AdaLoraConfig)
-    for f in ("total_step", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "lora_alpha",
-              "orth_reg_weight"):
+    for f in (
+        "total_step",
+        "init_r",
+        "target_r",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "beta1",
+        "beta2",
+        "lora_alpha",
+        "orth_reg_weight",
+    ):
         assert getattr(c, f) == getattr(pc, f), f
     assert c.task_type == "CAUSAL_LM"
-    assert {n for n, _ in m.adapted_layers()} == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    assert {n for n, _ in m.adapted_layers()} == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
     for _, layer in m.adapted_layers():
         assert layer.r["default"] == 6 and layer.scaling["default"] == 16
 
@@ -160,7 +198,9 @@ def test_no_default_targets_for_unknown_model_raises():
 
 
 def test_config_dict_round_trip():
-    c = af.AdaLoraConfig(total_step=77, init_r=5, target_r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    c = af.AdaLoraConfig(
+        total_step=77, init_r=5, target_r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     d = c.to_dict()
     assert d["peft_type"] == "ADALORA" and d["target_modules"] == ["q_proj", "v_proj"]
     c2 = af.AdaLoraConfig.from_dict(d)

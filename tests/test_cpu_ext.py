@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 from conftest import set_impl
-from tolerances import assert_close
 
 import adalora_fast.reference as ref
 from adalora_fast import ops
 from adalora_fast.ops import cpu_ext
+from tolerances import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,9 @@ def test_ext_and_torch_paths_agree_in_distribution(monkeypatch, ext):
         clean = ops.adapter_linear(x, W, b, A, E, B, 1.0, rn, 0.0, True, False)
         for flag in ("cpp", "torch"):
             set_impl(monkeypatch, flag)
-            runs = torch.stack([ops.adapter_linear(x, W, b, A, E, B, 1.0, rn, 0.2, True, False, seed=s)
-                                for s in range(300)])
+            runs = torch.stack(
+                [ops.adapter_linear(x, W, b, A, E, B, 1.0, rn, 0.2, True, False, seed=s) for s in range(300)]
+            )
             err = (runs.mean(0) - clean).abs().max() / (clean - x @ W.T - b).abs().max()
             assert err < 0.15, f"path {flag}: mean over seeds is off by {err:.3f} of the adapter term"
 

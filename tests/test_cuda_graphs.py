@@ -14,12 +14,13 @@ import math
 
 import pytest
 import torch
-from adalora_fast.kernels import _launch
 
 from adalora_fast import ops
+from adalora_fast.kernels import _launch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: CUDA graph capture (no GPU on this machine)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graph capture (no GPU on this machine)"
+)
 
 N, K, D, R = 256, 192, 160, 12
 
@@ -27,7 +28,9 @@ N, K, D, R = 256, 192, 160, 12
 def _weights(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = (torch.randn(D, K, generator=g) / math.sqrt(K)).to("cuda", dtype)
-    A, E, B = (torch.randn(*s, generator=g).mul(0.5).to("cuda", dtype).requires_grad_() for s in ((R, K), (R, 1), (D, R)))
+    A, E, B = (
+        torch.randn(*s, generator=g).mul(0.5).to("cuda", dtype).requires_grad_() for s in ((R, K), (R, 1), (D, R))
+    )
     return W, A, E, B
 
 
@@ -66,8 +69,13 @@ def test_layer_without_dropout_replays_like_eager(dtype):
         assert torch.equal(out, want), f"replay {i}: forward differs from eager"
         for name, t, w in zip(("dx", "dA", "dE", "dB"), (x, A, E, B), leaves):
             # dA / dB / dE sum with fp32 atomics (order varies): equal up to rounding
-            torch.testing.assert_close(t.grad, w.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                                       atol=1e-6 if dtype == torch.float32 else 1e-3, msg=f"replay {i}: {name}")
+            torch.testing.assert_close(
+                t.grad,
+                w.grad,
+                rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                atol=1e-6 if dtype == torch.float32 else 1e-3,
+                msg=f"replay {i}: {name}",
+            )
 
 
 def _capture(fn):
@@ -123,8 +131,13 @@ def test_dropout_replays_draw_new_masks_and_match_eager_for_their_seed(dtype):
         want.backward(go)
         assert torch.equal(out, want), f"replay {i}: forward differs from eager with the replay's seed"
         for name, t, w in zip(("dx", "dA", "dE", "dB"), (x, A, E, B), leaves):
-            torch.testing.assert_close(t.grad, w.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                                       atol=1e-6 if dtype == torch.float32 else 1e-3, msg=f"replay {i}: {name}")
+            torch.testing.assert_close(
+                t.grad,
+                w.grad,
+                rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                atol=1e-6 if dtype == torch.float32 else 1e-3,
+                msg=f"replay {i}: {name}",
+            )
     assert results[0][2] != results[1][2], "two replays drew one seed"
     assert not torch.equal(results[0][0], results[1][0]), "two replays drew one mask"
     torch.manual_seed(123)
@@ -140,8 +153,14 @@ def _model(p=0.1):
     from tiny_models import tiny_llama
 
     base = tiny_llama(max_position_embeddings=32).to("cuda")
-    cfg = af.AdaLoraConfig(init_r=4, target_r=2, total_step=100, lora_alpha=8, lora_dropout=p,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    cfg = af.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        total_step=100,
+        lora_alpha=8,
+        lora_dropout=p,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = af.get_peft_model(base, cfg)
     for _, m in model.adapted_layers():  # E = 0 at init would hide the adapters
         torch.nn.init.normal_(m.lora_E["default"], std=0.1)

@@ -26,9 +26,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_models import tiny_llama
 
 import adalora_fast as af
+from tiny_models import tiny_llama
 
 SCHEDULE = dict(init_r=6, target_r=3, tinit=4, tfinal=8, deltaT=3, total_step=30, beta1=0.85, beta2=0.85)
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -46,8 +46,10 @@ def build():
     base = base_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = af.get_peft_model(base, af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS, lora_alpha=16,
-                                                         lora_dropout=0.0, orth_reg_weight=0.5))
+        model = af.get_peft_model(
+            base,
+            af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS, lora_alpha=16, lora_dropout=0.0, orth_reg_weight=0.5),
+        )
     for _, m in model.adapted_layers():  # E = 0 at init: give the adapters a say from step 0
         torch.nn.init.normal_(m.lora_E["default"], std=0.1)
     return model
@@ -88,7 +90,9 @@ def train(model, forward, ids_of, params, save=None):
         losses.append(loss.item())
         patterns.append(copy.deepcopy(model.rank_pattern))
         if step == MID_STEP:
-            mid = {k: v.clone() for k, v in model.allocator_checkpoint().items()}  # collective under FSDP; CPU tensors alias the live state
+            mid = {
+                k: v.clone() for k, v in model.allocator_checkpoint().items()
+            }  # collective under FSDP; CPU tensors alias the live state
             if save is not None:
                 save(step)
     return losses, patterns, mid
@@ -112,15 +116,20 @@ def _rank_run(rank: int, world: int, mode: str, out: str):
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frozen and trained parameters in one unit
-            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
-                                               use_orig_params=True, device_id=torch.device("cpu"))
+            wrapped = FullyShardedDataParallel(
+                model,
+                auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                use_orig_params=True,
+                device_id=torch.device("cpu"),
+            )
     data = batches()
     per = GLOBAL_BATCH // world
     save_dir = os.path.join(out, mode)
 
     def save(step):
-        model.save_pretrained(os.path.join(save_dir, f"step{step}"), is_main_process=rank == 0,
-                              save_allocator_state=True)
+        model.save_pretrained(
+            os.path.join(save_dir, f"step{step}"), is_main_process=rank == 0, save_allocator_state=True
+        )
 
     params = [p for p in wrapped.parameters() if p.requires_grad]
     losses, patterns, mid = train(model, wrapped, lambda s: data[s][rank * per : (rank + 1) * per], params, save)
@@ -202,8 +211,9 @@ def test_checkpoint_saved_under_sharding_loads_in_one_process(runs, mode):
             theirs = peft.PeftModel.from_pretrained(base_model(), os.path.join(out, mode, "final"))
         _close(theirs(input_ids=ids).logits, want, f"{mode}: PEFT's load of the sharded checkpoint")
     # the mid-run checkpoint resumes in one process with the gathered allocator state
-    resumed = af.AdaLoraModel.from_pretrained(base_model(), os.path.join(out, mode, f"step{MID_STEP}"),
-                                              is_trainable=True)
+    resumed = af.AdaLoraModel.from_pretrained(
+        base_model(), os.path.join(out, mode, f"step{MID_STEP}"), is_trainable=True
+    )
     assert resumed.rankallocator.last_step == MID_STEP
     for key, v in resumed.allocator_checkpoint().items():
         _close(v, ranks[mode][0]["mid"][key], f"{mode}: resumed {key}")

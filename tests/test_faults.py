@@ -24,18 +24,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_llama
 
 import adalora_fast as af
 from adalora_fast import CheckpointError
 from adalora_fast.save_load import ALLOCATOR_STATE_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from tiny_models import tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CONFIG_NAME = "adapter_config.json"
 # warm-up 0..2, masks at 4 and 6 (reduction), final mask from step 9
-SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12, lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"])
+SCHEDULE = dict(
+    init_r=4,
+    target_r=2,
+    tinit=2,
+    tfinal=3,
+    deltaT=2,
+    total_step=12,
+    lora_dropout=0.0,
+    target_modules=["q_proj", "v_proj"],
+)
 
 
 def _model(**over):
@@ -73,8 +81,14 @@ def _env():
 def _spawn(script_text, path, *argv):
     with open(path, "w") as f:
         f.write(script_text)
-    return subprocess.Popen([sys.executable, str(path), *map(str, argv)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(path), *map(str, argv)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait(proc, ok=(0,)):
@@ -148,8 +162,10 @@ def _files(d):
         p = os.path.join(d, f)
         if f.endswith(".safetensors"):
             tensors, meta = read_safetensors(p, f)
-            out[f] = (sorted(meta.items()), sorted((k, v.dtype, tuple(v.shape), v.flatten().tolist())
-                                                  for k, v in tensors.items()))
+            out[f] = (
+                sorted(meta.items()),
+                sorted((k, v.dtype, tuple(v.shape), v.flatten().tolist()) for k, v in tensors.items()),
+            )
         else:
             with open(p, "rb") as fh:
                 out[f] = fh.read()
@@ -165,7 +181,9 @@ def _check_killed_saves(root):
             m = _load(d, trainable=True)
             ref[name]["resume"] = (m.rankallocator.last_step, _adapters(m), m.rankallocator.m1.clone())
     old_files, new_files = _files(old), _files(new)
-    kills = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("kill")), key=lambda p: int(p.name[4:]))
+    kills = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("kill")), key=lambda p: int(p.name[4:])
+    )
     assert len(kills) >= 5, [p.name for p in kills]
     outcomes = []
     for d in kills:
@@ -210,7 +228,9 @@ def test_save_killed_at_every_file_leaves_old_new_or_a_named_error(tmp_path, saf
     out = _wait(proc)
     assert "KILL_POINTS" in out, out[-2000:]
     outcomes = _check_killed_saves(tmp_path)
-    last = max((p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("kill")), key=lambda p: int(p.name[4:]))
+    last = max(
+        (p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("kill")), key=lambda p: int(p.name[4:])
+    )
     assert _files(last) == _files(tmp_path / "new")  # the completed save: exactly the new files, nothing stale
     if not safe:
         assert (tmp_path / "new" / LEGACY_WEIGHTS_NAME).exists() and not (tmp_path / "new" / WEIGHTS_NAME).exists()
@@ -316,7 +336,8 @@ def test_trainer_killed_during_a_save_with_save_total_limit_1_resumes_exactly(tm
     assert os.listdir(tmp_path / "rot") == ["checkpoint-8"]  # checkpoint-4 was rotated away before the kill
     ck8 = tmp_path / "rot" / "checkpoint-8"
     assert {ALLOCATOR_STATE_NAME, WEIGHTS_NAME, CONFIG_NAME, "model.safetensors", "trainer_state.json"} <= set(
-        os.listdir(ck8))
+        os.listdir(ck8)
+    )
     # the kill inside the callback's write: checkpoint-8 has the new adapter file only; checkpoint-4 whole
     assert sorted(os.listdir(tmp_path / "mid")) == ["checkpoint-4", "checkpoint-8"]
     assert {f for f in os.listdir(tmp_path / "mid" / "checkpoint-8") if ".tmp-" not in f} == {WEIGHTS_NAME}
@@ -347,9 +368,18 @@ def _copy(saved, tmp_path, name="ckpt"):
     return d
 
 
-@pytest.mark.parametrize("name,how", [(WEIGHTS_NAME, "truncate"), (WEIGHTS_NAME, "empty"), (CONFIG_NAME, "empty"),
-                                      (CONFIG_NAME, "truncate"), (ALLOCATOR_STATE_NAME, "truncate"),
-                                      (ALLOCATOR_STATE_NAME, "garbage"), (LEGACY_WEIGHTS_NAME, "truncate")])
+@pytest.mark.parametrize(
+    "name,how",
+    [
+        (WEIGHTS_NAME, "truncate"),
+        (WEIGHTS_NAME, "empty"),
+        (CONFIG_NAME, "empty"),
+        (CONFIG_NAME, "truncate"),
+        (ALLOCATOR_STATE_NAME, "truncate"),
+        (ALLOCATOR_STATE_NAME, "garbage"),
+        (LEGACY_WEIGHTS_NAME, "truncate"),
+    ],
+)
 def test_torn_or_corrupt_file_raises_naming_it(saved, tmp_path, name, how):
     d = _copy(saved, tmp_path)
     if name == LEGACY_WEIGHTS_NAME:
@@ -507,8 +537,16 @@ def test_a_gradient_of_the_old_shape_is_refused():
 
 
 # ----------------------------------------------------------------------------- bad values
-@pytest.mark.parametrize("field,value", [("orth_reg_weight", math.nan), ("orth_reg_weight", math.inf),
-                                         ("lora_alpha", math.nan), ("lora_alpha", -8), ("lora_alpha", math.inf)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("orth_reg_weight", math.nan),
+        ("orth_reg_weight", math.inf),
+        ("lora_alpha", math.nan),
+        ("lora_alpha", -8),
+        ("lora_alpha", math.inf),
+    ],
+)
 def test_non_finite_or_negative_weights_and_alphas_raise(field, value):
     with pytest.raises(ValueError) as ei:
         af.AdaLoraConfig(total_step=10, **{field: value})
@@ -573,7 +611,7 @@ def test_fp64_model_gets_fp64_adapters_as_in_peft(tmp_path):
     torch.manual_seed(0)
     theirs = peft.get_peft_model(tiny_llama(max_position_embeddings=64).double(), peft.AdaLoraConfig(**SCHEDULE))
     a = {n: p for n, p in ours.named_parameters() if "lora_" in n or "ranknum" in n}
-    b = {n[len("base_model."):]: p for n, p in theirs.named_parameters() if "lora_" in n or "ranknum" in n}
+    b = {n[len("base_model.") :]: p for n, p in theirs.named_parameters() if "lora_" in n or "ranknum" in n}
     assert a.keys() == b.keys()
     for n in a:
         assert a[n].dtype == b[n].dtype == torch.float64, n
@@ -583,4 +621,5 @@ def test_fp64_model_gets_fp64_adapters_as_in_peft(tmp_path):
     assert {v.dtype for v in load_file(str(tmp_path / WEIGHTS_NAME)).values()} == {torch.float64}
     back = _load(tmp_path, trainable=True, base=tiny_llama(max_position_embeddings=64).double())
     assert back.rankallocator.last_step == 4 and all(
-        p.dtype == torch.float64 for n, p in back.named_parameters() if "lora_" in n)
+        p.dtype == torch.float64 for n, p in back.named_parameters() if "lora_" in n
+    )

@@ -35,7 +35,9 @@ def test_label_mapping_and_rows(rows):
 
 def test_label_mapping_from_a_small_csv(tmp_path):
     p = tmp_path / "c.csv"
-    p.write_bytes("sentiment,confidence,text\nnegative,1,bad\nNeutral,0.6,meh caf\xe9\npositive,,good\n".encode("latin-1"))
+    p.write_bytes(
+        "sentiment,confidence,text\nnegative,1,bad\nNeutral,0.6,meh caf\xe9\npositive,,good\n".encode("latin-1")
+    )
     assert ft.read_corpus(str(p)) == [("bad", 0), ("meh caf\xe9", 1), ("good", 2)]
     p.write_text("sentiment,confidence,text\nangry,1,grr\n", encoding="latin-1")
     with pytest.raises(ValueError, match="angry"):

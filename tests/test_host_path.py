@@ -30,8 +30,9 @@ def _layer(N=24, k=40, d=32, r=12, dtype=torch.float32, adapter_dtype=torch.floa
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, k, generator=g).to(dtype).requires_grad_()
     W = (torch.randn(d, k, generator=g) / k**0.5).to(dtype)
-    A, E, B = (torch.randn(*s, generator=g).mul(0.5).to(adapter_dtype).requires_grad_()
-               for s in ((r, k), (r, 1), (d, r)))
+    A, E, B = (
+        torch.randn(*s, generator=g).mul(0.5).to(adapter_dtype).requires_grad_() for s in ((r, k), (r, 1), (d, r))
+    )
     return x, W, A, E, B, torch.tensor([float(r)])
 
 
@@ -66,7 +67,11 @@ def test_adapter_grads_are_views_of_one_buffer_with_the_params_layout(use_backen
     x, W, A, E, B, rk = _layer()
     ops.adapter_linear(x, W, None, A, E, B, 2.0, rk, 0.0, True).sum().backward()
     first = [p.grad.clone() for p in (A, E, B)]
-    assert A.grad.untyped_storage().data_ptr() == B.grad.untyped_storage().data_ptr() == E.grad.untyped_storage().data_ptr()
+    assert (
+        A.grad.untyped_storage().data_ptr()
+        == B.grad.untyped_storage().data_ptr()
+        == E.grad.untyped_storage().data_ptr()
+    )
     for p in (A, E, B):
         assert p.grad.shape == p.shape and p.grad.stride() == p.stride()
     ops.adapter_linear(x, W, None, A, E, B, 2.0, rk, 0.0, True).sum().backward()
@@ -161,15 +166,32 @@ def test_launches_per_layer_step_at_most_peft_lora(host_path_env, setting):
 def test_bench_targets_from_rows():
     hp = pytest.importorskip("bench.host_path")
     rows = [
-        {"section": hp.SECTION, "setting": "bf16", "metric": "adapter host overhead us (minus base)", "ours": 40.0,
-         "peft_lora": 100.0},
-        {"section": hp.SECTION, "setting": "bf16", "metric": "device launches per layer step", "ours": 9,
-         "peft_lora": 14},
-        {"section": hp.SECTION, "setting": "fp32_adapters", "metric": "adapter host overhead us (minus base)",
-         "ours": 60.0, "peft_lora": 100.0},
+        {
+            "section": hp.SECTION,
+            "setting": "bf16",
+            "metric": "adapter host overhead us (minus base)",
+            "ours": 40.0,
+            "peft_lora": 100.0,
+        },
+        {
+            "section": hp.SECTION,
+            "setting": "bf16",
+            "metric": "device launches per layer step",
+            "ours": 9,
+            "peft_lora": 14,
+        },
+        {
+            "section": hp.SECTION,
+            "setting": "fp32_adapters",
+            "metric": "adapter host overhead us (minus base)",
+            "ours": 60.0,
+            "peft_lora": 100.0,
+        },
         {"section": "layer", "setting": None, "metric": "forward", "ours": 1.0, "peft_lora": 1.0},
     ]
     ts = hp.targets(rows)
     assert [(t["target"].split(": ")[1], t["met"]) for t in ts] == [
-        ("ours / PEFT LoRA host overhead", True), ("launches ours / PEFT LoRA", True),
-        ("ours / PEFT LoRA host overhead", False)]
+        ("ours / PEFT LoRA host overhead", True),
+        ("launches ours / PEFT LoRA", True),
+        ("ours / PEFT LoRA host overhead", False),
+    ]

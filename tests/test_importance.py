@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_for
-from tiny_models import LAYOUT_SHAPES, adapter_params
-from tolerances import assert_close
 from torch import nn
 
 from adalora_fast import ops, reference
 from adalora_fast.ops import FlatLayout
 from adalora_fast.ops.layout import KIND_A, KIND_B, KIND_E, split_kinds, tensor_index
+from tiny_models import LAYOUT_SHAPES, adapter_params
+from tolerances import assert_close
+
 # Shapes crossing the Triton kernel's tiles (16 triplets x 128 columns): r > 16, k and d > 128.
 TILE_SHAPES = [(12, 40, 24), (6, 40, 24), (0, 17, 9), (1, 33, 70), (32, 80, 16), (12, 40, 24), (20, 19, 300)]
 LAYOUTS = {"small": LAYOUT_SHAPES, "tiles": TILE_SHAPES}
@@ -51,8 +52,9 @@ def _expected_scores(layout, m1s, m2s):
     """reference.triplet_scores of every layer, from per-tensor reference states."""
     out = []
     for i in range(layout.n_layers):
-        sA, sB, sE = (reference.element_score(m1s[tensor_index(i, k)], m2s[tensor_index(i, k)])
-                      for k in (KIND_A, KIND_B, KIND_E))
+        sA, sB, sE = (
+            reference.element_score(m1s[tensor_index(i, k)], m2s[tensor_index(i, k)]) for k in (KIND_A, KIND_B, KIND_E)
+        )
         out.append(reference.triplet_scores(sA, sE, sB))
     return torch.cat(out)
 
@@ -112,8 +114,10 @@ def test_importance_update_half_parameters(impl, dtype):
     params = adapter_params(LAYOUT_SHAPES, gen, dtype)
     grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
     m1, m2 = torch.rand(layout.numel, generator=gen), torch.rand(layout.numel, generator=gen)
-    ref = [reference.importance_update(p, g, _view(layout, m1, t), _view(layout, m2, t), 0.85, 0.8)
-           for t, (p, g) in enumerate(zip(params, grads))]
+    ref = [
+        reference.importance_update(p, g, _view(layout, m1, t), _view(layout, m2, t), 0.85, 0.8)
+        for t, (p, g) in enumerate(zip(params, grads))
+    ]
     scores = ops.importance_update(layout, params, grads, m1, m2, 0.85, 0.8, want_scores=True)
     for t, (e1, e2, _) in enumerate(ref):
         assert_close(_view(layout, m1, t), e1, dtype, f"m1 {t}")
@@ -179,11 +183,13 @@ def test_importance_update_rejects_a_wrong_state(impl):
     with pytest.raises(ValueError, match="m1"):
         ops.importance_update(layout, params, grads, torch.zeros(layout.numel + 1), torch.zeros(layout.numel), 0.8, 0.8)
     with pytest.raises(ValueError, match="m2"):
-        ops.importance_update(layout, params, grads, torch.zeros(layout.numel), torch.zeros(layout.numel).double(),
-                              0.8, 0.8)
+        ops.importance_update(
+            layout, params, grads, torch.zeros(layout.numel), torch.zeros(layout.numel).double(), 0.8, 0.8
+        )
     with pytest.raises(ValueError, match="shape"):
-        ops.importance_update(layout, params[3:] + params[:3], grads, torch.zeros(layout.numel),
-                              torch.zeros(layout.numel), 0.8, 0.8)
+        ops.importance_update(
+            layout, params[3:] + params[:3], grads, torch.zeros(layout.numel), torch.zeros(layout.numel), 0.8, 0.8
+        )
 
 
 def test_importance_update_checks_replaced_data_every_call(impl):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import device_for
-from tolerances import assert_close
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adalora_fast import reference
 from adalora_fast.layer import AdaLoraLinear
+from tolerances import assert_close
 
 
 def _base(kind, k, d, bias, seed):
@@ -70,8 +70,11 @@ def test_adalora_linear_forward_and_grads_match_reference(impl, kind, bias):
     out = layer(x)
     (out * go).sum().backward()
     a = "default"
-    A, E, B = (layer.lora_A[a].detach().clone().requires_grad_(), layer.lora_E[a].detach().clone().requires_grad_(),
-               layer.lora_B[a].detach().clone().requires_grad_())
+    A, E, B = (
+        layer.lora_A[a].detach().clone().requires_grad_(),
+        layer.lora_E[a].detach().clone().requires_grad_(),
+        layer.lora_B[a].detach().clone().requires_grad_(),
+    )
     x2 = x.detach().clone().requires_grad_()
     rout = reference.adapter_linear(x2, base.weight, base.bias, A, E, B, 16, layer.ranknum[a], 0.0, kind == "conv1d")
     (rout * go).sum().backward()

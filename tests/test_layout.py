@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import LAYOUT_SHAPES, adapter_params
 
 from adalora_fast.ops import FlatLayout
 from adalora_fast.ops.layout import KIND_A, KIND_B, KIND_E, split_kinds, tensor_index
+from tiny_models import LAYOUT_SHAPES, adapter_params
 
 
 def test_layout_offsets_cover_state_once():
@@ -43,6 +43,9 @@ def test_layout_of_shape_table_gives_the_layout_back():
     layout = FlatLayout(LAYOUT_SHAPES)
     assert FlatLayout.of_shape_table(layout.shape_table) is layout
     other = FlatLayout(LAYOUT_SHAPES)
-    assert FlatLayout.of_shape_table(other.shape_table) is other and FlatLayout.of_shape_table(layout.shape_table) is layout
+    assert (
+        FlatLayout.of_shape_table(other.shape_table) is other
+        and FlatLayout.of_shape_table(layout.shape_table) is layout
+    )
     rebuilt = FlatLayout.of_shape_table(layout.shape_table.clone())  # an equal table of no live layout: rebuilt
     assert rebuilt.shapes == layout.shapes and rebuilt.offsets == layout.offsets

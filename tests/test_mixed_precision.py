@@ -33,8 +33,18 @@ SETTINGS = {  # name: (base dtype, autocast dtype or None, dtype the model compu
 
 def _pair(base_dtype):
     base = tiny_llama(max_position_embeddings=32).to(base_dtype)
-    kw = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8, lora_dropout=0.0,
-              orth_reg_weight=0.5, target_modules=TARGETS)
+    kw = dict(
+        init_r=4,
+        target_r=2,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        total_step=8,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        orth_reg_weight=0.5,
+        target_modules=TARGETS,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(task_type="CAUSAL_LM", **kw))
@@ -49,7 +59,7 @@ def _pair(base_dtype):
 
 
 def _lora_params(model):
-    return {n[n.index("layers."):]: p for n, p in model.named_parameters() if "lora_" in n}
+    return {n[n.index("layers.") :]: p for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -72,8 +82,9 @@ def test_training_steps_match_peft(setting, monkeypatch):
         assert set(po) == set(pp)
         # each gradient judged against the largest of its kind (A, B or E): dE = s Σ gB ⊙ t cancels to
         # ~1e-6 in places, while the half-precision rounding scales with the summands
-        kind_scale = {k: max(g.grad.abs().max().item() for n, g in pp.items() if k in n)
-                      for k in ("lora_A", "lora_B", "lora_E")}
+        kind_scale = {
+            k: max(g.grad.abs().max().item() for n, g in pp.items() if k in n) for k in ("lora_A", "lora_B", "lora_E")
+        }
         for n in po:
             kind = next(k for k in kind_scale if k in n)
             assert_close(po[n].grad, pp[n].grad, compute, f"{setting} step {step} grad {n}", scale=kind_scale[kind])
@@ -99,8 +110,10 @@ def test_penalty_matches_peft_and_its_gradient(setting, impl):
     with ctx:
         pen = ours.orth_penalty()
         lora = [p for n, p in pm.named_parameters() if "lora_A" in n or "lora_B" in n]
-        ref = sum(torch.norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(min(p.shape)), p="fro")
-                  for (n, p) in [(n, p) for n, p in pm.named_parameters() if "lora_A" in n or "lora_B" in n]) / len(lora)
+        ref = sum(
+            torch.norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(min(p.shape)), p="fro")
+            for (n, p) in [(n, p) for n, p in pm.named_parameters() if "lora_A" in n or "lora_B" in n]
+        ) / len(lora)
     assert pen.dtype == torch.float32
     assert_close(pen, ref.float(), torch.float32 if ac_dtype is None else ac_dtype, f"{setting} penalty")
     pen.backward()  # autocast off, as a training loop's backward runs

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tiny_models import tiny_llama
 from transformers import BertConfig, BertForSequenceClassification, LlamaForSequenceClassification
 
 import adalora_fast as af
+from tiny_models import tiny_llama
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
@@ -25,13 +25,24 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=6,
 
 def _bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                     max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
 def _llama():
-    return tiny_llama(cls=LlamaForSequenceClassification, max_position_embeddings=64, num_labels=2, pad_token_id=0).eval()
+    return tiny_llama(
+        cls=LlamaForSequenceClassification, max_position_embeddings=64, num_labels=2, pad_token_id=0
+    ).eval()
 
 
 MODELS = {"bert": (_bert, ["query", "value"], "classifier", 3), "llama": (_llama, ["q_proj", "v_proj"], "score", 2)}
@@ -100,11 +111,17 @@ def test_task_head_is_a_trainable_copy_as_in_peft(kind, source, capsys):
     assert isinstance(w, af.ModulesToSaveWrapper)
     assert type(w.original_module) is type(w.modules_to_save["default"]) is nn.Linear
     assert w.modules_to_save["default"] is not w.original_module
-    assert ours.peft_config["default"].modules_to_save == pm.peft_config["default"].modules_to_save == ["classifier", "score"]
+    assert (
+        ours.peft_config["default"].modules_to_save
+        == pm.peft_config["default"].modules_to_save
+        == ["classifier", "score"]
+    )
     assert ours.modules_to_save == pm.modules_to_save == {"classifier", "score"}
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in pm.base_model.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if "lora_" not in n} == {n for n, _ in w.modules_to_save.named_parameters(prefix=f"model.{head_name}.modules_to_save")}
+    assert {n for n in trainable if "lora_" not in n} == {
+        n for n, _ in w.modules_to_save.named_parameters(prefix=f"model.{head_name}.modules_to_save")
+    }
     assert not any(p.requires_grad for p in w.original_module.parameters())
     assert list(ours.state_dict()) == list(pm.base_model.state_dict())
     assert ours.targeted_module_names == pm.base_model.targeted_module_names  # the head is not adapted
@@ -136,7 +153,9 @@ def test_trained_head_saves_and_loads_both_ways_with_peft(kind, source, tmp_path
     t_peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert set(t_ours) == set(t_peft)
     head_keys = {k for k in t_peft if "lora_" not in k}
-    assert head_keys == {f"base_model.model.{MODELS[kind][2]}.{k}" for k in head.modules_to_save["default"].state_dict()}
+    assert head_keys == {
+        f"base_model.model.{MODELS[kind][2]}.{k}" for k in head.modules_to_save["default"].state_dict()
+    }
     for k in t_peft:
         torch.testing.assert_close(t_ours[k], t_peft[k], rtol=1e-5, atol=1e-6, msg=k)
     c_ours = json.load(open(tmp_path / "ours" / "adapter_config.json"))
@@ -202,7 +221,8 @@ def test_user_modules_to_save_join_the_task_defaults_as_in_peft(tmp_path):
     assert ours.modules_to_save == pm.modules_to_save == {"pooler", "classifier", "score"}
     assert isinstance(ours.model.bert.pooler, af.ModulesToSaveWrapper)
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in pm.base_model.named_parameters() if p.requires_grad}
+        n for n, p in pm.base_model.named_parameters() if p.requires_grad
+    }
     _train_pair(ours, pm, "bert", steps=range(2))
     expect = _logits(ours, "bert")
     ours.save_pretrained(str(tmp_path))
@@ -220,7 +240,8 @@ def test_user_modules_to_save_on_a_causal_lm(tmp_path):
     ours = af.get_peft_model(make(), af.AdaLoraConfig(**kw))
     pm = peft.get_peft_model(make(), peft.AdaLoraConfig(**kw))
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in pm.base_model.named_parameters() if p.requires_grad}
+        n for n, p in pm.base_model.named_parameters() if p.requires_grad
+    }
     with torch.no_grad():
         ours.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -260,7 +281,8 @@ def test_bad_modules_to_save_raise_naming_the_field():
 def test_bias_all_with_a_head_writes_peft_keys_and_loads_both_ways(tmp_path):
     ours, pm = _pair("bert", bias="all")
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in pm.base_model.named_parameters() if p.requires_grad}
+        n for n, p in pm.base_model.named_parameters() if p.requires_grad
+    }
     _train_pair(ours, pm, "bert", steps=range(3))
     expect = _logits(ours, "bert")
     ours.save_pretrained(str(tmp_path / "ours"))

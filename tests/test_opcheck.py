@@ -47,8 +47,9 @@ def test_adapter_linear_backward(impl):
     _, t, seed = OPS.adapter_linear(x, W, b, A, E, B, scaling, rk, p, fifo, seed)
     g = torch.randn(x.shape[0], W.shape[0]).to(dev)
     for need_x, need_lora in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(OPS.adapter_linear_backward,
-                              (g, x, t, W, A, E, B, scaling, rk, p, fifo, seed, need_x, need_lora))
+        torch.library.opcheck(
+            OPS.adapter_linear_backward, (g, x, t, W, A, E, B, scaling, rk, p, fifo, seed, need_x, need_lora)
+        )
 
 
 def _allocator_args(want, dev="cpu"):

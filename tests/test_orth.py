@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close, rtol_for
 
 from adalora_fast import ops, reference
+from tolerances import assert_close, rtol_for
 
 SHAPE_SETS = {
     # repeated shapes (one group of 3 layers), r = 0 and r = 1 layers, k != d
@@ -61,7 +61,8 @@ def test_orth_penalty_is_peft_mean_with_rank_zero_layers(impl):
     shapes = SHAPE_SETS["mixed"]
     As, Bs = _mats(shapes, seed=5)
     manual = sum(
-        torch.linalg.matrix_norm(a @ a.T - torch.eye(a.shape[0])) + torch.linalg.matrix_norm(b.T @ b - torch.eye(b.shape[1]))
+        torch.linalg.matrix_norm(a @ a.T - torch.eye(a.shape[0]))
+        + torch.linalg.matrix_norm(b.T @ b - torch.eye(b.shape[1]))
         for a, b in zip(As, Bs)
     ) / (2 * len(shapes))
     assert_close(ops.orth_penalty(As, Bs).detach(), manual.detach(), what="penalty")

@@ -51,8 +51,9 @@ def test_transformers_imports_from_the_repository_root():
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = json.loads(proc.stdout.strip().splitlines()[-1])
     if _hf_kernels_installed():

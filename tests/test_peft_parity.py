@@ -10,9 +10,9 @@ import warnings
 import peft
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
 
 import adalora_fast as af
+from tiny_models import tiny_gpt2, tiny_llama
 
 SCHEDULE = dict(init_r=6, target_r=3, tinit=4, tfinal=8, deltaT=3, total_step=30, beta1=0.85, beta2=0.85)
 
@@ -54,7 +54,9 @@ def run_pair(make, backend, monkeypatch, steps=30):
         opt_o.step()
         ours.update_and_allocate(step)
         opt_o.zero_grad()
-        history.append((step, lp.item(), lo.item(), copy.deepcopy(pm.peft_config["default"].rank_pattern), ours.rank_pattern))
+        history.append(
+            (step, lp.item(), lo.item(), copy.deepcopy(pm.peft_config["default"].rank_pattern), ours.rank_pattern)
+        )
     return pm, ours, history
 
 

@@ -16,11 +16,11 @@ import transformers
 from peft.tuners.adalora import AdaLoraConfig as PeftAdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel as PeftAdaLoraModel
 from peft.tuners.adalora import SVDLinear
-from tiny_models import tiny_llama
 from torch import nn
 
 import adalora_fast as af
 from adalora_fast import auto_schedule, peft_patch
+from tiny_models import tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -263,7 +263,9 @@ class Three(nn.Module):
 def test_layers_our_op_cannot_run_fall_back_to_peft_forward():
     af.patch_peft()
     torch.manual_seed(0)
-    model = peft.get_peft_model(Three(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["a", "b", "c"]))
+    model = peft.get_peft_model(
+        Three(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["a", "b", "c"])
+    )
     for m in model.modules():
         if isinstance(m, SVDLinear):  # nonzero singular values, so the adapters change the output
             nn.init.normal_(m.lora_E["default"])
@@ -309,8 +311,13 @@ def test_unpatch_restores_peft_and_patching_twice_is_harmless():
     af.unpatch_peft()
     for key, fn in ORIGINAL.items():
         cls_name, attr = key.split(".")
-        cls = {"SVDLinear": SVDLinear, "AdaLoraModel": PeftAdaLoraModel, "AdaLoraConfig": PeftAdaLoraConfig,
-               "GradScaler": torch.amp.GradScaler, "Trainer": transformers.Trainer}[cls_name]
+        cls = {
+            "SVDLinear": SVDLinear,
+            "AdaLoraModel": PeftAdaLoraModel,
+            "AdaLoraConfig": PeftAdaLoraConfig,
+            "GradScaler": torch.amp.GradScaler,
+            "Trainer": transformers.Trainer,
+        }[cls_name]
         assert cls.__dict__[attr] is fn, key
     from torch.optim import optimizer as optim_mod
 
@@ -341,7 +348,7 @@ def test_from_pretrained_while_patched_is_accelerated(trainer_runs):
     reasons = peft_patch.explain(loaded)
     ranks = {n: sum(v) for n, v in run["pattern"].items()}
     for name, why in reasons.items():  # resized to the pattern: a layer that kept nothing has rank 0
-        r = ranks[name[len("base_model.model."):] + ".lora_E.default"]
+        r = ranks[name[len("base_model.model.") :] + ".lora_E.default"]
         assert why == (None if r else "rank 0"), name
     torch.testing.assert_close(eval_logits(loaded), run["logits"], rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
@@ -354,7 +361,9 @@ def test_from_pretrained_while_patched_is_accelerated(trainer_runs):
 def test_peft_outside_the_tested_range_is_refused(monkeypatch):
     monkeypatch.setattr(peft_patch, "_PEFT", {})
     monkeypatch.setattr(peft, "__version__", "0.30.0")
-    with pytest.raises(RuntimeError, match=r"tested with peft >= 0\.21\.0, < 0\.22\.0; this environment has peft 0\.30\.0"):
+    with pytest.raises(
+        RuntimeError, match=r"tested with peft >= 0\.21\.0, < 0\.22\.0; this environment has peft 0\.30\.0"
+    ):
         af.patch_peft()
     with pytest.raises(RuntimeError, match="tested with peft"):
         af.accelerate(object())
@@ -368,20 +377,36 @@ def tokenizer():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(60)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def texts(n=64):
     g = torch.Generator().manual_seed(0)
-    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (int(torch.randint(6, 14, (1,), generator=g)),), generator=g))
-            for _ in range(n)]
+    return [
+        " ".join(
+            f"w{int(i)}" for i in torch.randint(0, 60, (int(torch.randint(6, 14, (1,), generator=g)),), generator=g)
+        )
+        for _ in range(n)
+    ]
 
 
 def train_args(cls, out_dir, **kw):
-    base = dict(output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=2e-2,
-                logging_steps=1, save_strategy="steps", save_steps=STEPS, report_to="none", use_cpu=True,
-                disable_tqdm=True, seed=0, log_level="error")
+    base = dict(
+        output_dir=str(out_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=STEPS,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        log_level="error",
+    )
     if cls.__name__ == "SFTConfig":
         base.update(bf16=False, gradient_checkpointing=False, max_length=16)
     base.update(kw)
@@ -427,13 +452,27 @@ def sft_runs(tmp_path_factory):
         out = tmp_path_factory.mktemp(f"sft_{mode}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = quiet(SFTTrainer(model=tiny_llama(), args=train_args(SFTConfig, out), train_dataset=data,
-                                       processing_class=tok, peft_config=peft.AdaLoraConfig(task_type="CAUSAL_LM", **SFT_SCHED)))
+            trainer = quiet(
+                SFTTrainer(
+                    model=tiny_llama(),
+                    args=train_args(SFTConfig, out),
+                    train_dataset=data,
+                    processing_class=tok,
+                    peft_config=peft.AdaLoraConfig(task_type="CAUSAL_LM", **SFT_SCHED),
+                )
+            )
             init = lora_init(trainer.model)
             trainer.train()
         model = trainer.model
-        runs[mode] = dict(model=model, trainer=trainer, losses=losses_of(trainer), pattern=pattern_of(model),
-                          checkpoint=out / f"checkpoint-{STEPS}", init=init, logits=eval_logits(model))
+        runs[mode] = dict(
+            model=model,
+            trainer=trainer,
+            losses=losses_of(trainer),
+            pattern=pattern_of(model),
+            checkpoint=out / f"checkpoint-{STEPS}",
+            init=init,
+            logits=eval_logits(model),
+        )
         af.unpatch_peft()
     # our native path, same init, same tokenised data and collator, through the HF Trainer (TRL 1.16's
     # fused LM head expects a transformers model, which our AdaLoraModel is not)
@@ -441,9 +480,15 @@ def sft_runs(tmp_path_factory):
     native = native_model(runs["patched"]["init"], lora_dropout=0.1, orth_reg_weight=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = quiet(transformers.Trainer(model=native, args=train_args(SFTConfig, tmp_path_factory.mktemp("sft_native")),
-                                             train_dataset=sft.train_dataset, data_collator=sft.data_collator,
-                                             callbacks=[af.AdaLoraCallback(native)]))
+        trainer = quiet(
+            transformers.Trainer(
+                model=native,
+                args=train_args(SFTConfig, tmp_path_factory.mktemp("sft_native")),
+                train_dataset=sft.train_dataset,
+                data_collator=sft.data_collator,
+                callbacks=[af.AdaLoraCallback(native)],
+            )
+        )
         trainer.train()
     runs["native"] = dict(losses=losses_of(trainer), pattern=native.rank_pattern)
     datasets.enable_progress_bars()
@@ -479,8 +524,14 @@ def token_dataset(n=64):
 def hf_trainer(model, out_dir, callbacks=(), **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quiet(transformers.Trainer(model=model, args=train_args(transformers.TrainingArguments, out_dir, **kw),
-                                          train_dataset=token_dataset(), callbacks=list(callbacks)))
+        return quiet(
+            transformers.Trainer(
+                model=model,
+                args=train_args(transformers.TrainingArguments, out_dir, **kw),
+                train_dataset=token_dataset(),
+                callbacks=list(callbacks),
+            )
+        )
 
 
 TRAINER_SCHED = dict(lora_dropout=0.1)
@@ -496,8 +547,18 @@ def trainer_runs(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    runs = {"accelerated": dict(model=model, trainer=trainer, losses=losses_of(trainer), pattern=pattern_of(model),
-                                checkpoint=out / f"checkpoint-{STEPS}", out=out, init=init, logits=eval_logits(model))}
+    runs = {
+        "accelerated": dict(
+            model=model,
+            trainer=trainer,
+            losses=losses_of(trainer),
+            pattern=pattern_of(model),
+            checkpoint=out / f"checkpoint-{STEPS}",
+            out=out,
+            init=init,
+            logits=eval_logits(model),
+        )
+    }
     af.unpatch_peft()
     native = native_model(init, **TRAINER_SCHED)
     trainer = hf_trainer(native, tmp_path_factory.mktemp("hf_native"), callbacks=[af.AdaLoraCallback(native)])
@@ -540,8 +601,14 @@ def test_checkpoints_load_in_unpatched_peft_in_another_process(sft_runs, trainer
         torch.save((EVAL_IDS, run["logits"]), tmp_path / f"{name}.pt")
         argv += [str(run["checkpoint"]), str(tmp_path / f"{name}.pt")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", UNPATCHED_LOAD, *argv], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", UNPATCHED_LOAD, *argv],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
@@ -559,7 +626,7 @@ def test_hf_trainer_resume_continues_the_schedule(trainer_runs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=str(full["out"] / "checkpoint-6"))  # in the reduction phase
-    assert losses_of(trainer)[-(STEPS - 6):] == full["losses"][6:]
+    assert losses_of(trainer)[-(STEPS - 6) :] == full["losses"][6:]
     assert pattern_of(model) == full["pattern"]
     ref = dict(full["model"].named_parameters())
     for n, p in model.named_parameters():
@@ -581,8 +648,9 @@ def test_hf_trainer_resume_continues_the_schedule(trainer_runs, tmp_path):
 def test_hf_trainer_takes_a_missing_total_step_from_max_steps(tmp_path):
     model = peft_model(patch=True, total_step=None)
     seen = spy_steps(model)
-    trainer = hf_trainer(model, tmp_path, save_strategy="no", gradient_accumulation_steps=2,
-                         per_device_train_batch_size=2)
+    trainer = hf_trainer(
+        model, tmp_path, save_strategy="no", gradient_accumulation_steps=2, per_device_train_batch_size=2
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()

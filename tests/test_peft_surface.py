@@ -12,15 +12,24 @@ import numpy as np
 import peft
 import pytest
 import torch
-from tiny_models import tiny_llama
 from transformers import LlamaForCausalLM
 
 import adalora_fast as af
+from tiny_models import tiny_llama
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
-SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8,
-                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+SCHEDULE = dict(
+    init_r=4,
+    target_r=2,
+    tinit=1,
+    tfinal=2,
+    deltaT=1,
+    total_step=8,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj"],
+    task_type="CAUSAL_LM",
+)
 
 
 def _llama():
@@ -68,8 +77,18 @@ def test_base_model_is_the_tuner_and_get_base_model_the_wrapped_model():
     assert type(ours.get_base_model()) is type(pm.get_base_model()) is LlamaForCausalLM
     assert type(ours.base_model.model) is type(pm.base_model.model)
     # PEFT's documented call and its tuner attributes resolve the same way
-    for name in ("update_and_allocate", "rankallocator", "peft_config", "model", "targeted_module_names",
-                 "merge_and_unload", "unload", "disable_adapter_layers", "enable_adapter_layers", "active_adapter"):
+    for name in (
+        "update_and_allocate",
+        "rankallocator",
+        "peft_config",
+        "model",
+        "targeted_module_names",
+        "merge_and_unload",
+        "unload",
+        "disable_adapter_layers",
+        "enable_adapter_layers",
+        "active_adapter",
+    ):
         assert hasattr(pm.base_model, name), name
         assert hasattr(ours.base_model, name), name
     assert ours.base_model.targeted_module_names == pm.base_model.targeted_module_names
@@ -121,7 +140,9 @@ def test_merge_and_unload_and_unload_take_peft_arguments():
     adapted = _logits(ours)
     torch.testing.assert_close(_logits(pm), adapted, rtol=1e-5, atol=1e-5)
     merged = ours.merge_and_unload(True, True, ["default"])  # progressbar, safe_merge, adapter_names as in PEFT
-    torch.testing.assert_close(_logits(merged), _logits(pm.merge_and_unload(True, True, ["default"])), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(merged), _logits(pm.merge_and_unload(True, True, ["default"])), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(_logits(merged), adapted, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="adapter_names"):
         _pair()[0].merge_and_unload(adapter_names=["other"])
@@ -171,8 +192,9 @@ def test_save_pretrained_takes_peft_arguments(tmp_path):
     assert sorted(os.listdir(tmp_path / "bin")) == ["adapter_config.json", "adapter_model.bin"]
     loaded = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "bin"))
     torch.testing.assert_close(_logits(loaded), expect, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_logits(af.AdaLoraModel.from_pretrained(_llama(), str(tmp_path / "bin"))), expect,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(af.AdaLoraModel.from_pretrained(_llama(), str(tmp_path / "bin"))), expect, rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ValueError, match="selected_adapters"):
         ours.save_pretrained(str(tmp_path / "x"), selected_adapters=["other"])
 
@@ -190,9 +212,30 @@ def _ready(**over):
     return ours, pm
 
 
-ACCEPTED = [np.int64(2), np.int32(3), np.uint8(4), torch.tensor(5), torch.tensor(6, dtype=torch.int32), 7.0, np.float64(8.0)]
-REJECTED = [True, np.bool_(True), torch.tensor(True), 1.5, np.float64(2.5), -1, np.int64(-2), torch.tensor(-1),
-            torch.tensor([1, 2]), torch.tensor(2.5), float("nan"), "3", None]
+ACCEPTED = [
+    np.int64(2),
+    np.int32(3),
+    np.uint8(4),
+    torch.tensor(5),
+    torch.tensor(6, dtype=torch.int32),
+    7.0,
+    np.float64(8.0),
+]
+REJECTED = [
+    True,
+    np.bool_(True),
+    torch.tensor(True),
+    1.5,
+    np.float64(2.5),
+    -1,
+    np.int64(-2),
+    torch.tensor(-1),
+    torch.tensor([1, 2]),
+    torch.tensor(2.5),
+    float("nan"),
+    "3",
+    None,
+]
 
 
 def test_update_and_allocate_takes_integral_scalars_as_peft():

@@ -67,8 +67,9 @@ def test_python_block_runs_as_pasted(line, code, tmp_path):
     run_dir = tmp_path / "cwd"
     run_dir.mkdir()
     # the first run of a fresh machine also compiles the C++ kernels (cached afterwards)
-    proc = subprocess.run([sys.executable, str(script)], cwd=run_dir, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=run_dir, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, (
         f"the ```python block at README.md:{line} failed (exit {proc.returncode}):\n"
         f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -42,8 +42,16 @@ def test_forced_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_every_op_has_a_cpu_and_a_cuda_kernel():
-    for name in ("adapter_linear", "adapter_linear_backward", "importance_update", "triplet_scores",
-                 "keep_mask_to_budget", "apply_mask", "orth_penalty", "orth_penalty_backward"):
+    for name in (
+        "adapter_linear",
+        "adapter_linear_backward",
+        "importance_update",
+        "triplet_scores",
+        "keep_mask_to_budget",
+        "apply_mask",
+        "orth_penalty",
+        "orth_penalty_backward",
+    ):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adalora_fast::{name}", key), (name, key)
 

@@ -10,10 +10,10 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_gpt2, tiny_llama
 
 import adalora_fast as af
 from adalora_fast.layer import AdaLoraLinear
+from tiny_models import tiny_gpt2, tiny_llama
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
@@ -173,8 +173,22 @@ def test_saved_files_have_peft_keys_shapes_and_values(kind, tmp_path):
     c_ours = json.load(open(d_ours / "adapter_config.json"))
     c_peft = json.load(open(d_peft / "adapter_config.json"))
     assert c_ours["rank_pattern"] == c_peft["rank_pattern"]
-    for f in ("peft_type", "init_r", "target_r", "tinit", "tfinal", "total_step", "deltaT", "lora_alpha", "beta1",
-              "beta2", "orth_reg_weight", "fan_in_fan_out", "task_type", "bias"):
+    for f in (
+        "peft_type",
+        "init_r",
+        "target_r",
+        "tinit",
+        "tfinal",
+        "total_step",
+        "deltaT",
+        "lora_alpha",
+        "beta1",
+        "beta2",
+        "orth_reg_weight",
+        "fan_in_fan_out",
+        "task_type",
+        "bias",
+    ):
         assert c_ours[f] == c_peft[f], f
     assert sorted(c_ours["target_modules"]) == sorted(c_peft["target_modules"])
 
@@ -268,7 +282,9 @@ def test_trainable_bias_checkpoints_match_peft(bias, tmp_path):
     t_ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     t_peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert any(k.endswith("bias") for k in t_peft)
-    assert set(t_ours) == set(t_peft), f"only ours: {sorted(set(t_ours) - set(t_peft))}, only PEFT: {sorted(set(t_peft) - set(t_ours))}"
+    assert set(t_ours) == set(t_peft), (
+        f"only ours: {sorted(set(t_ours) - set(t_peft))}, only PEFT: {sorted(set(t_peft) - set(t_ours))}"
+    )
     for k in t_peft:
         torch.testing.assert_close(t_ours[k], t_peft[k], rtol=0, atol=0, msg=k)
     # each side loads the other's checkpoint to the same logits

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from tiny_models import tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import adalora_fast as af
+from tiny_models import tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -36,15 +36,24 @@ class Tokens(Dataset):
 
 def test_trainer_runs_schedule_to_target_budget(tmp_path):
     base = tiny_llama()
-    cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12,
-                           target_modules=["q_proj", "v_proj"])
+    cfg = af.AdaLoraConfig(
+        init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12, target_modules=["q_proj", "v_proj"]
+    )
     model = af.get_peft_model(base, cfg)
     seen = []
     orig = model.update_and_allocate
     model.update_and_allocate = lambda step: (seen.append(step), orig(step))[1]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=12,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=12,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[af.AdaLoraCallback(model)]).train()
@@ -67,8 +76,9 @@ def test_callback_rejects_a_peft_model_and_points_to_the_patch():
     checkpoint: the callback refuses it and names the way that runs PEFT's schedule in a Trainer."""
     import peft
 
-    pm = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
-                                                               target_modules=["q_proj"]))
+    pm = peft.get_peft_model(
+        tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    )
     with pytest.raises(TypeError, match="patch_peft"):
         af.AdaLoraCallback(pm)
 
@@ -130,8 +140,9 @@ save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "l
 def _run(script, *argv):
     # the checkout, and tests/ for the shared tiny model
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait(proc):
@@ -166,8 +177,13 @@ def test_resumed_runs_end_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch
     assert not os.path.exists(tmp_path / "unused.json")
     for s in (4, 8, 12, 16):
         files = set(os.listdir(ckpt / f"checkpoint-{s}"))
-        assert {"adalora_allocator_state.safetensors", "adapter_model.safetensors", "adapter_config.json",
-                "model.safetensors", "trainer_state.json"} <= files, files
+        assert {
+            "adalora_allocator_state.safetensors",
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "model.safetensors",
+            "trainer_state.json",
+        } <= files, files
     st = load_file(str(ckpt / "checkpoint-8" / "adalora_allocator_state.safetensors"))
     assert int(st["allocator.last_step"]) == 7 and not bool(st["allocator.finalized"]) and "allocator.exp_avg_ipt" in st
     st = load_file(str(ckpt / "checkpoint-16" / "adalora_allocator_state.safetensors"))
@@ -199,14 +215,26 @@ class _Tokens(Tokens):
 
 def _trainer(model, out, **kw):
     kw = {"max_steps": 12, "save_strategy": "steps", "save_steps": 5, **kw}
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True, **kw)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        **kw,
+    )
     return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[af.AdaLoraCallback(model)])
 
 
 def _small():
-    return af.get_peft_model(tiny_llama(), af.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2,
-                                                            total_step=12, target_modules=["q_proj", "v_proj"]))
+    return af.get_peft_model(
+        tiny_llama(),
+        af.AdaLoraConfig(
+            init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12, target_modules=["q_proj", "v_proj"]
+        ),
+    )
 
 
 def test_resume_without_allocator_state_raises_and_changes_nothing(tmp_path):

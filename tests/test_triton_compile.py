@@ -32,13 +32,23 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MATMUL_KERNELS = {"_shrink_kernel", "_expand_add_kernel", "_grad_rank_kernel", "_dA_dx_kernel",
-                  "_orth_fwd_kernel", "_orth_bwd_kernel"}
+MATMUL_KERNELS = {
+    "_shrink_kernel",
+    "_expand_add_kernel",
+    "_grad_rank_kernel",
+    "_dA_dx_kernel",
+    "_orth_fwd_kernel",
+    "_orth_bwd_kernel",
+}
 ALL_KERNELS = MATMUL_KERNELS | {"_dropout_keep_mask_kernel", "_importance_kernel", "_apply_mask_kernel"}
 # the kernels that stream an N x k / N x d operand, and the elements of it one tile loads (the
 # block sizes of kernels/triton_ops/adapter_linear.py): x [64, 64]; out [64, 128]; g [64, 64]; x and dx [64, 128] each
-STREAMED_TILES = {"_shrink_kernel": 64 * 64, "_expand_add_kernel": 64 * 128, "_grad_rank_kernel": 64 * 64,
-                  "_dA_dx_kernel": 2 * 64 * 128}
+STREAMED_TILES = {
+    "_shrink_kernel": 64 * 64,
+    "_expand_add_kernel": 64 * 128,
+    "_grad_rank_kernel": 64 * 64,
+    "_dA_dx_kernel": 2 * 64 * 128,
+}
 STREAMING = set(STREAMED_TILES)
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -55,13 +65,16 @@ REG_BUDGET = {90: 240, 80: 255}
 # loop), per warp, for the aligned binaries: ~15% above the largest config of each kernel on sm_90 /
 # sm_80 (kernels/COST.md's compile table), so a change that adds layout conversions or scalar loads
 # to a hot loop fails here (COST.md turns these counts into the issue bound).
-TILE_INSN_BUDGET = {"_shrink_kernel": 700, "_grad_rank_kernel": 750, "_dA_dx_kernel": 4400,
-                    "_expand_add_kernel": 900}
+TILE_INSN_BUDGET = {"_shrink_kernel": 700, "_grad_rank_kernel": 750, "_dA_dx_kernel": 4400, "_expand_add_kernel": 900}
 # The "bf16x3" binaries (fp32 adapters on a bf16 base at torch's full-fp32 default) split each fp32
 # operand into bf16 parts and run 3-6 tensor-core products per dot (kernels/triton_ops/adapter_linear._dot):
 # their own budget, ~15% above their largest config the same way.
-TILE_INSN_BUDGET_BF16X3 = {"_shrink_kernel": 950, "_grad_rank_kernel": 700, "_dA_dx_kernel": 4550,
-                           "_expand_add_kernel": 1170}
+TILE_INSN_BUDGET_BF16X3 = {
+    "_shrink_kernel": 950,
+    "_grad_rank_kernel": 700,
+    "_dA_dx_kernel": 4550,
+    "_expand_add_kernel": 1170,
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +85,11 @@ def compiled(tmp_path_factory):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "bench.compile_check", "--json", str(out), "--jobs", str(os.cpu_count() or 1)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, f"bench.compile_check failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     with open(out) as f:
@@ -113,8 +130,11 @@ def test_registers_within_budget(compiled):
 
 
 def test_shared_memory_under_limit(compiled):
-    bad = [(r["name"], r["arch"], r["static_shared"] + r["dyn_shared"]) for r in compiled
-           if r["static_shared"] + r["dyn_shared"] > r["smem_limit"]]
+    bad = [
+        (r["name"], r["arch"], r["static_shared"] + r["dyn_shared"])
+        for r in compiled
+        if r["static_shared"] + r["dyn_shared"] > r["smem_limit"]
+    ]
     assert not bad, f"shared memory over the chip's limit: {bad}"
 
 
@@ -133,16 +153,22 @@ def test_tensor_cores(compiled):
 def test_no_device_scope_fences(compiled):
     in_loops = [(r["name"], r["arch"], r["membar_gpu_loop"]) for r in compiled if r["membar_gpu_loop"]]
     assert not in_loops, f"MEMBAR.*.GPU inside a loop: {in_loops}"
-    bad = [(r["name"], r["arch"], r["membar_gpu"], r["errbar"], r["cctl"], r["atomic_ops"]) for r in compiled
-           if r["kernel"] not in DOCUMENTED_FENCES
-           and (r["membar_gpu"] or r["cctl"] or any(op.startswith("ATOM") for op in r["atomic_ops"]))]
+    bad = [
+        (r["name"], r["arch"], r["membar_gpu"], r["errbar"], r["cctl"], r["atomic_ops"])
+        for r in compiled
+        if r["kernel"] not in DOCUMENTED_FENCES
+        and (r["membar_gpu"] or r["cctl"] or any(op.startswith("ATOM") for op in r["atomic_ops"]))
+    ]
     assert not bad, f"fenced (acq_rel) atomics: {bad}"
 
 
 def test_accumulating_kernels_use_relaxed_reductions(compiled):
     for r in compiled:
         if r["kernel"] in ("_grad_rank_kernel", "_dA_dx_kernel"):
-            assert r["atomics"] > 0 and all(op.startswith("RED") for op in r["atomic_ops"]), (r["name"], r["atomic_ops"])
+            assert r["atomics"] > 0 and all(op.startswith("RED") for op in r["atomic_ops"]), (
+                r["name"],
+                r["atomic_ops"],
+            )
         if r["kernel"] in ("_orth_fwd_kernel", "_orth_bwd_kernel", "_shrink_kernel", "_expand_add_kernel"):
             assert r["atomics"] == 0, (r["name"], r["atomic_ops"])
 
@@ -160,8 +186,10 @@ def test_streaming_loads_are_128_bit(compiled):
         wide = sum(b for k, b in _bytes(loads).items() if k.endswith(".128"))
         base = r["name"].split("[")[1].split("/")[0]
         streamed = STREAMED_TILES[r["kernel"]] * ELEMENT_BYTES[base] // (32 * r["num_warps"])
-        assert wide >= streamed, (f"{r['name']} sm_{r['arch']}: {wide} B per thread by 128-bit loads in the tile "
-                                  f"loop, the streamed tile needs {streamed}: {loads}")
+        assert wide >= streamed, (
+            f"{r['name']} sm_{r['arch']}: {wide} B per thread by 128-bit loads in the tile "
+            f"loop, the streamed tile needs {streamed}: {loads}"
+        )
 
 
 def _one_tile_per_program() -> set:

@@ -12,18 +12,26 @@ import warnings
 import pytest
 import torch
 from conftest import TRITON_DEVICE
-from tiny_models import tiny_llama, train_steps
-from tolerances import rtol_for
 
 import adalora_fast as af
+from tiny_models import tiny_llama, train_steps
+from tolerances import rtol_for
 
 
 def train(backend, base, monkeypatch, steps=20, dropout=0.0, device="cpu"):
     monkeypatch.setenv("ADALORA_FAST_BACKEND", backend)
     torch.manual_seed(5)
-    cfg = af.AdaLoraConfig(init_r=6, target_r=3, tinit=3, tfinal=5, deltaT=2, total_step=steps,
-                           lora_alpha=16, lora_dropout=dropout,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    cfg = af.AdaLoraConfig(
+        init_r=6,
+        target_r=3,
+        tinit=3,
+        tfinal=5,
+        deltaT=2,
+        total_step=steps,
+        lora_alpha=16,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = af.get_peft_model(copy.deepcopy(base).to(device), cfg)

@@ -20,12 +20,13 @@ import math
 
 import pytest
 import torch
-from tolerances import RTOL, TF32_RTOL, assert_close
 
 from adalora_fast import ops, reference
+from tolerances import RTOL, TF32_RTOL, assert_close
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: compiled Triton kernels (no GPU on this machine)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled Triton kernels (no GPU on this machine)"
+)
 
 
 def _inputs(n, k, d, r, dtype, device, seed=0):
@@ -41,8 +42,9 @@ def _inputs(n, k, d, r, dtype, device, seed=0):
 
 def _run(x, W, A, E, B, go, p, seed):
     leaves = [v.detach().clone().requires_grad_() for v in (x, A, E, B)]
-    out = ops.adapter_linear(leaves[0], W, None, *leaves[1:], 8.0, torch.tensor([12.0], device=x.device), p,
-                             True, False, seed)
+    out = ops.adapter_linear(
+        leaves[0], W, None, *leaves[1:], 8.0, torch.tensor([12.0], device=x.device), p, True, False, seed
+    )
     out.backward(go)
     return [out] + [v.grad for v in leaves]
 
@@ -56,13 +58,18 @@ def test_half_precision_branches_against_fp32_reference(dtype, p, shape):
     got = _run(x, W, A, E, B, go, p, seed=11)
     keep = ops.dropout_keep_mask(11, (n, k), p, "cuda", dtype).cpu() if p else None
     cpu = [v.detach().cpu().float().requires_grad_() for v in (x, A, E, B)]
-    out = reference.adapter_linear(cpu[0], W.cpu().float(), None, *cpu[1:], 8.0, torch.tensor([12.0]), p, False,
-                                   keep)
+    out = reference.adapter_linear(cpu[0], W.cpu().float(), None, *cpu[1:], 8.0, torch.tensor([12.0]), p, False, keep)
     out.backward(go.cpu().float())
     want = [out] + [v.grad for v in cpu]
     for name, a, b in zip(("out", "dx", "dA", "dE", "dB"), got, want):
-        assert_close(a.float().cpu(), b, dtype, what=f"{name} {dtype} p={p} {shape}", rtol=RTOL[dtype],
-                     scale=max(b.abs().max().item(), 1e-3))
+        assert_close(
+            a.float().cpu(),
+            b,
+            dtype,
+            what=f"{name} {dtype} p={p} {shape}",
+            rtol=RTOL[dtype],
+            scale=max(b.abs().max().item(), 1e-3),
+        )
 
 
 @pytest.fixture
@@ -79,8 +86,9 @@ def test_fp32_adapters_follow_the_tf32_switch(tf32, restore_precision, monkeypat
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     launched = []
     real = _launch.launch
-    monkeypatch.setattr(_launch, "launch", lambda k, grid, *a, **kw: (launched.append(kw.get("DOT_PREC")),
-                                                                    real(k, grid, *a, **kw)))
+    monkeypatch.setattr(
+        _launch, "launch", lambda k, grid, *a, **kw: (launched.append(kw.get("DOT_PREC")), real(k, grid, *a, **kw))
+    )
     x, W, A, E, B, go = _inputs(96, 128, 80, 12, torch.float32, "cuda", seed=3)
     got = _run(x, W, A, E, B, go, 0.0, None)
     assert (set(launched) == {"tf32"}) if tf32 else ("tf32" not in launched)
@@ -122,8 +130,9 @@ def test_fp32_adapters_on_a_half_base_run_bf16x3_kernels(base_dtype, restore_pre
     torch.set_float32_matmul_precision("highest")
     launched = []
     real = _launch.launch
-    monkeypatch.setattr(_launch, "launch", lambda k, grid, *a, **kw: (launched.append(kw.get("DOT_PREC")),
-                                                                    real(k, grid, *a, **kw)))
+    monkeypatch.setattr(
+        _launch, "launch", lambda k, grid, *a, **kw: (launched.append(kw.get("DOT_PREC")), real(k, grid, *a, **kw))
+    )
     n, k, d, r = 1024, 512, 384, 12
     x, W, _, _, _, go = _inputs(n, k, d, r, base_dtype, "cuda", seed=4)
     _, _, A, E, B, _ = _inputs(n, k, d, r, torch.float32, "cuda", seed=4)
@@ -132,11 +141,14 @@ def test_fp32_adapters_on_a_half_base_run_bf16x3_kernels(base_dtype, restore_pre
     keep = ops.dropout_keep_mask(9, (n, k), 0.1, "cuda", torch.float32)
 
     def peft(dtype):  # the reference (PEFT's op order) in ``dtype`` on the GPU: fp32 is PEFT's own path
-        leaves = [v.detach().to(dtype if v.dtype == torch.float32 or dtype == torch.float64 else v.dtype)
-                  .requires_grad_() for v in (x, A, E, B)]
+        leaves = [
+            v.detach().to(dtype if v.dtype == torch.float32 or dtype == torch.float64 else v.dtype).requires_grad_()
+            for v in (x, A, E, B)
+        ]
         w = W.to(torch.float64) if dtype == torch.float64 else W
-        out = reference.adapter_linear(leaves[0], w, None, *leaves[1:], 8.0, torch.tensor([12.0], device="cuda"), 0.1,
-                                       False, keep)
+        out = reference.adapter_linear(
+            leaves[0], w, None, *leaves[1:], 8.0, torch.tensor([12.0], device="cuda"), 0.1, False, keep
+        )
         out.backward(go.to(out.dtype))
         return [out] + [v.grad for v in leaves]
 

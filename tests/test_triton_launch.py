@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE
+
+from adalora_fast import ops
 from adalora_fast.kernels import _launch
 from adalora_fast.kernels import adapter_linear as ka
 from adalora_fast.kernels import orth as ko
-from conftest import TRITON_DEVICE
 from tolerances import assert_close
-
-from adalora_fast import ops
 
 
 def test_launch_refuses_tensors_on_two_devices():
@@ -211,13 +211,15 @@ def test_direct_launch_binds_every_parameter_as_the_jit_and_keys_its_specialisat
     meta = None if not getattr(enter, "calls", True) else ("metadata", (3,))
     assert args == (3, 1, 1, 1234, "function", "packed", meta, enter, hooks.launch_exit_hook, x, 48, 2.5, 64, True)
     n_jit = 1
-    for call in [((x, 33, 1.5), kw),  # 33: not a multiple of 16
-                 ((x, 1, 1.5), kw),  # 1: Triton's constexpr-1 specialisation
-                 ((x[1:], 32, 1.5), kw),  # 4-byte offset: not 16-byte aligned
-                 ((x.to(torch.float64), 32, 1.5), kw),  # another pointer dtype
-                 ((x, 2**40, 1.5), kw),  # an int64 argument
-                 ((x, 32, 1.5), dict(kw, BLOCK=128)),  # another constexpr
-                 ((x, 32, 1.5), dict(kw, num_warps=8))]:  # another option
+    for call in [
+        ((x, 33, 1.5), kw),  # 33: not a multiple of 16
+        ((x, 1, 1.5), kw),  # 1: Triton's constexpr-1 specialisation
+        ((x[1:], 32, 1.5), kw),  # 4-byte offset: not 16-byte aligned
+        ((x.to(torch.float64), 32, 1.5), kw),  # another pointer dtype
+        ((x, 2**40, 1.5), kw),  # an int64 argument
+        ((x, 32, 1.5), dict(kw, BLOCK=128)),  # another constexpr
+        ((x, 32, 1.5), dict(kw, num_warps=8)),
+    ]:  # another option
         _launch._launch_cuda(k, (3,), 0, *call)
         n_jit += 1
         assert sum(c[0] == "jit" for c in k.calls) == n_jit, call

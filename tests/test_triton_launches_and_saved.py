@@ -31,14 +31,32 @@ from adalora_fast.kernels import _launch
 from adalora_fast.ops import FlatLayout
 
 # no kernel: allocations, aliases and metadata; "item"/"_local_scalar_dense" read a value
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "detach", "detach_", "alias", "lift_fresh",
-              "_local_scalar_dense", "item", "is_same_size", "size", "stride", "sym_size", "sym_stride", "numel", "dim"}
+_NO_KERNEL = {
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "detach",
+    "detach_",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "item",
+    "is_same_size",
+    "size",
+    "stride",
+    "sym_size",
+    "sym_stride",
+    "numel",
+    "dim",
+}
 
 
 def _device_key(args, kwargs):
     tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
-    tensors += [t for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)) for t in a
-                if torch.is_tensor(t)]
+    tensors += [
+        t for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)) for t in a if torch.is_tensor(t)
+    ]
     cuda = any(t.device.type == "cuda" for t in tensors)
     return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if cuda else torch._C.DispatchKey.CPU)
 

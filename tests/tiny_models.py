@@ -18,8 +18,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 # 2 decoder layers, hidden 32 (4 heads, 2 KV heads: grouped-query attention, k_proj/v_proj narrower
 # than q_proj), vocabulary 64
-LLAMA_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+LLAMA_SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 GPT2_SIZES = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
 # Several (r, k, d): repeated shapes (one group of 3 layers), r = 0 and r = 1 layers, k != d.

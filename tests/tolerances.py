@@ -20,8 +20,9 @@ def rtol_for(dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> 
     return RTOL[dtype]
 
 
-def assert_close(actual, expected, dtype: torch.dtype = None, what: str = "", rtol: float = None,
-                 scale: float = None) -> None:
+def assert_close(
+    actual, expected, dtype: torch.dtype = None, what: str = "", rtol: float = None, scale: float = None
+) -> None:
     """Same shape and dtype as ``expected``, and max-abs error <= rtol · scale.
 
     ``dtype`` is the dtype the result was computed in (default: ``expected.dtype``); ``scale`` the

@@ -79,8 +79,7 @@ def _seed_for(seed, p: float, device: torch.device) -> Optional[torch.Tensor]:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
-def dropout_keep_mask(seed, shape, p: float, device, dtype=torch.float32,
-                      impl: Optional[str] = None) -> torch.Tensor:
+def dropout_keep_mask(seed, shape, p: float, device, dtype=torch.float32, impl: Optional[str] = None) -> torch.Tensor:
     """The bool keep mask implementation ``impl`` (default: the one that runs on ``device``) draws for
     ``seed`` (an int or a [1] int64 tensor) on a 2-D input of ``shape`` [N, k] with adapters of
     ``dtype``: Triton's Philox stream, the C++ kernel's hash (fp32 CPU with the extension), or torch's
@@ -209,8 +208,9 @@ def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, d
     n, r = x.shape[0], lora_A.shape[0]
     if r == 0 or n == 0:
         return out, out.new_zeros((n, r), dtype=torch.float32)
-    t = ka.forward(x, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed,
-                   out)
+    t = ka.forward(
+        x, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, out
+    )
     return out, t
 
 
@@ -226,8 +226,9 @@ def _backward_triton(
         size = ka.grad_offsets(r, k, d)[2]
         return dx, (torch.zeros(size, dtype=lora_A.dtype, device=x.device) if need_lora else None)
     # one fp32 accumulator for dA, dB and dE (one memset), zeroed for the atomics
-    dlora = ka.backward(g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling,
-                        dropout_p, seed, dx)
+    dlora = ka.backward(
+        g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, dx
+    )
     if not need_lora:
         return dx, None
     return dx, (dlora if lora_A.dtype == torch.float32 else dlora.to(lora_A.dtype))
@@ -243,9 +244,23 @@ def _backward_triton_op(
     r = lora_A.shape[0]
     dx = g @ w if need_x else None
     if r == 0 or n == 0:
-        return dx, ((torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)) if need_lora else None)
-    dA, dB, dE = ka.backward(g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling,
-                             dropout_p, seed, dx, separate=True)
+        return dx, (
+            (torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)) if need_lora else None
+        )
+    dA, dB, dE = ka.backward(
+        g,
+        x,
+        t,
+        lora_A.contiguous(),
+        lora_E.contiguous(),
+        lora_B.contiguous(),
+        ranknum,
+        scaling,
+        dropout_p,
+        seed,
+        dx,
+        separate=True,
+    )
     if not need_lora:
         return dx, None
     return dx, (dA.to(lora_A.dtype), dE.view(r, 1).to(lora_E.dtype), dB.to(lora_B.dtype))
@@ -304,9 +319,15 @@ def _pick(device: torch.device, rank: int, dtype: torch.dtype, x_dtype: torch.dt
             # the same math runs in torch ops (the same Philox dropout mask, see _keep_float); a forced
             # triton raises in the backward instead (kernels/triton_ops/_launch.check_deterministic)
             name = "torch"
-        elif device.type == "cuda" and not forced and _launch.dot_precision(dtype) == "ieee" and not (
+        elif (
+            device.type == "cuda"
+            and not forced
+            and _launch.dot_precision(dtype) == "ieee"
+            and not (
                 _kernels().layer_precision(x_dtype, dtype, rank) == "bf16x3"
-                and torch.cuda.get_device_capability(device) >= (8, 0)):
+                and torch.cuda.get_device_capability(device) >= (8, 0)
+            )
+        ):
             # fp32 adapters under torch's full-fp32 default (no TF32): on a bf16 base at r <= 16 the
             # kernels run with fp32-class "bf16x3" products (kernels/triton_ops/adapter_linear._dot; bf16
             # tensor cores: sm_80 and later); any other such layer runs cuBLAS SGEMM in the torch
@@ -332,14 +353,29 @@ def _plan(x, weight, lora_A, lora_E, lora_B, ranknum) -> tuple:
     and cached once per layer configuration: devices, dtypes, rank, the forced backend, the
     deterministic switch and the fp32 matmul precision (the things the choice depends on)."""
     forced = forced_impl()
-    key = (x.device, x.dtype, weight.dtype, lora_A.dtype, lora_E.dtype, lora_B.dtype, lora_A.shape[0], forced,
-           torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision(),
-           lora_A.device, lora_E.device, lora_B.device, ranknum.device)
+    key = (
+        x.device,
+        x.dtype,
+        weight.dtype,
+        lora_A.dtype,
+        lora_E.dtype,
+        lora_B.dtype,
+        lora_A.shape[0],
+        forced,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_float32_matmul_precision(),
+        lora_A.device,
+        lora_E.device,
+        lora_B.device,
+        ranknum.device,
+    )
     plan = _PLANS.get(key)
     if plan is None:
         devs = {str(v.device) for v in (x, weight, lora_A, lora_E, lora_B, ranknum)}
         if len(devs) != 1:  # the kernels' launches trust this check (kernels/triton_ops/_launch.launch)
-            raise ValueError(f"adapter_linear: x, weight, lora_A/E/B and ranknum must be on one device, got {sorted(devs)}")
+            raise ValueError(
+                f"adapter_linear: x, weight, lora_A/E/B and ranknum must be on one device, got {sorted(devs)}"
+            )
         name = _pick(x.device, lora_A.shape[0], lora_A.dtype, x.dtype, forced)
         if name == "triton":
             _check_triton(x, weight, lora_A, lora_E, lora_B)
@@ -353,8 +389,12 @@ def _plan(x, weight, lora_A, lora_E, lora_B, ranknum) -> tuple:
 def _backward_plan(plan: tuple, device: torch.device) -> tuple:
     """The forward's implementation, unless the deterministic switch was turned on since (the torch
     implementation then computes the backward: the same math and the same dropout mask)."""
-    if plan[0] == "triton" and device.type == "cuda" and torch.are_deterministic_algorithms_enabled() \
-            and not forced_impl():
+    if (
+        plan[0] == "triton"
+        and device.type == "cuda"
+        and torch.are_deterministic_algorithms_enabled()
+        and not forced_impl()
+    ):
         return ("torch", *_IMPLS["torch"])
     return plan
 
@@ -366,8 +406,11 @@ def _split(grads, lora_A, lora_E, lora_B) -> tuple:
     if not torch.is_tensor(grads):
         return grads
     (r, k), d, o = lora_A.shape, lora_B.shape[0], grads.storage_offset()
-    return (grads.as_strided((r, k), (k, 1), o), grads.as_strided((r, 1), (1, 1), o + r * k + d * r),
-            grads.as_strided((d, r), (r, 1), o + r * k))
+    return (
+        grads.as_strided((r, k), (k, 1), o),
+        grads.as_strided((r, 1), (1, 1), o + r * k + d * r),
+        grads.as_strided((d, r), (r, 1), o + r * k),
+    )
 
 
 def _base_grads(grad_out, x, weight, need, fan_in_fan_out, has_bias) -> tuple:
@@ -405,8 +448,22 @@ class _AdapterLinearFn(torch.autograd.Function):
         need_lora = need[3] or need[4] or need[5]
         g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
         bwd = _backward_plan(plan, x.device)[2]
-        args = (g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need[0],
-                need_lora)
+        args = (
+            g,
+            x,
+            t,
+            weight,
+            lora_A,
+            lora_E,
+            lora_B,
+            scaling,
+            ranknum,
+            dropout_p,
+            fan_in_fan_out,
+            seed,
+            need[0],
+            need_lora,
+        )
         if torch.is_autocast_enabled(x.device.type):  # a backward run inside an autocast region
             with no_autocast(x.device):
                 dx, grads = bwd(*args)
@@ -431,8 +488,11 @@ def _eager(x, weight, lora_A, lora_E, lora_B) -> bool:
     jit tracing, a dispatch mode, functorch), plain tensors on the CPU or a GPU."""
     return (
         not torch.compiler.is_compiling()
-        and type(x) in _PLAIN and type(weight) in _PLAIN and type(lora_A) in _PLAIN
-        and type(lora_E) in _PLAIN and type(lora_B) in _PLAIN
+        and type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and type(lora_A) in _PLAIN
+        and type(lora_E) in _PLAIN
+        and type(lora_B) in _PLAIN
         and (x.is_cuda or x.is_cpu)
         and not torch._C._len_torch_dispatch_stack()
         and not torch._C._are_functorch_transforms_active()
@@ -456,8 +516,19 @@ def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ran
     elif seed is not None and seed_t.data_ptr() == seed.data_ptr():
         seed_t = seed_t.clone()  # an op's output may not alias its input
     with no_autocast(x.device):
-        out, t = plan[1](x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                         seed_t if dropout_p > 0.0 else None)
+        out, t = plan[1](
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_E,
+            lora_B,
+            scaling,
+            ranknum,
+            dropout_p,
+            fan_in_fan_out,
+            seed_t if dropout_p > 0.0 else None,
+        )
     return out, t, seed_t
 
 
@@ -468,10 +539,26 @@ def _adapter_linear_backward_kernel(
     plan = _backward_plan(_plan(x, weight, lora_A, lora_E, lora_B, ranknum), x.device)
     g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
     with no_autocast(x.device):
-        dx, grads = plan[3](g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out,
-                            seed if dropout_p > 0.0 else None, need_x, need_lora)
+        dx, grads = plan[3](
+            g,
+            x,
+            t,
+            weight,
+            lora_A,
+            lora_E,
+            lora_B,
+            scaling,
+            ranknum,
+            dropout_p,
+            fan_in_fan_out,
+            seed if dropout_p > 0.0 else None,
+            need_x,
+            need_lora,
+        )
     grads = grads if grads is not None else (None, None, None)
-    return tuple(v if v is not None else like.new_empty(0) for v, like in zip((dx, *grads), (x, lora_A, lora_E, lora_B)))
+    return tuple(
+        v if v is not None else like.new_empty(0) for v, like in zip((dx, *grads), (x, lora_A, lora_E, lora_B))
+    )
 
 
 def _adapter_linear_fake(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):

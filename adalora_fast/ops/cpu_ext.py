@@ -91,8 +91,12 @@ def _load() -> bool:
 def usable(device, dtype: torch.dtype, p: float) -> bool:
     """The dropout kernel applies: dropout on, activations on the CPU, fp32, bf16 or fp16 adapters
     (half adapters, as under autocast, are computed in fp32 and rounded to their dtype)."""
-    return (p > 0.0 and torch.device(device).type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16, torch.float16) and available())
+    return (
+        p > 0.0
+        and torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and available()
+    )
 
 
 def usable_for(t: torch.Tensor) -> bool:

@@ -59,8 +59,11 @@ def _update_torch(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, bet
     for grp in layout.groups:
         if grp.numel:
             per = bad[grp.slice].view(len(grp.members), -1).sum(dim=1)
-            skipped.index_add_(0, layout.cached(("members", grp.start, str(dev)),
-                                                lambda g=grp: torch.tensor(g.members, device=dev)), per)
+            skipped.index_add_(
+                0,
+                layout.cached(("members", grp.start, str(dev)), lambda g=grp: torch.tensor(g.members, device=dev)),
+                per,
+            )
     torch.mul(ipt, 1 - beta1, out=G)
     new1 = torch.mul(m1, beta1).add_(G)
     torch.sub(ipt, new1, out=G).abs_().mul_(1 - beta2)
@@ -75,16 +78,25 @@ def _update_cpp(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2
     tensor_table = layout.cached(
         "cpu_tensor_table",
         lambda: torch.tensor(
-            [(layout.offsets[t], layout.triplet_offsets[layer_and_kind(t)[0]], layout.kind_of(t))
-             for t in range(len(layout.tensor_shapes))],
+            [
+                (layout.offsets[t], layout.triplet_offsets[layer_and_kind(t)[0]], layout.kind_of(t))
+                for t in range(len(layout.tensor_shapes))
+            ],
             dtype=torch.int64,
         ).view(-1, 3),
     )
     parts = torch.zeros(3, layout.total_rank, dtype=torch.float32) if want_scores else None
     try:
         torch.ops.adalora_fast_cpu.importance_update(
-            list(params), [] if grads is None else list(grads), m1, m2, skipped, tensor_table, float(beta1),
-            float(beta2), parts,
+            list(params),
+            [] if grads is None else list(grads),
+            m1,
+            m2,
+            skipped,
+            tensor_table,
+            float(beta1),
+            float(beta2),
+            parts,
         )
     except RuntimeError as exc:  # the kernel names a missing gradient by index, before it writes anything
         msg = str(exc)
@@ -144,8 +156,16 @@ def _tables(layout: FlatLayout, params, grads, device):
     vals = []
     for t in range(len(layout.tensor_shapes)):
         nr, nc, sr, sc = _geometry(layout, t)
-        vals += [params[t].data_ptr() if params is not None else 0, grads[t].data_ptr() if grads is not None else 0,
-                 layout.offsets[t], nr, nc, sr, sc, layout.triplet_offsets[layer_and_kind(t)[0]]]
+        vals += [
+            params[t].data_ptr() if params is not None else 0,
+            grads[t].data_ptr() if grads is not None else 0,
+            layout.offsets[t],
+            nr,
+            nc,
+            sr,
+            sc,
+            layout.triplet_offsets[layer_and_kind(t)[0]],
+        ]
     key = (str(device), tuple(vals))
     tab = _ptr_cache.get(key)
     if tab is None:
@@ -172,8 +192,18 @@ def _run_triton(layout: FlatLayout, params, grads, m1, m2, skipped, beta1, beta2
         grads = [_fp32_contig(g) for g in grads]
     tens, tiles = _tables(layout, params if update else None, grads if update else None, dev)
     # without an update the counter is never touched: the int64 table stands in for it
-    _ki.importance(tens, tiles, m1, m2, scores if want_scores else m1, skipped if update else tens, beta1, beta2,
-                   update, want_scores)
+    _ki.importance(
+        tens,
+        tiles,
+        m1,
+        m2,
+        scores if want_scores else m1,
+        skipped if update else tens,
+        beta1,
+        beta2,
+        update,
+        want_scores,
+    )
     return scores
 
 
@@ -244,11 +274,12 @@ def _importance_update_kernel(params, grads, m1, m2, skipped, shape_table, beta1
     if m1.device.type != "cpu":  # the Triton pointer tables address every tensor on m1's device
         for t, x in enumerate(list(params) + list(grads)):
             if x is not None and x.device != m1.device:
-                raise ValueError(f"importance_update: adapter tensor {t % len(params)} is on {x.device}, "
-                                 f"the importance state on {m1.device}")
+                raise ValueError(
+                    f"importance_update: adapter tensor {t % len(params)} is on {x.device}, "
+                    f"the importance state on {m1.device}"
+                )
     with torch.no_grad():
-        scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, skipped, beta1, beta2,
-                                              want_scores)
+        scores = _UPDATE[impl_for(m1.device)](layout, params, grads or None, m1, m2, skipped, beta1, beta2, want_scores)
     return scores if scores is not None else m1.new_empty(0)
 
 
@@ -298,8 +329,18 @@ def importance_update(
     if skipped is None:
         skipped = torch.zeros(len(layout.tensor_shapes), dtype=torch.int64, device=m1.device)
     with torch.no_grad():
-        out = importance_update_op(list(params), list(grads or []), m1, m2, skipped, layout.shape_table,
-                                   float(beta1), float(beta2), layout.total_rank, bool(want_scores))
+        out = importance_update_op(
+            list(params),
+            list(grads or []),
+            m1,
+            m2,
+            skipped,
+            layout.shape_table,
+            float(beta1),
+            float(beta2),
+            layout.total_rank,
+            bool(want_scores),
+        )
     return out if want_scores else None
 
 

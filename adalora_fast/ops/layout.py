@@ -136,8 +136,10 @@ class FlatLayout:
         self._sizes = [torch.Size(shp) for shp in tensor_shapes]
         self.shape_table = torch.tensor(self.shapes, dtype=torch.int64).view(-1, 3)
         key = id(self.shape_table)
-        _BY_SHAPE_TABLE[key] = (weakref.ref(self.shape_table, lambda _ref: _BY_SHAPE_TABLE.pop(key, None)),
-                                weakref.ref(self))
+        _BY_SHAPE_TABLE[key] = (
+            weakref.ref(self.shape_table, lambda _ref: _BY_SHAPE_TABLE.pop(key, None)),
+            weakref.ref(self),
+        )
 
     @staticmethod
     def of_shape_table(shape_table: torch.Tensor) -> "FlatLayout":

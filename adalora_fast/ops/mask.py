@@ -60,8 +60,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Trit
 def _apply_mask_kernel(lora_E, keep):
     total = sum(e.shape[0] for e in lora_E)
     if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != total:
-        raise ValueError(f"apply_mask: keep must be a 1-D bool tensor of {total} entries (the ranks' sum), "
-                         f"got {keep.dtype} {tuple(keep.shape)}")
+        raise ValueError(
+            f"apply_mask: keep must be a 1-D bool tensor of {total} entries (the ranks' sum), "
+            f"got {keep.dtype} {tuple(keep.shape)}"
+        )
     if not lora_E:
         return
     for i, e in enumerate(lora_E):
@@ -81,8 +83,11 @@ def _apply_mask_kernel(lora_E, keep):
             _km.apply_mask(lora_E, keep)
             for e in lora_E:  # the kernel writes through raw pointers: move versions as an in-place op would
                 torch.autograd.graph.increment_version(e)
-        elif (keep.device.type == "cpu" and cpu_ext.usable_for(lora_E[0])
-              and all(e.dtype == torch.float32 and e.is_contiguous() for e in lora_E)):
+        elif (
+            keep.device.type == "cpu"
+            and cpu_ext.usable_for(lora_E[0])
+            and all(e.dtype == torch.float32 and e.is_contiguous() for e in lora_E)
+        ):
             torch.ops.adalora_fast_cpu.apply_mask(list(lora_E), keep.contiguous())  # bumps versions itself
         else:
             factors = keep.to(lora_E[0].dtype).view(-1, 1).split([e.shape[0] for e in lora_E])

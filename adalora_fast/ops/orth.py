@@ -27,7 +27,6 @@ import torch
 
 from .registry import LIB, autograd_inside_op, define_op, forced_impl, impl_for, no_autocast
 
-
 # ---------------------------------------------------------------------------------- torch (CPU)
 _PLANS: dict = {}  # ids of the matrices -> their plan: a training step passes the same parameters every time
 
@@ -172,7 +171,9 @@ def _check(lora_A, lora_B):
         raise ValueError(f"orth_penalty: {len(lora_A)} lora_A but {len(lora_B)} lora_B")
     for a, b in zip(lora_A, lora_B):
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"orth_penalty: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, k] and [d, r]")
+            raise ValueError(
+                f"orth_penalty: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, k] and [d, r]"
+            )
 
 
 def _orth_penalty_kernel(lora_A, lora_B):

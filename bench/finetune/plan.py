@@ -51,27 +51,64 @@ class Plan:
     smooth: int = 10  # moving-average window of the loss curves, steps
 
     def adalora_kwargs(self) -> dict:
-        return dict(init_r=self.init_r, target_r=self.target_r, tinit=self.tinit, tfinal=self.tfinal,
-                    deltaT=self.deltaT, total_step=self.total_step, beta1=self.beta1, beta2=self.beta2,
-                    orth_reg_weight=self.orth_reg_weight, lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, target_modules=list(TARGET_MODULES))
+        return dict(
+            init_r=self.init_r,
+            target_r=self.target_r,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            deltaT=self.deltaT,
+            total_step=self.total_step,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            orth_reg_weight=self.orth_reg_weight,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(TARGET_MODULES),
+        )
 
     def describe(self) -> str:
-        return (f"{self.total_step} steps x batch {self.batch} ({self.n_train} train texts, one pass), max_length "
-                f"{self.max_length}, AdamW lr {self.lr:g} linear decay, warm-up {self.warmup_steps} steps, "
-                f"weight decay {self.weight_decay:g}; AdaLoRA init_r={self.init_r} -> target_r={self.target_r}, "
-                f"tinit={self.tinit} tfinal={self.tfinal} deltaT={self.deltaT} beta={self.beta1}/{self.beta2} "
-                f"orth_reg_weight={self.orth_reg_weight}; lora_alpha={self.lora_alpha} lora_dropout={self.lora_dropout}; "
-                f"PEFT LoRA r={self.target_r}; test on {self.n_test} texts; seeds {list(self.seeds)}")
+        return (
+            f"{self.total_step} steps x batch {self.batch} ({self.n_train} train texts, one pass), max_length "
+            f"{self.max_length}, AdamW lr {self.lr:g} linear decay, warm-up {self.warmup_steps} steps, "
+            f"weight decay {self.weight_decay:g}; AdaLoRA init_r={self.init_r} -> target_r={self.target_r}, "
+            f"tinit={self.tinit} tfinal={self.tfinal} deltaT={self.deltaT} beta={self.beta1}/{self.beta2} "
+            f"orth_reg_weight={self.orth_reg_weight}; lora_alpha={self.lora_alpha} lora_dropout={self.lora_dropout}; "
+            f"PEFT LoRA r={self.target_r}; test on {self.n_test} texts; seeds {list(self.seeds)}"
+        )
 
 
 # total_step * batch = n_train: every training text is seen once. The final phase (mask frozen at
 # target_r per module) starts at total_step - tfinal, after (total_step - tfinal - tinit) / deltaT
 # masking steps of the cubic budget reduction.
-DEFAULT = Plan("default", n_train=2400, n_test=1000, max_length=64, batch=16, total_step=150, tinit=30, tfinal=40,
-               deltaT=10, seeds=(0, 1, 2), warmup_steps=10, smooth=10)
-QUICK = Plan("quick", n_train=192, n_test=96, max_length=32, batch=8, total_step=24, tinit=4, tfinal=8, deltaT=4,
-             seeds=(0,), warmup_steps=2, eval_batch=96, smooth=3)
+DEFAULT = Plan(
+    "default",
+    n_train=2400,
+    n_test=1000,
+    max_length=64,
+    batch=16,
+    total_step=150,
+    tinit=30,
+    tfinal=40,
+    deltaT=10,
+    seeds=(0, 1, 2),
+    warmup_steps=10,
+    smooth=10,
+)
+QUICK = Plan(
+    "quick",
+    n_train=192,
+    n_test=96,
+    max_length=32,
+    batch=8,
+    total_step=24,
+    tinit=4,
+    tfinal=8,
+    deltaT=4,
+    seeds=(0,),
+    warmup_steps=2,
+    eval_batch=96,
+    smooth=3,
+)
 
 
 def phase_of(step: int, plan: Plan) -> str:

@@ -33,10 +33,21 @@ def _steps_axes(ax, plan: Plan, ylabel: str, title: str) -> None:
     end = plan.total_step - plan.tfinal
     ax.axvspan(0, plan.tinit, color="0.92", zorder=0)
     ax.axvspan(end, plan.total_step, color="0.92", zorder=0)
-    for x0, x1, name in ((0, plan.tinit, "AdaLoRA warm-up"), (plan.tinit, end, "budget reduction"),
-                         (end, plan.total_step, "final (mask fixed)")):
-        ax.text((x0 + x1) / 2, 0.985, name, ha="center", va="top", fontsize=8, color="0.35",
-                transform=ax.get_xaxis_transform())
+    for x0, x1, name in (
+        (0, plan.tinit, "AdaLoRA warm-up"),
+        (plan.tinit, end, "budget reduction"),
+        (end, plan.total_step, "final (mask fixed)"),
+    ):
+        ax.text(
+            (x0 + x1) / 2,
+            0.985,
+            name,
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="0.35",
+            transform=ax.get_xaxis_transform(),
+        )
     ax.set_xlim(0, plan.total_step)
     ax.set_xlabel(STEP_AXIS)
     ax.set_ylabel(ylabel)
@@ -56,8 +67,13 @@ def loss_figure(results: List[dict], plan: Plan, title: str):
         mean = [statistics.fmean(r["ce"][i] for r in rs) for i in range(n)]
         steps = list(range(n))
         ax.plot(steps, mean, color=COLORS[method], alpha=0.18, lw=0.8)
-        ax.plot(steps, _smooth(mean, plan.smooth), color=COLORS[method], lw=2,
-                label=f"{LABELS[method]} ({_seeds_text(rs)}, {plan.smooth}-step moving average)")
+        ax.plot(
+            steps,
+            _smooth(mean, plan.smooth),
+            color=COLORS[method],
+            lw=2,
+            label=f"{LABELS[method]} ({_seeds_text(rs)}, {plan.smooth}-step moving average)",
+        )
     _steps_axes(ax, plan, "training cross-entropy (nats, without the orthogonal penalty)", title)
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo, hi + 0.12 * (hi - lo))  # room for the phase names
@@ -72,7 +88,9 @@ def ranks_figure(results: List[dict], plan: Plan, title: str):
     methods = [m for m in ADALORA if any(r["method"] == m for r in results)]
     layers = 1 + max(int(k.split(":")[0]) for r in results if "final_ranks" in r for k in r["final_ranks"])
     kinds = [k for k, _ in KINDS]
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods) + 1.2, 4.4), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(5.2 * len(methods) + 1.2, 4.4), constrained_layout=True, squeeze=False
+    )
     im = None
     for ax, method in zip(axes[0], methods):
         rs = [r for r in results if r["method"] == method]
@@ -84,15 +102,20 @@ def ranks_figure(results: List[dict], plan: Plan, title: str):
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=plan.init_r, aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             txt = f"{v:.0f}" if len(rs) == 1 or abs(v - round(v)) < 1e-9 else f"{v:.1f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if v < 0.6 * plan.init_r else "black")
+            ax.text(
+                j, i, txt, ha="center", va="center", fontsize=8, color="white" if v < 0.6 * plan.init_r else "black"
+            )
         ax.set_xticks(range(layers))
         ax.set_xticklabels([str(i) for i in range(layers)])
         ax.set_yticks(range(len(kinds)))
         ax.set_yticklabels(kinds)
         ax.set_xlabel("layer")
         # the contender's colour on its panel's title: the heatmap's own colours are ranks
-        ax.set_title(f"{LABELS[method]} ({_seeds_text(rs)})\ntotal rank {statistics.fmean(r['final_total_rank'] for r in rs):.0f}",
-                     fontsize=10, color=COLORS[method])
+        ax.set_title(
+            f"{LABELS[method]} ({_seeds_text(rs)})\ntotal rank {statistics.fmean(r['final_total_rank'] for r in rs):.0f}",
+            fontsize=10,
+            color=COLORS[method],
+        )
     axes[0][0].set_ylabel("adapted module")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"final rank (of init_r={plan.init_r})", shrink=0.9)
     fig.suptitle(title, fontsize=10)
@@ -111,17 +134,33 @@ def budget_figure(results: List[dict], plan: Plan, title: str):
     cfg = AdaLoraConfig(**plan.adalora_kwargs())
     steps = list(range(plan.total_step))
     fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
-    ax.plot(steps, [budget_schedule(s, cfg, init_bgt, target_bgt)[0] for s in steps], color="0.2", lw=1.5,
-            label="cubic budget schedule (adalora_fast.budget_schedule)")
+    ax.plot(
+        steps,
+        [budget_schedule(s, cfg, init_bgt, target_bgt)[0] for s in steps],
+        color="0.2",
+        lw=1.5,
+        label="cubic budget schedule (adalora_fast.budget_schedule)",
+    )
     markers = {"ours": "o", "peft_adalora": "x"}
     for method in ADALORA:
         for i, r in enumerate(x for x in rs if x["method"] == method):
             xs, ys = zip(*r["total_rank"]) if r["total_rank"] else ((), ())
-            ax.plot(xs, ys, ls="none", marker=markers[method], ms=6 if method == "ours" else 7, mfc="none",
-                    color=COLORS[method], alpha=0.9,
-                    label=(f"{LABELS[method]}: total rank kept by its mask after update_and_allocate, every "
-                           f"{plan.deltaT} steps, {_seeds_text([x for x in rs if x['method'] == method]).replace('mean of ', '')}")
-                    if i == 0 else None)
+            ax.plot(
+                xs,
+                ys,
+                ls="none",
+                marker=markers[method],
+                ms=6 if method == "ours" else 7,
+                mfc="none",
+                color=COLORS[method],
+                alpha=0.9,
+                label=(
+                    f"{LABELS[method]}: total rank kept by its mask after update_and_allocate, every "
+                    f"{plan.deltaT} steps, {_seeds_text([x for x in rs if x['method'] == method]).replace('mean of ', '')}"
+                )
+                if i == 0
+                else None,
+            )
     _steps_axes(ax, plan, f"total rank, summed over {len(rs[0]['final_ranks'])} modules", title)
     span = init_bgt - target_bgt
     ax.set_ylim(target_bgt - 0.25 * span, init_bgt + 0.2 * span)

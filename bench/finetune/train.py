@@ -116,9 +116,16 @@ def build(method: str, plan: Plan, seed: int, device):
             import peft
 
             cfg = None
-            model = peft.get_peft_model(base, peft.LoraConfig(
-                task_type="SEQ_CLS", r=plan.target_r, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
-                target_modules=list(TARGET_MODULES)))
+            model = peft.get_peft_model(
+                base,
+                peft.LoraConfig(
+                    task_type="SEQ_CLS",
+                    r=plan.target_r,
+                    lora_alpha=plan.lora_alpha,
+                    lora_dropout=plan.lora_dropout,
+                    target_modules=list(TARGET_MODULES),
+                ),
+            )
             callbacks = []
         else:
             raise ValueError(f"method={method!r}: one of {METHODS}")
@@ -249,15 +256,28 @@ def run_one(method: str, seed: int, plan: Plan, train_ds, test_ds, tokenizer, de
     n_trainable = trainable_count(model)
     recorder = Recorder(model, plan, method, on_step=on_step)
     args = TrainingArguments(
-        output_dir=os.path.join(workdir, f"{method}-{seed}"), max_steps=plan.total_step,
-        per_device_train_batch_size=plan.batch, learning_rate=plan.lr, lr_scheduler_type="linear",
-        warmup_steps=plan.warmup_steps, weight_decay=plan.weight_decay, seed=seed, data_seed=seed,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        output_dir=os.path.join(workdir, f"{method}-{seed}"),
+        max_steps=plan.total_step,
+        per_device_train_batch_size=plan.batch,
+        learning_rate=plan.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=plan.warmup_steps,
+        weight_decay=plan.weight_decay,
+        seed=seed,
+        data_seed=seed,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
     )
     collator = DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                      callbacks=callbacks + [recorder])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks + [recorder]
+    )
     trainer.recorder = recorder
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -272,14 +292,25 @@ def run_one(method: str, seed: int, plan: Plan, train_ds, test_ds, tokenizer, de
         rank_check = ranks_now(model) == final_ranks
     tail = max(1, plan.total_step // 10)
     res = dict(
-        method=method, seed=seed, accuracy=acc, macro_f1=f1,
-        final_train_ce=statistics.fmean(recorder.ce[-tail:]), final_train_ce_steps=tail,
+        method=method,
+        seed=seed,
+        accuracy=acc,
+        macro_f1=f1,
+        final_train_ce=statistics.fmean(recorder.ce[-tail:]),
+        final_train_ce_steps=tail,
         median_step_ms=1e3 * statistics.median(recorder.step_s),
         # the steps after the one that fixes the final mask (where ours_compact has compacted)
-        final_phase_step_ms=1e3 * statistics.median(recorder.step_s[plan.total_step - plan.tfinal + 1 :] or [float("nan")]),
-        train_s=train_s, eval_s=eval_s,
-        total_s=time.perf_counter() - t_start, trainable_params=n_trainable, steps=len(recorder.step_s),
-        ce=recorder.ce, loss=recorder.loss, step_s=recorder.step_s, total_rank=recorder.total_rank,
+        final_phase_step_ms=1e3
+        * statistics.median(recorder.step_s[plan.total_step - plan.tfinal + 1 :] or [float("nan")]),
+        train_s=train_s,
+        eval_s=eval_s,
+        total_s=time.perf_counter() - t_start,
+        trainable_params=n_trainable,
+        steps=len(recorder.step_s),
+        ce=recorder.ce,
+        loss=recorder.loss,
+        step_s=recorder.step_s,
+        total_rank=recorder.total_rank,
     )
     if final_ranks is not None:
         res["final_ranks"] = {f"{layer}:{kind}": r for (layer, kind), r in sorted(final_ranks.items())}
@@ -304,4 +335,8 @@ def _final_adapter_params(model, ranks: Dict[Tuple[int, str], int]) -> int:
 
 
 def _count_lora_modules(model) -> int:
-    return sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m.lora_A, "keys") and "default" in m.lora_A)
+    return sum(
+        1
+        for _, m in model.named_modules()
+        if hasattr(m, "lora_A") and hasattr(m.lora_A, "keys") and "default" in m.lora_A
+    )

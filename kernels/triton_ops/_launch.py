@@ -122,8 +122,12 @@ def _trailing_constexprs(kernel, n: int):
     if k not in _trailing:
         params = getattr(kernel, "params", None)
         names = None
-        if params is not None and len(params) >= n and not any(p.is_constexpr for p in params[:n]) \
-                and all(p.is_constexpr for p in params[n:]):
+        if (
+            params is not None
+            and len(params) >= n
+            and not any(p.is_constexpr for p in params[:n])
+            and all(p.is_constexpr for p in params[n:])
+        ):
             names = tuple(p.name for p in params[n:])
         _trailing[k] = names
     return _trailing[k]
@@ -173,9 +177,21 @@ def _launch_cuda(kernel, grid, device: int, args: tuple, kwargs: dict) -> None:
     hooks = _hooks
     enter = hooks.launch_enter_hook
     # the launch metadata only feeds the enter hooks (profilers): built only when one is installed
-    meta = compiled.launch_metadata(grid, stream, *bound) if enter is not None and getattr(enter, "calls", True) else None
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, meta, enter,
-                 hooks.launch_exit_hook, *bound)
+    meta = (
+        compiled.launch_metadata(grid, stream, *bound) if enter is not None and getattr(enter, "calls", True) else None
+    )
+    compiled.run(
+        grid[0],
+        g1,
+        g2,
+        stream,
+        compiled.function,
+        compiled.packed_metadata,
+        meta,
+        enter,
+        hooks.launch_exit_hook,
+        *bound,
+    )
 
 
 def check_deterministic(what: str) -> None:
@@ -183,8 +199,9 @@ def check_deterministic(what: str) -> None:
     whose order (hence the last bits of the result) changes from run to run."""
     if torch.are_deterministic_algorithms_enabled():
         if torch.is_deterministic_algorithms_warn_only_enabled():
-            warnings.warn(f"adalora_fast (triton): {what} accumulates with fp32 atomics and is not deterministic",
-                          stacklevel=3)
+            warnings.warn(
+                f"adalora_fast (triton): {what} accumulates with fp32 atomics and is not deterministic", stacklevel=3
+            )
             return
         raise RuntimeError(
             f"adalora_fast (triton): {what} accumulates with fp32 atomics and is not deterministic, and "

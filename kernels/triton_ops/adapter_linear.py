@@ -234,9 +234,23 @@ def _dropout_keep_mask_kernel(OUT, SEED, N, K, thresh, BLOCK_N: tl.constexpr, BL
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _shrink_kernel(
-    X, A, T, SEED, N, K, R, stride_xn, stride_xk, thresh, inv_keep, has_dropout,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    X,
+    A,
+    T,
+    SEED,
+    N,
+    K,
+    R,
+    stride_xn,
+    stride_xk,
+    thresh,
+    inv_keep,
+    has_dropout,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """t[N, r] (fp32) = dropout(x)[N, k] @ A[r, k]ᵀ; grid (cdiv(N, BLOCK_N),).
 
@@ -256,8 +270,11 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :].to(tl.int64) * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(
+            X + rows[:, None] * stride_xn + cols[None, :].to(tl.int64) * stride_xk,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         a = tl.load(A + rr[None, :] * K + cols[:, None], mask=(rr[None, :] < R) & col_ok[:, None], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
@@ -274,9 +291,21 @@ def _shrink_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _expand_add_kernel(
-    T, E, RK, B, OUT, N, D, R, stride_on, scaling,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    T,
+    E,
+    RK,
+    B,
+    OUT,
+    N,
+    D,
+    R,
+    stride_on,
+    scaling,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """out[N, d] += (t ⊙ e)[N, r] @ B[d, r]ᵀ in place; grid (cdiv(N, BLOCK_N), cdiv(d, BLOCK_D)).
 
@@ -307,9 +336,27 @@ def _expand_add_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _grad_rank_kernel(
-    G, T, E, RK, B, GE, DB, DE, N, D, R, stride_gn, stride_gd, scaling, db_off, de_off,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    G,
+    T,
+    E,
+    RK,
+    B,
+    GE,
+    DB,
+    DE,
+    N,
+    D,
+    R,
+    stride_gn,
+    stride_gd,
+    scaling,
+    db_off,
+    de_off,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One pass over g [N, d]: gB = g B, dB += gᵀ(t ⊙ e), dE += s Σₙ gB ⊙ t, ge = gB ⊙ e.
 
@@ -339,8 +386,11 @@ def _grad_rank_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        g = tl.load(G + rows[:, None] * stride_gn + cols[None, :].to(tl.int64) * stride_gd,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(
+            G + rows[:, None] * stride_gn + cols[None, :].to(tl.int64) * stride_gd,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         b = tl.load(B + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
@@ -348,8 +398,15 @@ def _grad_rank_kernel(
         else:
             g = g.to(B.dtype.element_ty)
         gB = _dot(g, b, gB, DOT_PREC, 1 if G.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
-        db = _dot(tl.trans(g), u, tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32), DOT_PREC,
-                  1 if G.dtype.element_ty == tl.bfloat16 else 2, 3, UPCAST)
+        db = _dot(
+            tl.trans(g),
+            u,
+            tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32),
+            DOT_PREC,
+            1 if G.dtype.element_ty == tl.bfloat16 else 2,
+            3,
+            UPCAST,
+        )
         tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
     de = tl.sum(gB * t, axis=0) * s
     tl.atomic_add(DE + rr, de, mask=r_ok, sem="relaxed")
@@ -358,9 +415,28 @@ def _grad_rank_kernel(
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _dA_dx_kernel(
-    X, GE, A, DX, DA, SEED, N, K, R, stride_xn, stride_xk, stride_dxn, thresh, inv_keep, has_dropout, need_dx,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, ROW_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    X,
+    GE,
+    A,
+    DX,
+    DA,
+    SEED,
+    N,
+    K,
+    R,
+    stride_xn,
+    stride_xk,
+    stride_dxn,
+    thresh,
+    inv_keep,
+    has_dropout,
+    need_dx,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """dA += geᵀ dropout(x) and (need_dx) dx += mask ⊙ (ge A) / (1-p) in place.
 
@@ -457,8 +533,10 @@ def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.floa
     kws = _KW.get(key)
     if kws is None:
         rp = pad_rank(r)
-        kws = {name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
-               for name, blocks in _BLOCKS.items()}
+        kws = {
+            name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
+            for name, blocks in _BLOCKS.items()
+        }
         _KW[key] = kws
     return kws
 
@@ -474,8 +552,18 @@ def dropout_keep_mask(seed, n: int, k: int, dropout_p: float, device) -> torch.T
     if n and k:
         grid = (cdiv(n, BLOCK_N), cdiv(k, BLOCK_K))
         thresh = dropout_args(dropout_p)[0]
-        _launch.launch(_dropout_keep_mask_kernel, grid, out, seed_tensor(seed, out.device), n, k, thresh,
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        _launch.launch(
+            _dropout_keep_mask_kernel,
+            grid,
+            out,
+            seed_tensor(seed, out.device),
+            n,
+            k,
+            thresh,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            num_warps=NUM_WARPS,
+        )
     return out.bool()
 
 
@@ -487,22 +575,48 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> tor
     t = torch.empty((n, r), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
-        _shrink_kernel, (cdiv(n, BLOCK_N),),
-        x, lora_A, t, seed, n, k, r, x.stride(0), x.stride(1), *dropout_args(dropout_p),
+        _shrink_kernel,
+        (cdiv(n, BLOCK_N),),
+        x,
+        lora_A,
+        t,
+        seed,
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        *dropout_args(dropout_p),
         **launch_kwargs("shrink", lora_A.dtype, r, x.dtype),
     )
     return t
 
 
-def expand_add(out: torch.Tensor, t: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor,
-               ranknum: torch.Tensor, scaling: float) -> None:
+def expand_add(
+    out: torch.Tensor,
+    t: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+) -> None:
     """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·scaling/(ranknum + eps)
     (ranknum: [1] on out's device, read by the kernel)."""
     n, d = out.shape
     r = lora_B.shape[1]
     _launch.launch(
-        _expand_add_kernel, (cdiv(n, BLOCK_N), cdiv(d, EXPAND_BLOCK_D)),
-        t, lora_E, ranknum, lora_B, out, n, d, r, out.stride(0), float(scaling),
+        _expand_add_kernel,
+        (cdiv(n, BLOCK_N), cdiv(d, EXPAND_BLOCK_D)),
+        t,
+        lora_E,
+        ranknum,
+        lora_B,
+        out,
+        n,
+        d,
+        r,
+        out.stride(0),
+        float(scaling),
         **launch_kwargs("expand_add", lora_B.dtype, r, out.dtype),
     )
 
@@ -519,8 +633,24 @@ def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None
     r = lora_B.shape[1]
     _launch.check_deterministic("the adapter backward (dB, dE)")
     _launch.launch(
-        _grad_rank_kernel, (cdiv(n, BLOCK_N),), g, t, lora_E, ranknum, lora_B, ge, dB, dE, n, d, r,
-        g.stride(0), g.stride(1), float(scaling), 0, 0,
+        _grad_rank_kernel,
+        (cdiv(n, BLOCK_N),),
+        g,
+        t,
+        lora_E,
+        ranknum,
+        lora_B,
+        ge,
+        dB,
+        dE,
+        n,
+        d,
+        r,
+        g.stride(0),
+        g.stride(1),
+        float(scaling),
+        0,
+        0,
         **launch_kwargs("grad_rank", lora_B.dtype, r, g.dtype),
     )
 
@@ -533,9 +663,21 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     _launch.check_deterministic("the adapter backward (dA)")
     seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
-        _dA_dx_kernel, (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
-        x, ge, lora_A, dx if dx is not None else x, dA, seed, n, k, r,
-        x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, *dropout_args(dropout_p),
+        _dA_dx_kernel,
+        (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+        x,
+        ge,
+        lora_A,
+        dx if dx is not None else x,
+        dA,
+        seed,
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0) if dx is not None else 0,
+        *dropout_args(dropout_p),
         int(dx is not None),
         **launch_kwargs("dA_dx", lora_A.dtype, r, x.dtype),
     )
@@ -553,15 +695,46 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
     t = torch.empty((n, r), dtype=torch.float32, device=dev)
     thresh, inv_keep, has_dropout = dropout_args(dropout_p)
     gn = cdiv(n, BLOCK_N)
-    _launch.launch(_shrink_kernel, (gn,), x, lora_A, t, _seed_arg(seed, dropout_p, dev), n, k, r, x.stride(0),
-                   x.stride(1), thresh, inv_keep, has_dropout, _device=dev, **kws["shrink"])
-    _launch.launch(_expand_add_kernel, (gn, cdiv(d, EXPAND_BLOCK_D)), t, lora_E, ranknum, lora_B, out, n, d, r,
-                   out.stride(0), scaling, _device=dev, **kws["expand_add"])
+    _launch.launch(
+        _shrink_kernel,
+        (gn,),
+        x,
+        lora_A,
+        t,
+        _seed_arg(seed, dropout_p, dev),
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        thresh,
+        inv_keep,
+        has_dropout,
+        _device=dev,
+        **kws["shrink"],
+    )
+    _launch.launch(
+        _expand_add_kernel,
+        (gn, cdiv(d, EXPAND_BLOCK_D)),
+        t,
+        lora_E,
+        ranknum,
+        lora_B,
+        out,
+        n,
+        d,
+        r,
+        out.stride(0),
+        scaling,
+        _device=dev,
+        **kws["expand_add"],
+    )
     return t
 
 
-def backward(g, x, t, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, dx,
-             separate: bool = False):
+def backward(
+    g, x, t, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, dx, separate: bool = False
+):
     """The layer's two backward launches (:func:`grad_rank`, then :func:`dA_dx`, adding into ``dx`` in
     place when given) with the host work shared. Returns the flat fp32 gradient [dA | dB | dE]
     (:func:`grad_offsets`: one memset), or with ``separate`` the three fp32 buffers (dA, dB, dE) of
@@ -581,12 +754,50 @@ def backward(g, x, t, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p
         dA = dB = dE = out = torch.zeros(size, dtype=torch.float32, device=dev)
     ge = torch.empty((n, r), dtype=torch.float32, device=dev)
     thresh, inv_keep, has_dropout = dropout_args(dropout_p)
-    _launch.launch(_grad_rank_kernel, (cdiv(n, BLOCK_N),), g, t, lora_E, ranknum, lora_B, ge, dB, dE, n, d, r,
-                   g.stride(0), g.stride(1), scaling, db_off, de_off, _device=dev, **kws["grad_rank"])
-    _launch.launch(_dA_dx_kernel, (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
-                   x, ge, lora_A, dx if dx is not None else x, dA, _seed_arg(seed, dropout_p, dev), n, k, r,
-                   x.stride(0), x.stride(1), dx.stride(0) if dx is not None else 0, thresh, inv_keep, has_dropout,
-                   int(dx is not None), _device=dev, **kws["dA_dx"])
+    _launch.launch(
+        _grad_rank_kernel,
+        (cdiv(n, BLOCK_N),),
+        g,
+        t,
+        lora_E,
+        ranknum,
+        lora_B,
+        ge,
+        dB,
+        dE,
+        n,
+        d,
+        r,
+        g.stride(0),
+        g.stride(1),
+        scaling,
+        db_off,
+        de_off,
+        _device=dev,
+        **kws["grad_rank"],
+    )
+    _launch.launch(
+        _dA_dx_kernel,
+        (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+        x,
+        ge,
+        lora_A,
+        dx if dx is not None else x,
+        dA,
+        _seed_arg(seed, dropout_p, dev),
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0) if dx is not None else 0,
+        thresh,
+        inv_keep,
+        has_dropout,
+        int(dx is not None),
+        _device=dev,
+        **kws["dA_dx"],
+    )
     return out
 
 
@@ -605,51 +816,156 @@ def compile_variants():
     LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
     the widths K / D 16-divisible); ``bench/compile_check.py`` also compiles the widths unaligned.
     """
+
     def p(dt):
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
 
-    yield ("dropout_keep_mask", _dropout_keep_mask_kernel,
-           {"OUT": "*i8", "SEED": "*i64", "N": "i32", "K": "i32", "thresh": "i32",
-            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-           {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}, NUM_WARPS)
+    yield (
+        "dropout_keep_mask",
+        _dropout_keep_mask_kernel,
+        {
+            "OUT": "*i8",
+            "SEED": "*i64",
+            "N": "i32",
+            "K": "i32",
+            "thresh": "i32",
+            "BLOCK_N": "constexpr",
+            "BLOCK_K": "constexpr",
+        },
+        {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
+        NUM_WARPS,
+    )
     # fp32 adapters: the TF32 binaries, and on a bf16 base at R_PAD 16 the bf16x3 ones (torch's
     # full-fp32 default, layer_precision); never the FMA ("ieee") dots, which spill at these 64-wide
     # tiles on sm_90 and sm_80 (those layers run the torch implementation). Half operands ignore DOT_PREC.
-    for (base, adt), prec in [(pair, pr) for pair in DTYPE_PAIRS
-                              for pr in (("tf32", "bf16x3") if pair == (torch.bfloat16, torch.float32) else ("tf32",))]:
+    for (base, adt), prec in [
+        (pair, pr)
+        for pair in DTYPE_PAIRS
+        for pr in (("tf32", "bf16x3") if pair == (torch.bfloat16, torch.float32) else ("tf32",))
+    ]:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
-        for rp in (RANK_PADS if prec != "bf16x3" else (16,)):
+        for rp in RANK_PADS if prec != "bf16x3" else (16,):
             common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
-            yield (f"shrink[{tag},R{rp}]", _shrink_kernel,
-                   {"X": p(base), "A": p(adt), "T": "*fp32", "SEED": "*i64", "N": "i32", "K": "i32", "R": "i32",
-                    "stride_xn": "i32", "stride_xk": "constexpr", "thresh": "i32",
-                    "inv_keep": "fp32", "has_dropout": "i32", "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
-                    "DOT_PREC": "constexpr"},
-                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
-                   {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES})
-            yield (f"expand_add[{tag},R{rp}]", _expand_add_kernel,
-                   {"T": "*fp32", "E": p(adt), "RK": "*fp32", "B": p(adt), "OUT": p(base), "N": "i32",
-                    "D": "i32", "R": "i32", "stride_on": "i32", "scaling": "fp32", "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D), num_warps(rp))
-            yield (f"grad_rank[{tag},R{rp}]", _grad_rank_kernel,
-                   {"G": p(base), "T": "*fp32", "E": p(adt), "RK": "*fp32", "B": p(adt), "GE": "*fp32",
-                    "DB": "*fp32", "DE": "*fp32", "N": "i32", "D": "i32", "R": "i32", "stride_gn": "i32",
-                    "stride_gd": "constexpr", "scaling": "fp32", "db_off": "i32", "de_off": "i32",
-                    "R_PAD": "constexpr", "BLOCK_N": "constexpr",
-                    "BLOCK_D": "constexpr", "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D), num_warps(rp))
-            yield (f"dA_dx[{tag},R{rp}]", _dA_dx_kernel,
-                   {"X": p(base), "GE": "*fp32", "A": p(adt), "DX": p(base), "DA": "*fp32", "SEED": "*i64",
-                    "N": "i32", "K": "i32", "R": "i32", "stride_xn": "i32", "stride_xk": "constexpr",
-                    "stride_dxn": "i32", "thresh": "i32", "inv_keep": "fp32",
-                    "has_dropout": "i32", "need_dx": "i32", "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "ROW_BLOCKS": "constexpr",
-                    "UPCAST": "constexpr", "DOT_PREC": "constexpr"},
-                   dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
-                   {"num_warps": num_warps(rp), "num_stages": DA_STAGES})
+            yield (
+                f"shrink[{tag},R{rp}]",
+                _shrink_kernel,
+                {
+                    "X": p(base),
+                    "A": p(adt),
+                    "T": "*fp32",
+                    "SEED": "*i64",
+                    "N": "i32",
+                    "K": "i32",
+                    "R": "i32",
+                    "stride_xn": "i32",
+                    "stride_xk": "constexpr",
+                    "thresh": "i32",
+                    "inv_keep": "fp32",
+                    "has_dropout": "i32",
+                    "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "BLOCK_K": "constexpr",
+                    "UPCAST": "constexpr",
+                    "DOT_PREC": "constexpr",
+                },
+                dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
+                {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES},
+            )
+            yield (
+                f"expand_add[{tag},R{rp}]",
+                _expand_add_kernel,
+                {
+                    "T": "*fp32",
+                    "E": p(adt),
+                    "RK": "*fp32",
+                    "B": p(adt),
+                    "OUT": p(base),
+                    "N": "i32",
+                    "D": "i32",
+                    "R": "i32",
+                    "stride_on": "i32",
+                    "scaling": "fp32",
+                    "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "BLOCK_D": "constexpr",
+                    "UPCAST": "constexpr",
+                    "DOT_PREC": "constexpr",
+                },
+                dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D),
+                num_warps(rp),
+            )
+            yield (
+                f"grad_rank[{tag},R{rp}]",
+                _grad_rank_kernel,
+                {
+                    "G": p(base),
+                    "T": "*fp32",
+                    "E": p(adt),
+                    "RK": "*fp32",
+                    "B": p(adt),
+                    "GE": "*fp32",
+                    "DB": "*fp32",
+                    "DE": "*fp32",
+                    "N": "i32",
+                    "D": "i32",
+                    "R": "i32",
+                    "stride_gn": "i32",
+                    "stride_gd": "constexpr",
+                    "scaling": "fp32",
+                    "db_off": "i32",
+                    "de_off": "i32",
+                    "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "BLOCK_D": "constexpr",
+                    "UPCAST": "constexpr",
+                    "DOT_PREC": "constexpr",
+                },
+                dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
+                num_warps(rp),
+            )
+            yield (
+                f"dA_dx[{tag},R{rp}]",
+                _dA_dx_kernel,
+                {
+                    "X": p(base),
+                    "GE": "*fp32",
+                    "A": p(adt),
+                    "DX": p(base),
+                    "DA": "*fp32",
+                    "SEED": "*i64",
+                    "N": "i32",
+                    "K": "i32",
+                    "R": "i32",
+                    "stride_xn": "i32",
+                    "stride_xk": "constexpr",
+                    "stride_dxn": "i32",
+                    "thresh": "i32",
+                    "inv_keep": "fp32",
+                    "has_dropout": "i32",
+                    "need_dx": "i32",
+                    "R_PAD": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "BLOCK_K": "constexpr",
+                    "ROW_BLOCKS": "constexpr",
+                    "UPCAST": "constexpr",
+                    "DOT_PREC": "constexpr",
+                },
+                dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
+                {"num_warps": num_warps(rp), "num_stages": DA_STAGES},
+            )
 
 
-__all__ = ["DTYPE_PAIRS", "check_dtypes", "dropout_keep_mask", "shrink", "expand_add", "grad_rank", "dA_dx",
-           "forward", "backward", "grad_offsets", "compile_variants", "TL_DTYPE"]
+__all__ = [
+    "DTYPE_PAIRS",
+    "check_dtypes",
+    "dropout_keep_mask",
+    "shrink",
+    "expand_add",
+    "grad_rank",
+    "dA_dx",
+    "forward",
+    "backward",
+    "grad_offsets",
+    "compile_variants",
+    "TL_DTYPE",
+]

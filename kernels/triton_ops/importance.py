@@ -42,8 +42,20 @@ _TENSOR_FIELDS = tl.constexpr(8)
 
 @triton.jit
 def _importance_kernel(
-    TENS, TILES, M1, M2, SCORES, SKIPPED, beta1, omb1, beta2, omb2,
-    UPDATE: tl.constexpr, WANT_SCORES: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+    TENS,
+    TILES,
+    M1,
+    M2,
+    SCORES,
+    SKIPPED,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    UPDATE: tl.constexpr,
+    WANT_SCORES: tl.constexpr,
+    TILE_R: tl.constexpr,
+    TILE_C: tl.constexpr,
 ):
     """One program per tile [TILE_R triplets, TILE_C columns] of one adapter tensor."""
     tile = tl.program_id(0)
@@ -89,9 +101,18 @@ def _importance_kernel(
 # launchers: tensors and ints only (the caller builds the tables, see adalora_fast/ops/importance.py)
 
 
-def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor,
-               scores: torch.Tensor, skipped: torch.Tensor, beta1: float, beta2: float, update: bool,
-               want_scores: bool) -> None:
+def importance(
+    tens: torch.Tensor,
+    tiles: torch.Tensor,
+    m1: torch.Tensor,
+    m2: torch.Tensor,
+    scores: torch.Tensor,
+    skipped: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    update: bool,
+    want_scores: bool,
+) -> None:
     """One launch over every tile of ``tiles`` ([n_tiles, 3] int64: tensor, first row, first column).
 
     ``tens``: [T, 8] int64 records (p address, g address, state offset, rows, cols, row stride,
@@ -110,8 +131,22 @@ def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: to
     if want_scores:
         _launch.check_deterministic("the triplet scores (importance_update / triplet_scores)")
     _launch.launch(
-        _importance_kernel, (n_tiles,), tens, tiles, m1, m2, scores, skipped, float(beta1), 1.0 - float(beta1), float(beta2),
-        1.0 - float(beta2), UPDATE=bool(update), WANT_SCORES=bool(want_scores), TILE_R=TILE_R, TILE_C=TILE_C,
+        _importance_kernel,
+        (n_tiles,),
+        tens,
+        tiles,
+        m1,
+        m2,
+        scores,
+        skipped,
+        float(beta1),
+        1.0 - float(beta1),
+        float(beta2),
+        1.0 - float(beta2),
+        UPDATE=bool(update),
+        WANT_SCORES=bool(want_scores),
+        TILE_R=TILE_R,
+        TILE_C=TILE_C,
         num_warps=NUM_WARPS,
     )
 
@@ -119,8 +154,25 @@ def importance(tens: torch.Tensor, tiles: torch.Tensor, m1: torch.Tensor, m2: to
 def compile_variants():
     """Every config the launcher picks (see ``adapter_linear.compile_variants``)."""
     for update, want in ((True, False), (True, True), (False, True)):
-        yield (f"importance[update={int(update)},scores={int(want)}]", _importance_kernel,
-               {"TENS": "*i64", "TILES": "*i64", "M1": "*fp32", "M2": "*fp32", "SCORES": "*fp32", "SKIPPED": "*i64",
-                "beta1": "fp32", "omb1": "fp32", "beta2": "fp32", "omb2": "fp32", "UPDATE": "constexpr", "WANT_SCORES": "constexpr",
-                "TILE_R": "constexpr", "TILE_C": "constexpr"},
-               {"UPDATE": update, "WANT_SCORES": want, "TILE_R": TILE_R, "TILE_C": TILE_C}, NUM_WARPS)
+        yield (
+            f"importance[update={int(update)},scores={int(want)}]",
+            _importance_kernel,
+            {
+                "TENS": "*i64",
+                "TILES": "*i64",
+                "M1": "*fp32",
+                "M2": "*fp32",
+                "SCORES": "*fp32",
+                "SKIPPED": "*i64",
+                "beta1": "fp32",
+                "omb1": "fp32",
+                "beta2": "fp32",
+                "omb2": "fp32",
+                "UPDATE": "constexpr",
+                "WANT_SCORES": "constexpr",
+                "TILE_R": "constexpr",
+                "TILE_C": "constexpr",
+            },
+            {"UPDATE": update, "WANT_SCORES": want, "TILE_R": TILE_R, "TILE_C": TILE_C},
+            NUM_WARPS,
+        )

@@ -51,19 +51,26 @@ def apply_mask(lora_E: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
             if not e.is_contiguous():
                 raise ValueError("apply_mask: lora_E tensors must be contiguous")
             if e.dtype not in TL_DTYPE:
-                raise TypeError(f"apply_mask (triton): lora_E of dtype {e.dtype}; the kernel is built for "
-                                f"{', '.join(str(d) for d in TL_DTYPE)}")
+                raise TypeError(
+                    f"apply_mask (triton): lora_E of dtype {e.dtype}; the kernel is built for "
+                    f"{', '.join(str(d) for d in TL_DTYPE)}"
+                )
             by_dtype.setdefault(e.dtype, []).extend([e.data_ptr(), int(r), acc])
         acc += int(r)
     for dt, vals in by_dtype.items():
         tab = _launch.to_device_table(vals, keep.device)
-        _launch.launch(_apply_mask_kernel, (len(vals) // 3,), tab, keep, DTYPE=TL_DTYPE[dt], BLOCK=MASK_BLOCK,
-                       num_warps=1)
+        _launch.launch(
+            _apply_mask_kernel, (len(vals) // 3,), tab, keep, DTYPE=TL_DTYPE[dt], BLOCK=MASK_BLOCK, num_warps=1
+        )
 
 
 def compile_variants():
     """Every config the launcher picks (see ``adapter_linear.compile_variants``)."""
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        yield (f"apply_mask[{str(dt)[6:]}]", _apply_mask_kernel,
-               {"ETAB": "*i64", "KEEP": "*i1", "DTYPE": "constexpr", "BLOCK": "constexpr"},
-               {"DTYPE": TL_DTYPE[dt], "BLOCK": MASK_BLOCK}, 1)
+        yield (
+            f"apply_mask[{str(dt)[6:]}]",
+            _apply_mask_kernel,
+            {"ETAB": "*i64", "KEEP": "*i1", "DTYPE": "constexpr", "BLOCK": "constexpr"},
+            {"DTYPE": TL_DTYPE[dt], "BLOCK": MASK_BLOCK},
+            1,
+        )

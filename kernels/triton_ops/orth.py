@@ -48,6 +48,8 @@ def _config(prec: str, r_n: int):
     if prec == "ieee" and r_n > 16:
         return IEEE_R64_WARPS, IEEE_BWD_BLOCK_C
     return NUM_WARPS, BWD_BLOCK_C
+
+
 MAX_RANK = R_M
 # matrix table row: ptr, r, c, stride_r, stride_c, gram_off, grad_off, (pad)
 _F = tl.constexpr(8)  # int64 fields per matrix record (the host table below writes 8)
@@ -59,13 +61,28 @@ def _matrix_record(MATS, i, MAT_DT: tl.constexpr):
     the matrices are ``MAT_DT`` (fp32, bf16 or fp16: read as they are, upcast to fp32 in registers)."""
     rec = MATS + i * _F
     mp = tl.load(rec).to(tl.pointer_type(MAT_DT))
-    return (mp, tl.load(rec + 1), tl.load(rec + 2), tl.load(rec + 3), tl.load(rec + 4), tl.load(rec + 5),
-            tl.load(rec + 6))
+    return (
+        mp,
+        tl.load(rec + 1),
+        tl.load(rec + 2),
+        tl.load(rec + 3),
+        tl.load(rec + 4),
+        tl.load(rec + 5),
+        tl.load(rec + 6),
+    )
 
 
 @triton.jit
-def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, MAT_DT: tl.constexpr):
+def _orth_fwd_kernel(
+    MATS,
+    GRAM,
+    NORMS,
+    R_M: tl.constexpr,
+    R_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    MAT_DT: tl.constexpr,
+):
     """G[:r, :r] = M Mᵀ as a [R_M=64, R_N] tile (rows padded to 64 for HGMMA, columns to R_N)."""
     i = tl.program_id(0)
     mp, nr, nc, sr, sc, goff, _ = _matrix_record(MATS, i, MAT_DT)
@@ -87,8 +104,20 @@ def _orth_fwd_kernel(MATS, GRAM, NORMS, R_M: tl.constexpr, R_N: tl.constexpr,
 
 
 @triton.jit
-def _orth_bwd_kernel(MATS, TILES, GRAM, NORMS, GOUT, GRAD, two_inv_n, R_M: tl.constexpr, R_N: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, MAT_DT: tl.constexpr):
+def _orth_bwd_kernel(
+    MATS,
+    TILES,
+    GRAM,
+    NORMS,
+    GOUT,
+    GRAD,
+    two_inv_n,
+    R_M: tl.constexpr,
+    R_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    MAT_DT: tl.constexpr,
+):
     """dM[:, tile] = coef · D M[:, tile], D = G − I as [R_M=64, R_N] (K = R_N)."""
     tile = tl.program_id(0)
     i = tl.load(TILES + tile * 2)
@@ -120,7 +149,7 @@ def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], orde
     gradient buffer (default: A then B)."""
     mats = list(work_A) + list(work_B)
     grad_off, acc = [0] * len(mats), 0
-    for i in (order if order is not None else range(len(mats))):
+    for i in order if order is not None else range(len(mats)):
         grad_off[i] = acc
         acc += mats[i].numel()
     vals, tiles, gram_n, grad_n, max_r = [], [], 0, 0, 0
@@ -139,7 +168,9 @@ def _tables(work_A: Sequence[torch.Tensor], work_B: Sequence[torch.Tensor], orde
         grad_n += m.numel()
     devs = {m.device for m in mats}
     if len(devs) != 1:
-        raise ValueError(f"orth_penalty: lora_A and lora_B matrices must be on one device, got {sorted(map(str, devs))}")
+        raise ValueError(
+            f"orth_penalty: lora_A and lora_B matrices must be on one device, got {sorted(map(str, devs))}"
+        )
     dev = devs.pop()
     key = (str(dev), bwd_block, tuple(vals))
     tabs = _table_cache.get(key)
@@ -192,14 +223,31 @@ def forward(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor]):
     norms = torch.empty(n_live, dtype=torch.float32, device=dev)
     if n_live:
         prec, r_n = dot_precision(torch.float32), pad_rank(max_r)
-        _launch.launch(_orth_fwd_kernel, (n_live,), tabs[0], gram, norms, R_M=R_M, R_N=r_n, BLOCK_C=BLOCK_C,
-                       DOT_PREC=prec, MAT_DT=mat_dt, num_warps=_config(prec, r_n)[0])
+        _launch.launch(
+            _orth_fwd_kernel,
+            (n_live,),
+            tabs[0],
+            gram,
+            norms,
+            R_M=R_M,
+            R_N=r_n,
+            BLOCK_C=BLOCK_C,
+            DOT_PREC=prec,
+            MAT_DT=mat_dt,
+            num_warps=_config(prec, r_n)[0],
+        )
     loss = norms.sum() * (1.0 / n_total)  # fixed-order reduction: the same bits every run
     return loss, gram, norms
 
 
-def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
-             gram: torch.Tensor, norms: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+def backward(
+    gout: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    gram: torch.Tensor,
+    norms: torch.Tensor,
+    order: Sequence[int],
+) -> torch.Tensor:
     """d loss / d M of every matrix as one flat fp32 buffer, the matrices' gradients one after the
     other in ``order`` (positions in the A-then-B list): one launch."""
     prec = dot_precision(torch.float32)
@@ -211,9 +259,23 @@ def backward(gout: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequenc
     grad = torch.empty(grad_n, dtype=torch.float32, device=dev)
     if n_live:
         mtab, ttab = tabs
-        _launch.launch(_orth_bwd_kernel, (ttab.numel() // 2,), mtab, ttab, gram, norms, gout.contiguous(), grad,
-                       2.0 / n_total, R_M=R_M, R_N=pad_rank(max_r), BLOCK_C=block, DOT_PREC=prec, MAT_DT=mat_dt,
-                       num_warps=warps)
+        _launch.launch(
+            _orth_bwd_kernel,
+            (ttab.numel() // 2,),
+            mtab,
+            ttab,
+            gram,
+            norms,
+            gout.contiguous(),
+            grad,
+            2.0 / n_total,
+            R_M=R_M,
+            R_N=pad_rank(max_r),
+            BLOCK_C=block,
+            DOT_PREC=prec,
+            MAT_DT=mat_dt,
+            num_warps=warps,
+        )
     return grad  # a matrix the kernel skips (r = 0 or no columns) has no elements to fill
 
 
@@ -224,15 +286,42 @@ def compile_variants():
             warps, bwd_block = _config(prec, rn)
             for tdt, mdt in _MAT_DT.items():
                 tag = f"{prec},R{rn}" + ("" if tdt == torch.float32 else f",{str(tdt)[6:]}")
-                yield (f"orth_fwd[{tag}]", _orth_fwd_kernel,
-                       {"MATS": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "R_M": "constexpr", "R_N": "constexpr",
-                        "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "MAT_DT": "constexpr"},
-                       {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec, "MAT_DT": mdt}, warps)
-                yield (f"orth_bwd[{tag}]", _orth_bwd_kernel,
-                       {"MATS": "*i64", "TILES": "*i64", "GRAM": "*fp32", "NORMS": "*fp32", "GOUT": "*fp32",
-                        "GRAD": "*fp32", "two_inv_n": "fp32", "R_M": "constexpr", "R_N": "constexpr",
-                        "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "MAT_DT": "constexpr"},
-                       {"R_M": R_M, "R_N": rn, "BLOCK_C": bwd_block, "DOT_PREC": prec, "MAT_DT": mdt}, warps)
+                yield (
+                    f"orth_fwd[{tag}]",
+                    _orth_fwd_kernel,
+                    {
+                        "MATS": "*i64",
+                        "GRAM": "*fp32",
+                        "NORMS": "*fp32",
+                        "R_M": "constexpr",
+                        "R_N": "constexpr",
+                        "BLOCK_C": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "MAT_DT": "constexpr",
+                    },
+                    {"R_M": R_M, "R_N": rn, "BLOCK_C": BLOCK_C, "DOT_PREC": prec, "MAT_DT": mdt},
+                    warps,
+                )
+                yield (
+                    f"orth_bwd[{tag}]",
+                    _orth_bwd_kernel,
+                    {
+                        "MATS": "*i64",
+                        "TILES": "*i64",
+                        "GRAM": "*fp32",
+                        "NORMS": "*fp32",
+                        "GOUT": "*fp32",
+                        "GRAD": "*fp32",
+                        "two_inv_n": "fp32",
+                        "R_M": "constexpr",
+                        "R_N": "constexpr",
+                        "BLOCK_C": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "MAT_DT": "constexpr",
+                    },
+                    {"R_M": R_M, "R_N": rn, "BLOCK_C": bwd_block, "DOT_PREC": prec, "MAT_DT": mdt},
+                    warps,
+                )
 
 
 __all__ = ["forward", "backward", "compile_variants", "INTERPRET"]
