@@ -89,3 +89,26 @@ def test_ext_rejects_bad_inputs(ext):
         ext.dropout_shrink(torch.randn(4, 8), torch.randn(2, 9), 1, 0.1)
     with pytest.raises(RuntimeError, match="p must"):
         ext.dropout_shrink(torch.randn(4, 8), torch.randn(2, 8), 1, 1.0)
+
+
+def test_an_abandoned_build_lock_is_named(tmp_path, monkeypatch, capsys):
+    """A build killed midway leaves torch's lock file, and torch then waits for it forever: an old
+    lock is named on stderr before the build starts; a fresh one (another process building) is not."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    from adalora_fast.ops import cpu_ext
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = cpp_extension._get_build_directory("adalora_fast_cpu", verbose=False)
+    lock = os.path.join(build, "lock")
+    open(lock, "w").close()
+    cpu_ext._warn_if_stale_lock(cpp_extension)
+    assert "lock" not in capsys.readouterr().err
+    old = time.time() - 2 * cpu_ext._STALE_LOCK_S
+    os.utime(lock, (old, old))
+    cpu_ext._warn_if_stale_lock(cpp_extension)
+    err = capsys.readouterr().err
+    assert lock in err and "minutes old" in err

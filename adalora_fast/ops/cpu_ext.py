@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,24 @@ import torch
 
 _state: dict = {"loaded": None, "error": None}
 _SOURCES = ("adapter_linear_cpu.cpp", "importance_cpu.cpp", "mask_cpu.cpp")
+_STALE_LOCK_S = 600  # a build takes well under a minute
+
+
+def _warn_if_stale_lock(cpp_extension) -> None:
+    """torch's build lock outlives a build killed midway, and every later build then waits for it
+    forever without a word: say where it is when it looks abandoned."""
+    try:
+        lock = os.path.join(cpp_extension._get_build_directory("adalora_fast_cpu", verbose=False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except (AttributeError, OSError):
+        return
+    if age > _STALE_LOCK_S:
+        print(
+            f"adalora_fast: {lock} is {age / 60:.0f} minutes old; torch waits until it is gone. A build killed "
+            "midway leaves it behind: delete it if no other process is building the C++ kernels.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def source_dir() -> Optional[Path]:
@@ -62,6 +81,7 @@ def _load() -> bool:
                 file=sys.stderr,
                 flush=True,
             )
+            _warn_if_stale_lock(cpp_extension)
             cpp_extension.load(
                 name="adalora_fast_cpu",
                 sources=[str(src / s) for s in _SOURCES],
