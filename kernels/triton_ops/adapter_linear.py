@@ -683,6 +683,9 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     )
 
 
+# forward() and backward() write the launches of the single-kernel launchers above out again on
+# purpose: calling those would add Python calls per launch to the host path these two exist to
+# shorten (bench/README.md, "Host path"). A change to a kernel's arguments goes in both places.
 def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, out) -> torch.Tensor:
     """The layer's two forward launches (:func:`shrink`, then :func:`expand_add` into ``out`` in place)
     with the host work shared: one call per layer step on the eager path. Returns t [N, r] fp32.
