@@ -7,6 +7,7 @@ model = af.get_peft_model(base_model, af.AdaLoraConfig(init_r=12, target_r=8, to
 
 from .allocator import RankAllocator, budget_schedule
 from .bases import AdaLoraConv2d, AdaLoraLinear4bit, AdaLoraLinear8bitLt, AdaLoraLinearUnfused, adapter_layer
+from .compaction import compact_model as compact
 from .config import AdaLoraConfig, PeftType
 from .fileio import CheckpointError
 from .layer import AdaLoraLayer, AdaLoraLinear
@@ -44,6 +45,7 @@ __all__ = [
     "adapter_layer",
     "backend_name",
     "budget_schedule",
+    "compact",
     "get_peft_model",
     "patch_peft",
     "unpatch_peft",

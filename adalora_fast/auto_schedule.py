@@ -20,6 +20,10 @@ TRL's trainers, an ``accelerate`` loop, a hand-written one.
 * An explicit ``update_and_allocate(step)`` by the user: the first one hands the schedule to the
   user for good (the hook stands down for that model), and is skipped if the hook already handled
   the optimizer step it follows; nothing is done twice.
+* Compaction (``patch_peft(compact=True)`` / ``accelerate(model, compact=True)``): right after the
+  schedule step that fixes the final mask, in the same hook, with the optimizer that stepped
+  (``compaction.compact_peft``); when the user drives the schedule, after the first optimizer step
+  that follows it.
 
 HF Trainer (and subclasses: TRL's ``SFTTrainer``, ...): while installed, ``Trainer.__init__``
 attaches :class:`PeftScheduleCallback` when its model is accelerated (so build the Trainer after
@@ -93,6 +97,10 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         _IN_SCALER[key] = True
     for acc in _owners(optimizer):
         acc.on_optimizer_step(skipped=False)
+        if acc.compact:
+            from .compaction import compact_peft_if_final
+
+            compact_peft_if_final(acc, optimizer)
 
 
 def _scaler_step(self, optimizer, *args, **kwargs):
@@ -196,6 +204,10 @@ class PeftScheduleCallback(TrainerCallback):
                 "total_step out of the AdaLoraConfig (under adalora_fast.patch_peft()) to take max_steps.",
                 stacklevel=2,
             )
+        if acc.compact and getattr(args, "world_size", 1) > 1:
+            from .compaction import _DISTRIBUTED_MESSAGE
+
+            raise RuntimeError(f"compact=True: {_DISTRIBUTED_MESSAGE}")
         if acc.explicit:
             return control
         last = acc.current_allocator().last_step
@@ -266,6 +278,11 @@ def load_resume_state(acc, folder: str) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != _FORMAT or "global_step" not in meta:
         raise RuntimeError(f"{path!r} is not an adalora_fast PEFT resume state (format {meta.get('format')!r})")
+    state = {k[len("allocator.") :]: v for k, v in tensors.items() if k.startswith("allocator.")}
+    if "compacted" in state and bool(state["compacted"]):
+        from .compaction import prepare_peft_resume
+
+        prepare_peft_resume(acc, state, repr(path))  # the layers take the saved, compacted shapes first
     named = dict(acc.tuner.named_parameters())
     params = {}
     for k, v in tensors.items():
@@ -277,9 +294,8 @@ def load_resume_state(acc, folder: str) -> None:
             raise RuntimeError(f"{path!r}: {k[len('param.') :]}: {what}; the checkpoint is of another model")
         params[p] = v
     alloc = acc.current_allocator()
-    state = {k[len("allocator.") :]: v for k, v in tensors.items() if k.startswith("allocator.")}
     ranks = [int(r) for r in state["ranks"].tolist()] if "ranks" in state else None
-    if ranks != alloc.layout.ranks:
+    if ranks != getattr(alloc, "full_ranks", alloc.layout.ranks):
         raise RuntimeError(f"{path!r}: allocator state for ranks {ranks}, the model's layers have {alloc.layout.ranks}")
     with torch.no_grad():
         for p, v in params.items():

@@ -49,6 +49,7 @@ from torch import nn
 from . import distributed
 from . import layer as _layer
 from .allocator import RankAllocator
+from .layer import resize_triplets
 
 # Every adapted layer kind shares AdaLoraLayer (resize, the rank-0 skip in forward).
 _ADAPTED = getattr(_layer, "AdaLoraLayer", _layer.AdaLoraLinear)
@@ -93,6 +94,12 @@ def compact(model, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if optimizer is not None:
             _swap_in_optimizer(_unwrap(optimizer), alloc.replaced_pairs())
         return
+    _require_final(alloc)
+    _refuse_wrapped(model, alloc)
+    model.rankallocator = _compact_layers(alloc, layers, a, optimizer, model.adapted_layers)
+
+
+def _require_final(alloc: RankAllocator) -> None:
     if not alloc.finalized:
         cfg = alloc.config
         raise RuntimeError(
@@ -100,7 +107,13 @@ def compact(model, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
             f"{cfg.total_step - cfg.tfinal} (or any later step); the last step seen is {alloc.last_step}. "
             "Before that, pruned triplets can still come back."
         )
-    _refuse_wrapped(model, alloc)
+
+
+def _compact_layers(alloc: RankAllocator, layers, a: str, optimizer, relist) -> "CompactedAllocator":
+    """The work of a compaction, shared by our models and accelerated PEFT ones: each layer of
+    ``layers`` ([(name, layer)] in the allocator's order) resized to its kept triplets, ``optimizer``
+    (or None) brought over, and the allocator that replaces ``alloc`` (over ``relist()``, the
+    layers as the allocator reads them, listed again after the resize)."""
     full_ranks = list(alloc.layout.ranks)
     full_keep = alloc._keep
     flat = full_keep.tolist()
@@ -119,7 +132,7 @@ def compact(model, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     pairs = []  # (old parameter, new parameter, rank dim, kept index)
     for m, idx, kt in plan:
         old = {kind: getattr(m, kind)[a] for kind in _RANK_DIM}
-        m.resize(a, kt)
+        resize_triplets(m, a, kt)
         for kind, dim in _RANK_DIM.items():
             new = getattr(m, kind)[a]
             g = old[kind].grad
@@ -128,7 +141,94 @@ def compact(model, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
             pairs.append((old[kind], new, dim, idx))
     if opt is not None:
         _swap_in_optimizer(opt, pairs)
-    model.rankallocator = CompactedAllocator(alloc, layers, full_ranks, full_keep, pairs)
+    return CompactedAllocator(alloc, relist(), full_ranks, full_keep, pairs)
+
+
+# ------------------------------------------------------------------------------------- PEFT's models
+def compact_model(model, optimizer: Optional[torch.optim.Optimizer] = None):
+    """``adalora_fast.compact(model, optimizer=None)``: compact an adalora_fast ``AdaLoraModel``
+    (:func:`compact`) or an accelerated PEFT AdaLoRA model (:func:`compact_peft`; a ``PeftModel`` or
+    its tuner, possibly wrapped by ``torch.compile``); returns the model. Before the final mask is
+    fixed: ``RuntimeError``. After training, without an optimizer: smaller adapters for inference."""
+    from .model import AdaLoraModel
+    from .peft_patch import state_of
+
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, AdaLoraModel):
+        inner.compact(optimizer)
+        return model
+    acc = state_of(model)
+    if acc is None:
+        raise TypeError(
+            f"adalora_fast.compact takes an adalora_fast AdaLoraModel or a PEFT AdaLoRA model accelerated by "
+            f"adalora_fast (patch_peft() / accelerate(model)), got {type(model).__name__}"
+        )
+    if acc.allocator is None:
+        raise RuntimeError(
+            "adalora_fast.compact: this PEFT AdaLoRA model is in inference mode; PEFT's from_pretrained already "
+            "resized its layers to the saved rank pattern"
+        )
+    compact_peft(acc, optimizer)
+    return model
+
+
+def compact_peft(acc, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Compaction of an accelerated PEFT AdaLoRA model (``acc``: its ``peft_patch._Accelerated``), as
+    :func:`compact` does ours: PEFT's own layers (``SVDLinear``, ...) resized to their kept triplets
+    in place, ``ranknum`` kept, the optimizer brought over, our allocator replaced. The model stays
+    PEFT's: its ``rank_pattern`` keeps ``init_r`` entries per layer, and PEFT's ``save_pretrained``
+    writes the compacted tensors as they are (it slices a tensor only when its rank differs from
+    the pattern's kept count), so the checkpoint is the one PEFT writes uncompacted. Idempotent."""
+    alloc = acc.current_allocator()
+    if isinstance(alloc, CompactedAllocator):
+        if optimizer is not None:
+            _swap_in_optimizer(_unwrap(optimizer), alloc.replaced_pairs())
+        return
+    _require_final(alloc)
+    _refuse_wrapped(acc.tuner, alloc)
+    if _distributed_run():
+        raise RuntimeError(_DISTRIBUTED_MESSAGE)
+    acc.allocator = _compact_layers(alloc, acc._layers(), acc.adapter, optimizer, acc.views)
+
+
+def compact_peft_if_final(acc, optimizer=None) -> bool:
+    """:func:`compact_peft` when the final mask is fixed and the model is not compacted yet; returns
+    whether it compacted (the automatic schedule calls it after every optimizer step)."""
+    alloc = acc.current_allocator()
+    if isinstance(alloc, CompactedAllocator) or not alloc.finalized:
+        return False
+    compact_peft(acc, optimizer)
+    return True
+
+
+def prepare_peft_resume(acc, state: dict, where: str) -> None:
+    """Before a resume state saved after compaction (``state``: the allocator's entries, with
+    ``compacted``) is copied into an accelerated PEFT model: compact the fresh model (at the full
+    ranks, no optimizer yet: the Trainer builds it after loading the model) by the saved mask."""
+    full, kept = _kept_ranks(state)
+    alloc = acc.current_allocator()
+    if isinstance(alloc, CompactedAllocator):
+        if alloc.full_ranks != full or not torch.equal(alloc.full_keep.cpu(), state["keep"].to(torch.bool).cpu()):
+            raise RuntimeError(f"{where}: this model is compacted with another mask than the checkpoint's")
+        return
+    if list(alloc.layout.ranks) != full:
+        raise RuntimeError(f"{where}: allocator state for ranks {full}, the model's layers have {alloc.layout.ranks}")
+    dev = next((p.device for p in alloc.params()), torch.device("cpu"))
+    alloc._keep = state["keep"].to(dev, torch.bool).view(-1).clone()
+    alloc.finalized = True
+    acc.allocator = _compact_layers(alloc, acc._layers(), acc.adapter, None, acc.views)
+
+
+_DISTRIBUTED_MESSAGE = (
+    "compaction replaces the adapter parameters, which DDP's gradient buckets and FSDP's shards hold (the new "
+    "ones would never be all-reduced): this run has several processes. Train without compact=True and compact "
+    "after training (adalora_fast.compact(model)), or train in one process"
+)
+
+
+def _distributed_run() -> bool:
+    d = torch.distributed
+    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
 
 
 def _compact_inference_model(model, layers, a) -> None:

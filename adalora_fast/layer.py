@@ -56,6 +56,27 @@ def is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and has_dense_weight(module)
 
 
+def resize_triplets(layer: nn.Module, adapter_name: str, keep: torch.Tensor) -> None:
+    """Keep only the triplets of ``layer`` where ``keep`` (bool [r]) is True: new ``lora_A`` [r', k],
+    ``lora_E`` [r', 1] and ``lora_B`` [d, r'] parameters (copies of the kept rows/columns) and
+    ``r[adapter_name] = r'``; ``ranknum`` keeps its value, as in PEFT's ``resize_modules_by_rank_pattern``.
+    Any layer with PEFT's AdaLoRA attributes (``lora_A``/``lora_E``/``lora_B`` ParameterDicts, ``r``):
+    ours and PEFT's own."""
+    keep = torch.as_tensor(keep, dtype=torch.bool, device=layer.lora_A[adapter_name].device).view(-1)
+    r_old = layer.r[adapter_name]
+    if keep.numel() != r_old:
+        raise ValueError(f"rank pattern has {keep.numel()} entries, the layer has rank {r_old}")
+    rg = layer.lora_A[adapter_name].requires_grad
+    with torch.no_grad():
+        A = layer.lora_A[adapter_name][keep].clone()
+        B = layer.lora_B[adapter_name][:, keep].clone()
+        E = layer.lora_E[adapter_name][keep].clone()
+    layer.r[adapter_name] = int(keep.sum().item())
+    layer.lora_A[adapter_name] = nn.Parameter(A, requires_grad=rg)
+    layer.lora_B[adapter_name] = nn.Parameter(B, requires_grad=rg)
+    layer.lora_E[adapter_name] = nn.Parameter(E, requires_grad=rg)
+
+
 class AdaLoraLayer(nn.Module):
     """What every adapted layer shares: PEFT's adapter parameters, their init (PEFT's draws, in
     PEFT's order), ``resize``, merge/unmerge, enabling and disabling, and the attributes of PEFT's
@@ -149,19 +170,7 @@ class AdaLoraLayer(nn.Module):
 
     def resize(self, adapter_name: str, keep: torch.Tensor) -> None:
         """Keep only the triplets where ``keep`` (bool [r]) is True; ranknum keeps its value, as in PEFT."""
-        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_A[adapter_name].device).view(-1)
-        r_old = self.r[adapter_name]
-        if keep.numel() != r_old:
-            raise ValueError(f"rank pattern has {keep.numel()} entries, the layer has rank {r_old}")
-        rg = self.lora_A[adapter_name].requires_grad
-        with torch.no_grad():
-            A = self.lora_A[adapter_name][keep].clone()
-            B = self.lora_B[adapter_name][:, keep].clone()
-            E = self.lora_E[adapter_name][keep].clone()
-        self.r[adapter_name] = int(keep.sum().item())
-        self.lora_A[adapter_name] = nn.Parameter(A, requires_grad=rg)
-        self.lora_B[adapter_name] = nn.Parameter(B, requires_grad=rg)
-        self.lora_E[adapter_name] = nn.Parameter(E, requires_grad=rg)
+        resize_triplets(self, adapter_name, keep)
 
     # ------------------------------------------------------------------ forward
     @property

@@ -62,6 +62,7 @@ _ATTR = "_adalora_fast"  # on a tuner: its _Accelerated; on an SVDLinear: True (
 
 _ORIGINALS: dict = {}  # (class, attribute name) -> the original from the class's __dict__
 _AUTO = False  # patch_peft() is active: new PEFT AdaLoRA models are accelerated as they are built
+_COMPACT = False  # patch_peft(compact=True): models accelerated as they are built compact once the final mask is fixed
 _PEFT: dict = {}  # the PEFT classes the patched methods need, filled by _peft_classes()
 _WARNED: set = set()
 
@@ -199,6 +200,8 @@ def _svd_linear_forward(self, x, *args, **kwargs):
     if not self.__dict__.get(_ATTR):
         return orig(self, x, *args, **kwargs)
     why = "extra forward arguments" if (args or kwargs) else fallback_reason(self, x)
+    if why == "rank 0" and len(self.active_adapters) == 1:
+        return self.base_layer(x)  # a layer compacted to rank 0: PEFT's forward would add a term of zeros
     if why is not None:
         if why not in _QUIET:
             _warn_once(
@@ -273,6 +276,7 @@ class _Accelerated:
         self.resumed_at: Optional[int] = None  # Trainer resume: the global step the restored state belongs to
         # accelerate() of a model whose PEFT schedule had begun: PEFT does not record the step it reached
         self.step_unknown = False
+        self.compact = _COMPACT  # compact (with the optimizer) after the optimizer step that fixes the final mask
 
     @property
     def config(self):
@@ -285,10 +289,14 @@ class _Accelerated:
             (n, m) for n, m in self.tuner.model.named_modules() if isinstance(m, P["AdaLoraLayer"]) and a in m.lora_A
         ]
 
+    def views(self) -> list:
+        """[(name, _LayerView)]: the layers as our allocator reads them, in its order."""
+        return [(n, _LayerView(m, self.adapter)) for n, m in self._layers()]
+
     def _build(self) -> RankAllocator:
         # PEFT's config object itself: its total_step may be filled later (Trainer max_steps,
         # PEFT's RankAllocator.set_total_step), and the allocator reads it at every step.
-        return RankAllocator(self.config, [(n, _LayerView(m, self.adapter)) for n, m in self._layers()], self.adapter)
+        return RankAllocator(self.config, self.views(), self.adapter)
 
     def current_allocator(self) -> RankAllocator:
         """The allocator, rebuilt if PEFT resized the layers (``PeftModel.from_pretrained`` or
@@ -513,9 +521,17 @@ def _attach(tuner, import_state: bool) -> _Accelerated:
 
 def _detach(acc: _Accelerated) -> None:
     from . import auto_schedule
+    from .compaction import CompactedAllocator
 
     auto_schedule.unregister(acc)
     tuner = acc.tuner
+    if isinstance(acc.allocator, CompactedAllocator):
+        warnings.warn(
+            "adalora_fast: handing a compacted PEFT AdaLoRA model back to PEFT. It runs, saves, loads and merges as "
+            "PEFT's, but PEFT's own update_and_allocate cannot run on it (its final-phase mask has init_r entries "
+            "per layer, the compacted layers fewer): train it further with adalora_fast.accelerate(model)",
+            stacklevel=3,
+        )
     acc.export_peft_state()  # the rank pattern is in the config already (written at each masking step)
     for m in tuner.model.modules():
         m.__dict__.pop(_ATTR, None)
@@ -541,27 +557,33 @@ def _install() -> None:
 
 
 # ---------------------------------------------------------------------------------- public
-def patch_peft() -> None:
+def patch_peft(compact: bool = False) -> None:
     """Accelerate PEFT's own AdaLoRA from here on: every ``peft.get_peft_model`` with a
     ``peft.AdaLoraConfig`` and every ``peft.PeftModel.from_pretrained`` of an AdaLoRA adapter runs
     adalora_fast's ops, and its rank schedule runs by itself in the HF Trainer, TRL's trainers and
     plain loops (see ``auto_schedule``). The models stay PEFT's (``peft.PeftModel``, its save, load,
     merge and ``rank_pattern``). Models built before this call: :func:`accelerate`.
 
-    Calling it again does nothing. Raises ``RuntimeError`` for a PEFT version outside
-    :data:`TESTED_PEFT`."""
-    global _AUTO
+    ``compact=True``: each model built from here on is compacted (``adalora_fast.compact``: the
+    pruned triplets cut out of its layers and of the optimizer's state) right after the optimizer
+    step whose schedule step fixes the final mask; off by default, as in PEFT, since training after
+    it is not bit-identical (README, "Compaction"). Single-process training only.
+
+    Calling it again changes only ``compact`` (for models built after the call). Raises
+    ``RuntimeError`` for a PEFT version outside :data:`TESTED_PEFT`."""
+    global _AUTO, _COMPACT
     P = _peft_classes()
     _install()
     _set(P["AdaLoraConfig"], "__post_init__", _config_post_init)
     _AUTO = True
+    _COMPACT = bool(compact)
 
 
 def unpatch_peft() -> None:
     """Put PEFT back as it was: its classes' original methods, the schedule's triggers removed,
     and every accelerated model handed back to PEFT's own code (its importance averages moved into
     PEFT's RankAllocator, its rank pattern in its config). Harmless when not patched."""
-    global _AUTO
+    global _AUTO, _COMPACT
     from . import auto_schedule
 
     for acc in list(auto_schedule.live()):
@@ -570,7 +592,7 @@ def unpatch_peft() -> None:
         setattr(cls, name, orig)
     _ORIGINALS.clear()
     auto_schedule.uninstall()
-    _AUTO = False
+    _AUTO = _COMPACT = False
 
 
 def is_patched() -> bool:
@@ -578,7 +600,7 @@ def is_patched() -> bool:
     return _AUTO
 
 
-def accelerate(model: Any, next_step: Optional[int] = None) -> Any:
+def accelerate(model: Any, next_step: Optional[int] = None, compact: bool = False) -> Any:
     """Accelerate one PEFT AdaLoRA model in place (a ``peft.PeftModel`` or its ``AdaLoraModel``
     tuner, built before ``patch_peft()`` or without it) and return it.
 
@@ -590,7 +612,9 @@ def accelerate(model: Any, next_step: Optional[int] = None) -> Any:
     ``next_step``: the schedule step of the next optimizer step, for a model already trained with
     PEFT's schedule in a loop of your own (PEFT does not record the step it reached; the HF Trainer
     supplies its ``global_step`` itself). Without it such a model's automatic schedule waits, with a
-    warning, and explicit ``update_and_allocate(step)`` calls drive it."""
+    warning, and explicit ``update_and_allocate(step)`` calls drive it.
+
+    ``compact=True``: as :func:`patch_peft`'s, for this model."""
     P = _peft_classes()
     tuner = model.base_model if isinstance(model, P["PeftModel"]) else model
     if not isinstance(tuner, P["AdaLoraModel"]):
@@ -600,6 +624,8 @@ def accelerate(model: Any, next_step: Optional[int] = None) -> Any:
         )
     _install()
     acc = _attach(tuner, import_state=True)
+    if compact:
+        acc.compact = True
     if next_step is not None:
         from .model import _as_step
 
