@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import adalora_fast as af
-from adalora_fast import compaction
+from adalora_fast import auto_schedule, compaction, peft_patch
 from tiny_models import tiny_llama
 from tolerances import assert_close
 
@@ -378,3 +378,185 @@ def test_ddp_and_fsdp_wrapped_models_are_refused():
         dist.destroy_process_group()
         if os.path.exists(store.name):
             os.remove(store.name)
+
+
+# ------------------------------------------------------------------------------------ PEFT, patched
+# patch_peft(compact=True) / accelerate(model, compact=True): the automatic schedule compacts PEFT's
+# own model right after the optimizer step that fixes the final mask, with that optimizer.
+@pytest.fixture
+def unpatch_after():
+    yield
+    af.unpatch_peft()
+
+
+def _peft_model(orth=0.5):
+    """A PEFT AdaLoRA model (built under whatever patching is active) with E != 0, and its adapter
+    tensors under the tuner's state-dict keys (= our AdaLoraModel's), for a native twin."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(
+            tiny_llama(0),
+            peft.AdaLoraConfig(
+                **SCHEDULE, target_modules=TARGETS, lora_dropout=0.0, orth_reg_weight=orth, task_type="CAUSAL_LM"
+            ),
+        )
+    torch.manual_seed(3)
+    for n, p in pm.base_model.named_parameters():
+        if "lora_E" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    init = {k: v.detach().clone() for k, v in pm.base_model.state_dict().items() if "lora_" in k}
+    return pm, init
+
+
+def _native_twin(init, orth=0.5):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = af.get_peft_model(
+            tiny_llama(0),
+            af.AdaLoraConfig(**SCHEDULE, target_modules=TARGETS, lora_dropout=0.0, orth_reg_weight=orth),
+        )
+    assert not model.load_state_dict(init, strict=False).unexpected_keys
+    return model
+
+
+def _peft_lora(pm) -> dict:
+    return {k: v.detach().clone() for k, v in pm.base_model.named_parameters() if "lora_" in k}
+
+
+def _svd_ranks(pm) -> dict:
+    from peft.tuners.adalora.layer import SVDLinear
+
+    return {n: m.lora_A["default"].shape[0] for n, m in pm.base_model.model.named_modules() if isinstance(m, SVDLinear)}
+
+
+def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(unpatch_after):
+    """No call in the loop: the schedule runs and compacts at step FINAL; losses and weights equal
+    to our native model with update_and_allocate + compact(opt) by hand; the optimizer's state is
+    sliced; the model is still PEFT's, and PEFT (unpatched) loads its save with equal logits."""
+    af.patch_peft(compact=True)
+    pm, init = _peft_model()
+    native = _native_twin(init)
+    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt_n = torch.optim.AdamW([p for p in native.parameters() if p.requires_grad], lr=1e-2)
+    data = _data()
+    for s in range(SCHEDULE["total_step"]):
+        lp = pm(input_ids=data[s], labels=data[s]).loss
+        lp.backward()
+        opt_p.step()  # the automatic schedule (and at step FINAL the compaction) runs in its post-hook
+        opt_p.zero_grad()
+        ln = _step(native, opt_n, data[s], s)
+        if s == FINAL:
+            native.compact(opt_n)
+        assert lp.item() == ln, f"step {s}"
+        acc = peft_patch.state_of(pm)
+        assert isinstance(acc.allocator, compaction.CompactedAllocator) == (s >= FINAL), s
+    assert isinstance(pm, peft.PeftModel)
+    ranks = _svd_ranks(pm)
+    pattern = pm.peft_config["default"].rank_pattern
+    assert ranks == {n: sum(pattern[f"{n}.lora_E.default"]) for n in ranks}
+    assert any(r == 0 for r in ranks.values()) and sum(ranks.values()) == SCHEDULE["target_r"] * len(ranks)
+    theirs = _peft_lora(pm)
+    for n, p in native.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p.detach(), theirs[n]), n
+    held = {id(p) for g in opt_p.param_groups for p in g["params"]}
+    for p in pm.parameters():
+        if p.requires_grad:
+            assert id(p) in held and opt_p.state[p]["exp_avg"].shape == p.shape
+    ids = data[0]
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+    out = tempfile.mkdtemp()
+    pm.save_pretrained(out)
+    with pytest.warns(UserWarning, match="compacted PEFT AdaLoRA model back to PEFT"):
+        af.unpatch_peft()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(tiny_llama(0), out)
+    back.eval()
+    with torch.no_grad():
+        assert_close(back(input_ids=ids).logits, ref, what="unpatched PEFT loading the compacted save")
+    assert _svd_ranks(back) == ranks
+
+
+def _peft_trainer(model, out, max_steps=12):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Tokens(Dataset):
+        ids = torch.randint(1, 64, (24, 10), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=5,
+        seed=7,
+    )
+    return Trainer(model=model, args=args, train_dataset=Tokens())
+
+
+def test_patched_peft_compacts_in_the_trainer_and_resumes_exactly(tmp_path, unpatch_after):
+    """HF Trainer, no callback in the script: compacted at step FINAL; resuming from a checkpoint
+    written after the compaction (the fresh model is compacted by the saved mask before the Trainer
+    builds its optimizer and loads the sliced state) and from one before it gives the same weights."""
+    af.patch_peft(compact=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full, _ = _peft_model(orth=0.1)
+        _peft_trainer(full, tmp_path / "run").train()
+        ref = _peft_lora(full)
+        assert isinstance(peft_patch.state_of(full).allocator, compaction.CompactedAllocator)
+        ranks = _svd_ranks(full)
+        assert sum(ranks.values()) == SCHEDULE["target_r"] * len(ranks)
+        for at in (10, 5):
+            model, _ = _peft_model(orth=0.1)
+            _peft_trainer(model, tmp_path / f"r{at}").train(
+                resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{at}")
+            )
+            assert isinstance(peft_patch.state_of(model).allocator, compaction.CompactedAllocator)
+            assert model.peft_config["default"].rank_pattern == full.peft_config["default"].rank_pattern
+            got = _peft_lora(model)
+            assert set(got) == set(ref)
+            for k in ref:
+                assert torch.equal(got[k], ref[k]), f"resumed from checkpoint-{at}: {k}"
+
+
+def test_accelerate_with_compact_and_the_public_compact(unpatch_after):
+    """accelerate(model, compact=True) on a model built unpatched; af.compact: clear errors before the
+    final mask, for a PEFT model not accelerated, and in a multi-process Trainer run."""
+    pm, init = _peft_model()
+    with pytest.raises(TypeError, match="accelerated by adalora_fast"):
+        af.compact(pm)
+    af.accelerate(pm)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    data = _data()
+    for s in range(FINAL):
+        pm(input_ids=data[s], labels=data[s]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(RuntimeError, match="total_step - tfinal"):
+        af.compact(pm, opt)
+    af.accelerate(pm, compact=True)  # already accelerated: only switches compaction on
+    acc = peft_patch.state_of(pm)
+    assert acc.compact
+    cb = auto_schedule.PeftScheduleCallback(acc)
+    with pytest.raises(RuntimeError, match="several processes"):
+        cb.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(global_step=0, max_steps=12), None)
+    pm(input_ids=data[FINAL], labels=data[FINAL]).loss.backward()
+    opt.step()
+    assert isinstance(acc.allocator, compaction.CompactedAllocator)
+    assert af.compact(pm, opt) is pm  # idempotent
