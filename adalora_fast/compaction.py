@@ -32,6 +32,13 @@ loading it (``load_allocator_checkpoint``, ``from_pretrained(..., is_trainable=T
 compacted state dict (the Trainer's resume) resizes the layers to the saved shapes through a
 load-state-dict pre-hook, before the Trainer builds its optimizer, so the saved optimizer state fits.
 
+PEFT's own models (``peft_patch``): :func:`compact_peft` does the same to an accelerated PEFT model's
+layers (``SVDLinear`` and the other PEFT AdaLoRA layer kinds), replacing our allocator over them;
+``patch_peft(compact=True)`` / ``accelerate(model, compact=True)`` let the automatic schedule call it
+right after the optimizer step that fixes the final mask (``auto_schedule``), and a Trainer resume
+state written after it compacts the fresh model first (:func:`prepare_peft_resume`).
+:func:`compact_model` (``adalora_fast.compact``) takes either kind of model.
+
 Distributed: compaction replaces parameter objects. DDP's buckets and FSDP's shards hold the old
 ones, so a model wrapped by either is refused with an error (compact before wrapping, or after
 training); ``AdaLoraCallback(compact=True)`` refuses a multi-process run when training starts.
