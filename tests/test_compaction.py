@@ -261,7 +261,8 @@ def test_merge_and_unload_after_compaction():
 
 
 # ------------------------------------------------------------------------------------ Trainer
-def _trainer(model, out, compact=True, **kw):
+def _hf_trainer(model, out, callbacks=(), **kw):
+    """An HF Trainer over 24 token rows: 12 steps of 2, a checkpoint every 5 steps."""
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -288,8 +289,12 @@ def _trainer(model, out, compact=True, **kw):
         seed=7,
         **kw,
     )
+    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+
+
+def _trainer(model, out, compact=True, **kw):
     cb = af.AdaLoraCallback(model, compact=compact)
-    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]), cb
+    return _hf_trainer(model, out, [cb], **kw), cb
 
 
 def test_trainer_compacts_and_resumes_exactly(tmp_path):
@@ -480,35 +485,6 @@ def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(un
     assert _svd_ranks(back) == ranks
 
 
-def _peft_trainer(model, out, max_steps=12):
-    from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    class Tokens(Dataset):
-        ids = torch.randint(1, 64, (24, 10), generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.ids)
-
-        def __getitem__(self, i):
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to=[],
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_steps=max_steps,
-        save_strategy="steps",
-        save_steps=5,
-        seed=7,
-    )
-    return Trainer(model=model, args=args, train_dataset=Tokens())
-
-
 def test_patched_peft_compacts_in_the_trainer_and_resumes_exactly(tmp_path, unpatch_after):
     """HF Trainer, no callback in the script: compacted at step FINAL; resuming from a checkpoint
     written after the compaction (the fresh model is compacted by the saved mask before the Trainer
@@ -517,14 +493,14 @@ def test_patched_peft_compacts_in_the_trainer_and_resumes_exactly(tmp_path, unpa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full, _ = _peft_model(orth=0.1)
-        _peft_trainer(full, tmp_path / "run").train()
+        _hf_trainer(full, tmp_path / "run").train()
         ref = _peft_lora(full)
         assert isinstance(peft_patch.state_of(full).allocator, compaction.CompactedAllocator)
         ranks = _svd_ranks(full)
         assert sum(ranks.values()) == SCHEDULE["target_r"] * len(ranks)
         for at in (10, 5):
             model, _ = _peft_model(orth=0.1)
-            _peft_trainer(model, tmp_path / f"r{at}").train(
+            _hf_trainer(model, tmp_path / f"r{at}").train(
                 resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{at}")
             )
             assert isinstance(peft_patch.state_of(model).allocator, compaction.CompactedAllocator)
