@@ -171,7 +171,9 @@ def _backward_torch(
     gB = ga @ lora_B  # [N, r]
     dB = dE = dA = None
     if need_lora:
-        dB = ga.t() @ (t * e)
+        # as (teᵀ g)ᵀ, not gᵀ te: BLAS runs [r, N] @ [N, d] faster than [d, N] @ [N, r], several times at
+        # small r (bench/cpu_matmul_ab.py); the [r, d] result is small to copy out
+        dB = ((t * e).t() @ ga).t().contiguous()
         dE = ((gB * t).sum(0) * s).view_as(lora_E).to(lora_E.dtype)
     ge = gB * e
     dx = g @ w if need_x else None  # [N, k], base dtype
