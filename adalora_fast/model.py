@@ -14,6 +14,7 @@ One object plays both of PEFT's roles: the ``PeftModel`` a user holds and the tu
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import warnings
@@ -61,6 +62,62 @@ def _as_step(global_step: Any) -> int:
     return v
 
 
+def _takes_fused_lm_head(forward: Any) -> bool:
+    """Whether ``forward`` (or a function it wraps: ``torch.compile``, autocast) names a ``fused_lm_head``
+    parameter, as the forward TRL's ``add_fused_lm_head`` installs does. ``**kwargs`` does not count:
+    transformers' forwards take any keyword and would pass the flag on unread."""
+    fn, seen = forward, 0
+    while fn is not None and seen < 16:
+        seen += 1
+        try:
+            if "fused_lm_head" in inspect.signature(fn, follow_wrapped=False).parameters:
+                return True
+        except (TypeError, ValueError):
+            pass
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def _refuse_fused_lm_head_without_head(model: "AdaLoraModel", args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: a call with ``fused_lm_head=True`` is TRL's fused LM head (``SFTTrainer``'s
+    ``compute_loss``). It works only when the head sits on the wrapped transformers model (then the flag
+    passes through our forward to it). TRL 1.16 installs the head on the model it is given unless that is
+    a ``peft.PeftModel``, i.e. on this wrapper, and its head then runs ``model.base_model`` as the
+    transformer backbone: here that is this object (PEFT's tuner role), whose output has no
+    ``last_hidden_state``, and TRL fails deep inside with an AttributeError. Say so at the first step."""
+    if kwargs.get("fused_lm_head") and not _takes_fused_lm_head(model.model.forward):
+        raise TypeError(
+            "adalora_fast.AdaLoraModel (af.get_peft_model) was called with fused_lm_head=True, TRL's fused LM head "
+            "(SFTTrainer and TRL's other trainers), but the model it wraps has no such head: TRL installs the head on "
+            "the model it is given unless that is a peft.PeftModel, and runs model.base_model as the transformer "
+            "backbone, which for adalora_fast's model is the model itself (PEFT's tuner role). With TRL, train PEFT's "
+            "own AdaLoRA accelerated by adalora_fast: call af.patch_peft() and give SFTTrainer the plain transformers "
+            "model with peft_config=peft.AdaLoraConfig(...), or af.accelerate(peft_model) for a PEFT model built "
+            "before; or train this model with transformers.Trainer and af.AdaLoraCallback."
+        )
+
+
+def _warn_penalty_not_in_fused_loss(model: nn.Module, outputs: Any, orth_reg_weight: float) -> None:
+    """Warn once per model when, in training with ``orth_reg_weight > 0``, an AdaLoRA model (ours, or
+    PEFT's run by ``peft_patch``) returns the outputs of TRL's fused LM head (they carry ``log_probs``):
+    TRL's trainers compute the loss from ``log_probs`` and never read ``outputs.loss``, where the
+    orthogonal penalty is added, so the penalty silently leaves the gradient."""
+    if not (model.training and orth_reg_weight > 0) or model.__dict__.get("_adalora_fast_fused_warned"):
+        return
+    if getattr(outputs, "log_probs", None) is None:
+        return
+    model.__dict__["_adalora_fast_fused_warned"] = True
+    warnings.warn(
+        f"adalora_fast: this AdaLoRA model returns the outputs of TRL's fused LM head (log_probs). TRL's trainers "
+        f"(SFTTrainer, ...) compute their loss from outputs.log_probs and ignore outputs.loss, to which AdaLoRA adds "
+        f"orth_reg_weight ({orth_reg_weight:g}) * its orthogonal penalty, so the penalty never reaches the gradient "
+        "(PEFT's AdaLoRA under TRL does the same, with or without adalora_fast). Set orth_reg_weight=0 in the "
+        "AdaLoraConfig to train without it and silence this warning, or train with transformers.Trainer or a loop of "
+        "your own, where outputs.loss is the loss.",
+        stacklevel=3,
+    )
+
+
 class AdaLoraModel(nn.Module):
     """A transformers (or any torch) model with AdaLoRA adapters on its target linear layers.
 
@@ -102,6 +159,8 @@ class AdaLoraModel(nn.Module):
         register_load_hook(self)  # load_state_dict takes a state dict saved after compact() (the Trainer's resume)
         # load_state_dict of trained adapters carries no allocator state: the allocator then refuses a step > 0
         self.register_load_state_dict_pre_hook(save_load.note_adapter_load)
+        # TRL's SFTTrainer cannot run this model: a clear error at its first step, not TRL's AttributeError
+        self.register_forward_pre_hook(_refuse_fused_lm_head_without_head, with_kwargs=True)
 
     # ------------------------------------------------------------------ injection
     def _inject(self, config: AdaLoraConfig, adapter_name: str) -> None:
@@ -227,6 +286,7 @@ class AdaLoraModel(nn.Module):
             w = self.__dict__["_peft_config"][self.trainable_adapter_name].orth_reg_weight
             if 0 < w < math.inf:
                 outputs.loss = loss + w * self.orth_penalty()
+                _warn_penalty_not_in_fused_loss(self, outputs, w)
             elif w != 0:  # NaN, inf or negative, set after the config validated it: never drop the penalty silently
                 raise ValueError(f"AdaLoraConfig.orth_reg_weight={w!r}: must be a finite number >= 0")
         return outputs

@@ -42,6 +42,7 @@ PEFT's code where it left off.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -276,6 +277,7 @@ class _Accelerated:
         self.resumed_at: Optional[int] = None  # Trainer resume: the global step the restored state belongs to
         # accelerate() of a model whose PEFT schedule had begun: PEFT does not record the step it reached
         self.step_unknown = False
+        self._empty: tuple = (None, [])  # (allocator, its empty tensors: the layers at rank 0), see run()
         self.compact = _COMPACT  # compact (with the optimizer) after the optimizer step that fixes the final mask
 
     @property
@@ -328,6 +330,14 @@ class _Accelerated:
                 "training begins; in another loop set peft_config['<adapter>'].total_step before the first step"
             )
         alloc = self.current_allocator()
+        if alloc is not self._empty[0]:
+            self._empty = (alloc, [p for p in alloc.params() if p.numel() == 0])
+        for p in self._empty[1]:
+            # a layer PEFT loaded at rank 0 (a rank pattern that kept none of its triplets) runs PEFT's forward,
+            # whose autograd gives its empty lora_E no gradient; the allocator wants one per tensor, and an
+            # empty tensor's gradient is an empty tensor
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if alloc.update_and_allocate(step) is not None:
             cfg.rank_pattern = alloc.rank_pattern  # the one host sync, at masking steps only
 
@@ -466,8 +476,11 @@ def _tuner_forward(self, *args, **kwargs):
         if w < 0:
             raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
         if w > 0:
+            from .model import _warn_penalty_not_in_fused_loss
+
             lora_A, lora_B, _ = split_kinds(acc.current_allocator().params())
             outputs.loss = loss + w * ops.orth_penalty(lora_A, lora_B)
+            _warn_penalty_not_in_fused_loss(self, outputs, w)
     return outputs
 
 
@@ -593,6 +606,43 @@ def unpatch_peft() -> None:
     _ORIGINALS.clear()
     auto_schedule.uninstall()
     _AUTO = _COMPACT = False
+
+
+@contextlib.contextmanager
+def suspended():
+    """A block in which PEFT runs its own code for every object, accelerated models included: the
+    classes' original methods and no schedule triggers (optimizer hook, ``GradScaler`` and ``Trainer``
+    wrappers). Accelerated models keep their adalora_fast state untouched (nothing is handed back to
+    PEFT, as ``unpatch_peft()`` does) and run accelerated again after the block; ``is_patched()`` is
+    False inside it, and a PEFT model built inside it stays PEFT's own.
+
+    For running PEFT's unmodified code beside an accelerated model in one process (``python -m bench``
+    times both in alternating rounds): the patched methods dispatch per object, but even PEFT's own
+    objects would go through them and through the global optimizer hook while patched. Harmless when
+    not patched; a ``patch_peft()`` or ``unpatch_peft()`` inside the block is honoured (the block's exit
+    puts back only what is still patched)."""
+    global _AUTO
+    if not _ORIGINALS:
+        yield
+        return
+    from . import auto_schedule
+
+    patched = {key: key[0].__dict__[key[1]] for key in _ORIGINALS}
+    auto, triggers = _AUTO, bool(auto_schedule._HOOK)
+    for cls, name in patched:
+        setattr(cls, name, _ORIGINALS[(cls, name)])
+    auto_schedule.uninstall()
+    _AUTO = False
+    try:
+        yield
+    finally:
+        if _ORIGINALS:  # else unpatch_peft() ran inside the block: PEFT stays as it is
+            for key, fn in patched.items():
+                if key in _ORIGINALS:
+                    setattr(key[0], key[1], fn)
+            if triggers:
+                auto_schedule.install()
+            _AUTO = _AUTO or auto
 
 
 def is_patched() -> bool:

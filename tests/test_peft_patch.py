@@ -328,6 +328,53 @@ def test_unpatch_restores_peft_and_patching_twice_is_harmless():
         peft.AdaLoraConfig(target_modules=TARGETS)
 
 
+def _patched_methods_in_place() -> dict:
+    """Which of PEFT's and transformers' methods are not their originals now, and whether the
+    optimizer step hook is registered."""
+    from torch.optim import optimizer as optim_mod
+
+    cls = {
+        "SVDLinear": SVDLinear,
+        "AdaLoraModel": PeftAdaLoraModel,
+        "AdaLoraConfig": PeftAdaLoraConfig,
+        "GradScaler": torch.amp.GradScaler,
+        "Trainer": transformers.Trainer,
+    }
+    out = {key: cls[key.split(".")[0]].__dict__[key.split(".")[1]] is not fn for key, fn in ORIGINAL.items()}
+    out["optimizer hook"] = auto_schedule._after_optimizer_step in optim_mod._global_optimizer_post_hooks.values()
+    return out
+
+
+def test_suspended_runs_peft_own_code_and_keeps_accelerated_models():
+    """``peft_patch.suspended()``: PEFT's original methods and no schedule triggers in the block, a PEFT
+    model built there stays PEFT's, an accelerated model keeps its state and is accelerated again after."""
+    model = peft_model(patch=True)
+    acc = peft_patch.state_of(model)
+    alloc = acc.allocator
+    seen = spy_steps(model)
+    opt = adamw(model)
+    patched = _patched_methods_in_place()
+    assert all(patched.values()), patched
+    data = batches(4)
+    with peft_patch.suspended():
+        assert not any(_patched_methods_in_place().values())
+        assert not peft_patch.is_patched()
+        plain = peft_model()  # built in the block: PEFT's own
+        assert peft_patch.state_of(plain) is None
+        manual_loop(model, data[:2], opt=opt)  # PEFT's own forward, and no schedule step
+        assert seen == []
+    assert _patched_methods_in_place() == patched and peft_patch.is_patched()
+    assert peft_patch.state_of(model) is acc and acc.allocator is alloc
+    assert peft_patch.state_of(plain) is None
+    manual_loop(model, data[2:], opt=opt)
+    assert seen == [0, 1]  # the automatic schedule runs again, from its first step
+    with peft_patch.suspended():
+        af.unpatch_peft()  # honoured: the block's exit patches nothing back
+    assert not any(_patched_methods_in_place().values()) and not peft_patch.is_patched()
+    with peft_patch.suspended():  # not patched: nothing to do
+        assert not any(_patched_methods_in_place().values())
+
+
 def test_a_deepcopy_of_an_accelerated_model_runs_its_own_schedule():
     model = peft_model(patch=True)
     twin = copy.deepcopy(model)
@@ -475,7 +522,7 @@ def sft_runs(tmp_path_factory):
         )
         af.unpatch_peft()
     # our native path, same init, same tokenised data and collator, through the HF Trainer (TRL 1.16's
-    # fused LM head expects a transformers model, which our AdaLoraModel is not)
+    # SFTTrainer cannot run our AdaLoraModel: test_native_model_under_trl_sft_trainer_fails_at_its_first_step)
     sft = runs["patched"]["trainer"]
     native = native_model(runs["patched"]["init"], lora_dropout=0.1, orth_reg_weight=0.0)
     with warnings.catch_warnings():
@@ -514,6 +561,109 @@ def test_trl_sft_trainer_unpatched_never_reduces_the_ranks(sft_runs):
     for m in model.modules():
         if isinstance(m, SVDLinear):
             assert torch.all(m.lora_E["default"] != 0)  # every triplet of every layer still trained
+
+
+def _fused_head_warnings(records) -> list:
+    return [str(w.message) for w in records if "TRL's fused LM head" in str(w.message)]
+
+
+def test_native_model_under_trl_sft_trainer_fails_at_its_first_step(tmp_path):
+    """TRL 1.16 installs its fused LM head on a model that is not a peft.PeftModel and runs its
+    ``base_model`` as the backbone, which our AdaLoraModel's is not: a clear error at the first step
+    that says what to do, not TRL's AttributeError on ``last_hidden_state``."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    native = af.get_peft_model(tiny_llama(), af.AdaLoraConfig(**SFT_SCHED))
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = quiet(
+                SFTTrainer(
+                    model=native,
+                    args=train_args(SFTConfig, tmp_path),
+                    train_dataset=datasets.Dataset.from_dict({"text": texts(16)}),
+                    processing_class=tokenizer(),
+                    callbacks=[af.AdaLoraCallback(native)],
+                )
+            )
+            with pytest.raises(
+                TypeError,
+                match=r"fused_lm_head=True, TRL's fused LM head.*af\.patch_peft\(\) and give SFTTrainer the plain "
+                r"transformers model with peft_config=peft\.AdaLoraConfig\(\.\.\.\), or af\.accelerate\(peft_model\)",
+            ):
+                trainer.train()
+    finally:
+        datasets.enable_progress_bars()
+    assert trainer.state.global_step == 0
+
+
+def test_fused_head_on_the_wrapped_model_runs_and_warns_that_the_penalty_is_dropped():
+    """TRL's fused head where it works with our model (on the wrapped transformers model, as TRL's
+    docs place it): the flag passes through, also through a replaced ``forward`` (accelerate's
+    autocast wrapper, ``torch.compile``); ``outputs.loss`` has the penalty, and in training with
+    ``orth_reg_weight > 0`` a warning, once per model, says that TRL's loss from ``log_probs`` drops it."""
+    import types
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = tiny_llama()
+    add_fused_lm_head(base)
+    model = af.get_peft_model(base, af.AdaLoraConfig(**{**SCHED, "lora_dropout": 0.0}))
+    # what accelerate's prepare_model does under mixed precision: the instance's forward replaced
+    model.forward = types.MethodType(torch.autocast("cpu", enabled=False)(type(model).forward), model)
+    ids = batches(1)[0]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        outs = [model(input_ids=ids, labels=ids, fused_lm_head=True) for _ in range(2)]
+    msgs = _fused_head_warnings(rec)
+    assert len(msgs) == 1, msgs
+    assert "penalty never reaches the gradient" in msgs[0] and "orth_reg_weight=0" in msgs[0]
+    out = outs[0]
+    fused_loss = -out.log_probs.sum() / out.label_mask.sum()
+    torch.testing.assert_close(out.loss, fused_loss + 0.5 * model.orth_penalty())
+    for quiet_model in (
+        af.get_peft_model(tiny_llama(), af.AdaLoraConfig(**{**SCHED, "orth_reg_weight": 0.0})),  # no penalty
+        af.get_peft_model(tiny_llama(), af.AdaLoraConfig(**SCHED)).eval(),  # not training
+    ):
+        add_fused_lm_head(quiet_model.model)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            assert quiet_model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs is not None
+        assert _fused_head_warnings(rec) == []
+    # a plain call through a compiled forward: not taken for TRL's head
+    compiled = af.get_peft_model(tiny_llama(), af.AdaLoraConfig(**SCHED))
+    compiled.forward = torch.compile(compiled.forward, backend="eager")
+    torch.testing.assert_close(
+        compiled(input_ids=ids, labels=ids).loss, type(compiled).forward(compiled, input_ids=ids, labels=ids).loss
+    )
+
+
+def test_trl_sft_trainer_patched_warns_once_that_the_penalty_is_dropped(tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    af.patch_peft()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            trainer = quiet(
+                SFTTrainer(
+                    model=tiny_llama(),
+                    args=train_args(SFTConfig, tmp_path, max_steps=3, save_strategy="no"),
+                    train_dataset=datasets.Dataset.from_dict({"text": texts(16)}),
+                    processing_class=tokenizer(),
+                    peft_config=peft.AdaLoraConfig(task_type="CAUSAL_LM", **{**SFT_SCHED, "orth_reg_weight": 0.5}),
+                )
+            )
+            trainer.train()
+    finally:
+        datasets.enable_progress_bars()
+    assert peft_patch.state_of(trainer.model) is not None and trainer.state.global_step == 3
+    msgs = _fused_head_warnings(rec)
+    assert len(msgs) == 1 and "orth_reg_weight (0.5)" in msgs[0], msgs
 
 
 def token_dataset(n=64):
