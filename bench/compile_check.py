@@ -52,11 +52,13 @@ def specialised_ints(fn, signature) -> list:
 def _attrs(fn, signature, aligned=True):
     """The attributes a launch gets: pointers 16-byte aligned (torch's allocations are), and when
     ``aligned`` every specialised integer 16-divisible (the LLaMA case); otherwise only the strides
-    (a width such as k = 4100 that is not a multiple of 16: the masked tail case)."""
+    and the split kernels' chunk widths (``k_chunk`` / ``d_chunk``: multiples of the tile width
+    whatever the width; a width such as k = 4100 that is not a multiple of 16: the masked tail case)."""
     attrs = {}
     ints = specialised_ints(fn, signature)
     for name, ty in signature.items():
-        if ty.startswith("*") or (name in ints and (aligned or name.startswith("stride"))):
+        always = name.startswith("stride") or name.endswith("_chunk")
+        if ty.startswith("*") or (name in ints and (aligned or always)):
             attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     return attrs
 

@@ -59,6 +59,26 @@ EXPAND_BLOCK_D = 128
 DA_BLOCK_K = 128
 DA_ROW_BLOCKS = 1
 DA_STAGES = 2
+# Split-K shrink / split-D grad_rank (:func:`split_plan`): unsplit, both launch cdiv(N, BLOCK_N) programs
+# that walk the whole width, 128 programs for 132 SMs at N = 8192, and the H100 measured them at
+# 1.9-3.4x their bandwidth bound (kernels/COST.md). Split S ways they launch S x as many programs,
+# each over a chunk of whole tiles. S is sized so that the grid fills one wave of
+# SPLIT_PROGRAMS_PER_SM resident programs per SM (4: the sm_90 limit of the shrink's 5-stage shared
+# memory, 4 x 52 KB, and of grad_rank's registers, 4 x 116 x 128 threads; more programs than fit
+# would leave a second, mostly empty wave), with at least SPLIT_MIN_TILES tiles per chunk (the
+# partials then cost <= 1/8 of a tile's bytes per tile walked: r·4 B per row per chunk against
+# BLOCK·2 B per row per tile) and at most SPLIT_MAX ways.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_TILES = 8
+SPLIT_MAX = 8
+# The split-D grad_rank with "bf16x3" products pipelines g in 2 stages, not Triton's default 3: at 3 its
+# unaligned-width sm_80 binary kept 8 bytes of stack at ptxas's 168-register cap (the split adds the
+# chunk end as a live register); at 2 none, and ~4 programs per SM hide the latency a stage would.
+GRAD_SPLIT_BF16X3_STAGES = 2
+SPLIT_SMS_CPU = 132  # the SM count the interpreter (CPU tensors) plans for: an H100's, as on the GPU
+# Tests force a split factor here (an int: the shrink and grad_rank both split that many ways where
+# the width has that many tiles, see split_plan); None: chosen from the shapes and the SM count.
+FORCE_SPLIT = None
 RANKNUM_EPS = 1e-5  # as ops/layout.RANKNUM_EPS (PEFT's): s = scaling / (ranknum + 1e-5)
 _EPS = tl.constexpr(RANKNUM_EPS)  # a kernel reads globals only as constexprs
 
@@ -75,10 +95,14 @@ DTYPE_PAIRS = (
 # Not specialised (one binary whatever their value): N changes with every batch, R is tiny, the flags
 # are runtime branches, the gradient offsets change with the layer, and the seed pointer (a new [1]
 # tensor per step) must not pick a binary by its alignment.
+# n_split (the split kernels' partial count) is not specialised either: one binary for every count.
 # K and D are specialised (Triton's %16 divisibility): a layer's widths are fixed, and knowing they
 # are multiples of 16 lets the column masks stay constant over 8-element groups, so the streaming
-# loads of x / g / out / dx are 128-bit and the tile loops can use async copies (COST.md).
-_INT_ARGS = ["SEED", "N", "R", "thresh", "has_dropout", "need_dx", "db_off", "de_off"]
+# loads of x / g / out / dx are 128-bit and the tile loops can use async copies (COST.md). So are the
+# split kernels' chunk widths k_chunk / d_chunk: always multiples of the tile width (0 when unsplit),
+# so one key, and the chunk starts keep the column offsets' divisibility (128-bit loads, checked by
+# tests/test_triton_compile.py).
+_INT_ARGS = ["SEED", "N", "R", "thresh", "has_dropout", "need_dx", "db_off", "de_off", "n_split"]
 
 
 def check_dtypes(base: torch.dtype, adapter: torch.dtype) -> None:
@@ -217,6 +241,26 @@ def _fold_e(E, s, rr, R):
     return ev * s
 
 
+@triton.jit
+def _sum_partials(P, row0, N, R, n_split, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+    """fp32 [BLOCK_N, R_PAD]: Σ_s P[s, row0 + i, j] over s = 0, 1, ..., n_split - 1 in that order (so
+    every caller forms the same value, bit for bit), 0 outside [N, R); P an fp32 [n_split, N, R]
+    workspace of partials. Loaded as flat [BLOCK_N·R_PAD] vectors (a plain blocked layout: one
+    element per thread and partial, no replication) and reshaped once after the sum; loaded as
+    2-D tiles the partials took the dot-operand layout of their consumer, 4x replicated (32 loads
+    per thread and partial instead of 8 in the sm_90 SASS)."""
+    idx = tl.arange(0, BLOCK_N * R_PAD)
+    rows = row0 + idx // R_PAD
+    cols = idx % R_PAD
+    m = (rows < N) & (cols < R)
+    ptr = P + rows * R + cols
+    part = N.to(tl.int64) * R  # elements per partial
+    acc = tl.load(ptr, mask=m, other=0.0)
+    for sp in range(1, n_split):
+        acc += tl.load(ptr + sp * part, mask=m, other=0.0)
+    return tl.reshape(acc, (BLOCK_N, R_PAD))
+
+
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _dropout_keep_mask_kernel(OUT, SEED, N, K, thresh, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes the bool keep mask [N, K] the other kernels draw for the seed at ``SEED`` (tests, debugging).
@@ -246,20 +290,30 @@ def _shrink_kernel(
     thresh,
     inv_keep,
     has_dropout,
+    k_chunk,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """t[N, r] (fp32) = dropout(x)[N, k] @ A[r, k]ᵀ; grid (cdiv(N, BLOCK_N),).
+    """t[N, r] (fp32) = dropout(x)[N, k] @ A[r, k]ᵀ; grid (cdiv(N, BLOCK_N),), or split-K
+    (``SPLIT``) grid (cdiv(N, BLOCK_N), S): program (i, s) sums columns [s·k_chunk, (s+1)·k_chunk) ∩
+    [0, k) (k_chunk a multiple of BLOCK_K) into the fp32 partial T[s] of the workspace [S, N, r];
+    the expand-add sums the S partials in a fixed order as it loads them and writes t (deterministic,
+    no atomics). The dropout mask is drawn per global column, so it is the same whatever S is.
 
     One pass over x (any strides); A re-read per row tile from L2; the dropped x lives only in
     registers. FLOPs 2·N·k·R_PAD (tensor cores). LLaMA-7B (N=8192, k=4096, r=12→16, bf16 x):
     reads 67.2 MB, writes 0.4 MB, 1.1 GFLOP → 22.5 µs predicted (memory-bound; k=11008: 60.3 µs);
     with dropout the Philox work (~17 int ops per element, ~0.57 G int ops) is of the same order
-    as the memory time and overlaps it. The grid is cdiv(N, BLOCK_N) programs that each walk all
-    of k, so at N = 8192 (128 programs for 132 SMs) latency, not bandwidth, can bound it.
+    as the memory time and overlaps it. Unsplit, the grid is cdiv(N, BLOCK_N) programs that each
+    walk all of k: at N = 8192 128 programs for 132 SMs, one 4-warp program per SM, latency-bound
+    (measured 2.6-3.4x the bandwidth bound). Split S ways (:func:`split_plan`: S = 4 at N = 8192 on
+    132 SMs) the grid is 512 programs, ~4 resident per SM (the shared-memory limit of 5 stages:
+    4 x 52 KB), each walking k/S; the partials add S·N·r·4 B written here and read back by the
+    expand-add (1.6 MB at S = 4, r = 12: 2 % of x's 67 MB; kernels/COST.md).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,7 +321,14 @@ def _shrink_kernel(
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     seed = tl.load(SEED)  # one scalar load per program; a valid [1] tensor even without dropout
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT:  # this program's columns; T points at its partial [N, r] of the workspace
+        k_lo = tl.program_id(1) * k_chunk
+        k_hi = tl.minimum(k_lo + k_chunk, K)
+        T = T + tl.program_id(1).to(tl.int64) * N * R
+    else:
+        k_lo = 0
+        k_hi = K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(
@@ -296,22 +357,30 @@ def _expand_add_kernel(
     RK,
     B,
     OUT,
+    T_SUM,
     N,
     D,
     R,
     stride_on,
     scaling,
+    n_split,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """out[N, d] += (t ⊙ e)[N, r] @ B[d, r]ᵀ in place; grid (cdiv(N, BLOCK_N), cdiv(d, BLOCK_D)).
 
     One read and one write of out (base dtype), t and B re-read per tile (L2). The product t ⊙ e
     is formed per tile in the adapter dtype (fp32 accumulate). LLaMA-7B (N=8192, d=4096, r=12,
     bf16 out): 134.7 MB moved, 1.1 GFLOP → 44.9 µs predicted (d=11008: 361 MB, 120.5 µs).
+    ``SPLIT`` (after a split-K shrink): T is the fp32 workspace [n_split, N, r] of partials, summed
+    here in order s = 0, 1, ... as they load (every program of a row tile forms the same sum, bit
+    for bit); the programs of column tile 0 write that sum to T_SUM [N, r], the t saved for
+    backward. Extra per program: (n_split - 1) more [BLOCK_N, r] fp32 loads from L2; in all
+    (n_split + 1)·N·r·4 B of DRAM traffic at most (2 MB at n_split = 4, r = 12).
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -320,7 +389,13 @@ def _expand_add_kernel(
     rr = tl.arange(0, R_PAD)
     row_ok = rows < N
     col_ok = cols < D
-    t = tl.load(T + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+    t_m = row_ok[:, None] & (rr[None, :] < R)
+    if SPLIT:
+        t = _sum_partials(T, pid_n.to(tl.int64) * BLOCK_N, N, R, n_split, BLOCK_N, R_PAD)
+        if pid_d == 0:
+            tl.store(T_SUM + rows[:, None] * R + rr[None, :], t, mask=t_m)
+    else:
+        t = tl.load(T + rows[:, None] * R + rr[None, :], mask=t_m, other=0.0)
     u = t * _fold_e(E, _scale(RK, scaling), rr, R)[None, :]
     b = tl.load(B + cols[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & col_ok[None, :], other=0.0)
     if UPCAST:
@@ -352,11 +427,13 @@ def _grad_rank_kernel(
     scaling,
     db_off,
     de_off,
+    d_chunk,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """One pass over g [N, d]: gB = g B, dB += gᵀ(t ⊙ e), dE += s Σₙ gB ⊙ t, ge = gB ⊙ e.
 
@@ -367,7 +444,15 @@ def _grad_rank_kernel(
     ge [N, r] fp32 is written. g may have any strides (stride 0 from ``.sum()``).
     LLaMA-7B (N=8192, d=4096, r=12, bf16 g): reads 67.1 MB of g, 0.8 MB of t/ge, 25.2 MB of fp32
     atomics (counted as traffic), 2.1 GFLOP → 93.1 MB, 31.0 µs predicted (d=11008: 249 MB, 82.9 µs);
-    like the shrink, cdiv(N, BLOCK_N) programs each walk all of d, so latency can bound it.
+    Unsplit, cdiv(N, BLOCK_N) programs each walk all of d: 128 programs for 132 SMs at N = 8192,
+    latency-bound (measured 1.9-2.9x the bandwidth bound).
+    Split-D (``SPLIT``), grid (cdiv(N, BLOCK_N), S): program (i, s) walks columns
+    [s·d_chunk, (s+1)·d_chunk) ∩ [0, d) (d_chunk a multiple of BLOCK_D) and writes its partial
+    gB_s ⊙ e to GE[s] of the fp32 workspace [S, N, r]; the dA_dx kernel sums the S partials in a
+    fixed order as it loads them (no atomics for ge). dB's adds are unchanged (each element still
+    gets cdiv(N, BLOCK_N)); dE gets S partial sums s Σₙ gB_s ⊙ t per row tile instead of one
+    (cdiv(N, BLOCK_N)·S·r relaxed adds: 6 KB at S = 4), the same fp32 atomics as unsplit.
+    Extra bytes: S·N·r·4 written (1.6 MB at S = 4, r = 12), read back by dA_dx.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,9 +468,15 @@ def _grad_rank_kernel(
     if not UPCAST:
         u = u.to(B.dtype.element_ty)
     gB = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    if SPLIT:  # this program's columns
+        d_lo = tl.program_id(1) * d_chunk
+        d_hi = tl.minimum(d_lo + d_chunk, D)
+    else:
+        d_lo = 0
+        d_hi = D
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
+        col_ok = cols < d_hi  # = D unsplit; split, D is then not live in the loop
         g = tl.load(
             G + rows[:, None] * stride_gn + cols[None, :].to(tl.int64) * stride_gd,
             mask=row_ok[:, None] & col_ok[None, :],
@@ -410,6 +501,9 @@ def _grad_rank_kernel(
         tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
     de = tl.sum(gB * t, axis=0) * s
     tl.atomic_add(DE + rr, de, mask=r_ok, sem="relaxed")
+    if SPLIT:  # this program's partial [N, r] of the workspace (formed here, not live across the loop:
+        # at the loop's start it cost the bf16x3 sm_80 binary 8 bytes of stack)
+        GE = GE + tl.program_id(1).to(tl.int64) * N * R
     tl.store(GE + rows[:, None] * R + rr[None, :], gB * e[None, :], mask=row_ok[:, None] & r_ok[None, :])
 
 
@@ -431,12 +525,14 @@ def _dA_dx_kernel(
     inv_keep,
     has_dropout,
     need_dx,
+    n_split,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_BLOCKS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """dA += geᵀ dropout(x) and (need_dx) dx += mask ⊙ (ge A) / (1-p) in place.
 
@@ -445,6 +541,10 @@ def _dA_dx_kernel(
     dA [r, k] accumulated with fp32 atomics (cdiv(N, BLOCK_N·ROW_BLOCKS) adds per element).
     LLaMA-7B (N=8192, k=4096, r=12, bf16, ROW_BLOCKS=1): x 67.1 MB + dx 134.2 MB + ge 0.4 MB +
     25.2 MB of fp32 atomics, 2.1 GFLOP → 227 MB, 75.6 µs predicted (k=11008: 609 MB, 203 µs).
+    ``SPLIT`` (after a split-D grad_rank): GE is the fp32 workspace [n_split, N, r] of partials,
+    summed in order s = 0, 1, ... as they load (every program of a row tile forms the same ge, bit
+    for bit): (n_split - 1) more [BLOCK_N, r] fp32 loads per row tile from L2, n_split·N·r·4 B of
+    DRAM traffic (1.6 MB at n_split = 4, r = 12).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -462,7 +562,10 @@ def _dA_dx_kernel(
         rows = (pid_n.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         m = row_ok[:, None] & col_ok[None, :]
-        ge = tl.load(GE + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        if SPLIT:
+            ge = _sum_partials(GE, (pid_n.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_N, N, R, n_split, BLOCK_N, R_PAD)
+        else:
+            ge = tl.load(GE + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         if not UPCAST:
             ge = ge.to(A.dtype.element_ty)
         if has_dropout:  # runtime flags: one binary for p = 0 / p > 0 and with / without dx
@@ -509,6 +612,65 @@ _BLOCKS = {
     "grad_rank": dict(BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
     "dA_dx": dict(BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS, num_stages=DA_STAGES),
 }
+# each kernel unsplit ("shrink") and split ("shrink_split": the split-K shrink, the expand-add that
+# sums its partials, the split-D grad_rank, the dA_dx that sums its partials)
+_BLOCKS = {
+    **{name: dict(b, SPLIT=False) for name, b in _BLOCKS.items()},
+    **{name + "_split": dict(b, SPLIT=True) for name, b in _BLOCKS.items()},
+}
+_SMS: dict = {}  # SM count per CUDA device index
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); :data:`SPLIT_SMS_CPU` for CPU tensors (the
+    interpreter plans the grids an H100 would get)."""
+    if device.type != "cuda":
+        return SPLIT_SMS_CPU
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def split_plan(rows: int, width: int, block: int, sms: int, force=None) -> tuple:
+    """(S, chunk): how many ways the split-K shrink (width k, ``block`` = BLOCK_K) or split-D grad_rank
+    (width d, ``block`` = GRAD_BLOCK_D) divides the width of ``rows`` tokens on ``sms`` SMs, and the
+    columns per split (a multiple of ``block``; the last split takes the remainder). (1, 0): unsplit,
+    today's single-pass kernel.
+
+    S = min(SPLIT_PROGRAMS_PER_SM·sms // row_tiles, tiles // SPLIT_MIN_TILES, SPLIT_MAX) with
+    row_tiles = cdiv(rows, BLOCK_N), tiles = cdiv(width, block): the most ways that still fit one
+    wave of resident programs, each walking >= SPLIT_MIN_TILES tiles; then S = cdiv(tiles, chunk) so
+    that no split is empty. N = 8192 on 132 SMs: 528 // 128 = 4 ways (512 programs) at k or d = 4096
+    (16 tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N >= 33792 (264 row tiles): 1.
+    ``force`` (tests, :data:`FORCE_SPLIT`): S = force, capped at ``tiles``, then made non-empty the
+    same way (force 3 on 4 tiles gives chunks of 2 tiles: S = 2)."""
+    tiles = -(-width // block)
+    if force is not None:
+        s = min(int(force), tiles)
+    else:
+        s = min((SPLIT_PROGRAMS_PER_SM * sms) // -(-rows // BLOCK_N), tiles // SPLIT_MIN_TILES, SPLIT_MAX)
+    if s <= 1:
+        return 1, 0
+    chunk = -(-tiles // s)
+    return -(-tiles // chunk), chunk * block
+
+
+# the widest width split_plan never splits without a forced factor (fewer than 2·SPLIT_MIN_TILES
+# tiles): up to it the launchers skip the call
+_SPLIT_MAX_UNSPLIT_WIDTH = (2 * SPLIT_MIN_TILES - 1) * min(BLOCK_K, GRAD_BLOCK_D)
+
+
+_NARROW, _UNSPLIT = _SPLIT_MAX_UNSPLIT_WIDTH, (1, 0)
+
+
+def _plan_split(rows: int, width: int, block: int, device: torch.device) -> tuple:
+    """split_plan for a launch on ``device`` (the forced factor if set); (1, 0) for narrow widths
+    without the call into split_plan (the host path of small layers)."""
+    if FORCE_SPLIT is None and width <= _SPLIT_MAX_UNSPLIT_WIDTH:
+        return 1, 0
+    return split_plan(rows, width, block, sm_count(device), FORCE_SPLIT)
 
 
 def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
@@ -537,6 +699,8 @@ def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.floa
             name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
             for name, blocks in _BLOCKS.items()
         }
+        if prec == "bf16x3":
+            kws["grad_rank_split"]["num_stages"] = GRAD_SPLIT_BF16X3_STAGES
         _KW[key] = kws
     return kws
 
@@ -567,16 +731,21 @@ def dropout_keep_mask(seed, n: int, k: int, dropout_p: float, device) -> torch.T
     return out.bool()
 
 
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed, split: int = 1) -> torch.Tensor:
     """t = dropout(x) Aᵀ, fp32 [N, r]; x [N, k] any strides; A [r, k] contiguous; seed a [1] int64
-    tensor on x's device (an int is put there), unused at p = 0."""
+    tensor on x's device (an int is put there), unused at p = 0.
+
+    ``split`` > 1: the split-K kernel (:func:`split_plan` with that factor forced) returns its fp32
+    partials [S, N, r] (S the factor the plan makes of ``split``), whose sum over the first axis is t:
+    :func:`expand_add` takes them as they are (``bench/gpu_check.py`` times both forms)."""
     n, k = x.shape
     r = lora_A.shape[0]
-    t = torch.empty((n, r), dtype=torch.float32, device=x.device)
+    s, chunk = split_plan(n, k, BLOCK_K, 1, split) if split > 1 else (1, 0)
+    t = torch.empty((s, n, r) if s > 1 else (n, r), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
         _shrink_kernel,
-        (cdiv(n, BLOCK_N),),
+        (cdiv(n, BLOCK_N), s) if s > 1 else (cdiv(n, BLOCK_N),),
         x,
         lora_A,
         t,
@@ -587,7 +756,8 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> tor
         x.stride(0),
         x.stride(1),
         *dropout_args(dropout_p),
-        **launch_kwargs("shrink", lora_A.dtype, r, x.dtype),
+        chunk,
+        **launch_kwargs("shrink_split" if s > 1 else "shrink", lora_A.dtype, r, x.dtype),
     )
     return t
 
@@ -599,11 +769,18 @@ def expand_add(
     lora_B: torch.Tensor,
     ranknum: torch.Tensor,
     scaling: float,
-) -> None:
+    t_sum: torch.Tensor = None,
+):
     """out [N, d] (unit column stride) += (t ⊙ e) Bᵀ in place, e = E·scaling/(ranknum + eps)
-    (ranknum: [1] on out's device, read by the kernel)."""
+    (ranknum: [1] on out's device, read by the kernel). t: fp32 [N, r], or the split shrink's
+    partials [S, N, r], summed as they load; then their sum is written to ``t_sum`` [N, r] (a new
+    tensor if not given; never the partials themselves, which other programs are still reading)
+    and returned (d > 0). Returns None for an unsplit t."""
     n, d = out.shape
     r = lora_B.shape[1]
+    split = t.dim() == 3
+    if split and t_sum is None:
+        t_sum = torch.empty(t.shape[1:], dtype=torch.float32, device=t.device)
     _launch.launch(
         _expand_add_kernel,
         (cdiv(n, BLOCK_N), cdiv(d, EXPAND_BLOCK_D)),
@@ -612,13 +789,16 @@ def expand_add(
         ranknum,
         lora_B,
         out,
+        t_sum if t_sum is not None else t,
         n,
         d,
         r,
         out.stride(0),
         float(scaling),
-        **launch_kwargs("expand_add", lora_B.dtype, r, out.dtype),
+        t.shape[0] if split else 1,
+        **launch_kwargs("expand_add_split" if split else "expand_add", lora_B.dtype, r, out.dtype),
     )
+    return t_sum if split else None
 
 
 def grad_offsets(r: int, k: int, d: int) -> tuple:
@@ -628,13 +808,19 @@ def grad_offsets(r: int, k: int, d: int) -> tuple:
 
 def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None:
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e), dE [r] += s Σ (g B) ⊙ t (fp32 atomics into
-    zeroed fp32 buffers)."""
+    zeroed fp32 buffers). ge fp32 [N, r], or [S, N, r] for the split-D kernel (S from
+    :func:`split_plan` with that factor forced, so pass a workspace of a factor the plan keeps:
+    ``split_plan(N, d, GRAD_BLOCK_D, 1, S)[0] == S``), which writes S partials whose sum is ge
+    (:func:`dA_dx` takes them as they are)."""
     n, d = g.shape
     r = lora_B.shape[1]
+    s, chunk = split_plan(n, d, GRAD_BLOCK_D, 1, ge.shape[0]) if ge.dim() == 3 else (1, 0)
+    if ge.dim() == 3 and s != ge.shape[0]:
+        raise ValueError(f"grad_rank: a workspace of {ge.shape[0]} partials, but d = {d} splits {s} ways")
     _launch.check_deterministic("the adapter backward (dB, dE)")
     _launch.launch(
         _grad_rank_kernel,
-        (cdiv(n, BLOCK_N),),
+        (cdiv(n, BLOCK_N), s) if s > 1 else (cdiv(n, BLOCK_N),),
         g,
         t,
         lora_E,
@@ -651,15 +837,18 @@ def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None
         float(scaling),
         0,
         0,
-        **launch_kwargs("grad_rank", lora_B.dtype, r, g.dtype),
+        chunk,
+        **launch_kwargs("grad_rank_split" if s > 1 else "grad_rank", lora_B.dtype, r, g.dtype),
     )
 
 
 def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     """dA [r, k] (or the flat buffer, dA first) += geᵀ dropout(x) (fp32 atomics); dx [N, k] +=
-    dropout-mask ⊙ (ge A)/(1-p) if dx given; seed as for :func:`shrink`."""
+    dropout-mask ⊙ (ge A)/(1-p) if dx given; seed as for :func:`shrink`. ge fp32 [N, r], or the
+    split grad_rank's partials [S, N, r], summed as they load."""
     n, k = x.shape
     r = lora_A.shape[0]
+    split = ge.dim() == 3
     _launch.check_deterministic("the adapter backward (dA)")
     seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
@@ -679,7 +868,8 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
         dx.stride(0) if dx is not None else 0,
         *dropout_args(dropout_p),
         int(dx is not None),
-        **launch_kwargs("dA_dx", lora_A.dtype, r, x.dtype),
+        ge.shape[0] if split else 1,
+        **launch_kwargs("dA_dx_split" if split else "dA_dx", lora_A.dtype, r, x.dtype),
     )
 
 
@@ -690,20 +880,31 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
     """The layer's two forward launches (:func:`shrink`, then :func:`expand_add` into ``out`` in place)
     with the host work shared: one call per layer step on the eager path. Returns t [N, r] fp32.
     The caller has checked that x, A, E, B, ranknum and out share one device (the launches skip
-    the per-argument device check)."""
+    the per-argument device check).
+
+    Wide layers (:func:`split_plan`; k > 960 and N small enough that the unsplit grid leaves SMs
+    idle: N = 8192 at k = 4096 on an H100) run the split-K shrink into an fp32 workspace [S, N, r]
+    and the expand-add sums it and writes t: the same two launches, one more allocation."""
     n, k = x.shape
     r, d = lora_A.shape[0], out.shape[1]
     dev = x.device
     kws = layer_kwargs(lora_A.dtype, r, x.dtype)
+    # the width test inline: the host path of small layers pays no call (d = 0: no expand-add program sums t)
+    s, chunk = _plan_split(n, k, BLOCK_K, dev) if d and (k > _NARROW or FORCE_SPLIT) else _UNSPLIT
     t = torch.empty((n, r), dtype=torch.float32, device=dev)
     thresh, inv_keep, has_dropout = dropout_args(dropout_p)
     gn = cdiv(n, BLOCK_N)
+    if s > 1:
+        ws = torch.empty((s, n, r), dtype=torch.float32, device=dev)
+        grid, shrink_kw, expand_kw = (gn, s), kws["shrink_split"], kws["expand_add_split"]
+    else:
+        ws, grid, shrink_kw, expand_kw = t, (gn,), kws["shrink"], kws["expand_add"]
     _launch.launch(
         _shrink_kernel,
-        (gn,),
+        grid,
         x,
         lora_A,
-        t,
+        ws,
         _seed_arg(seed, dropout_p, dev),
         n,
         k,
@@ -713,24 +914,27 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
         thresh,
         inv_keep,
         has_dropout,
+        chunk,
         _device=dev,
-        **kws["shrink"],
+        **shrink_kw,
     )
     _launch.launch(
         _expand_add_kernel,
         (gn, cdiv(d, EXPAND_BLOCK_D)),
-        t,
+        ws,
         lora_E,
         ranknum,
         lora_B,
         out,
+        t,
         n,
         d,
         r,
         out.stride(0),
         scaling,
+        s,
         _device=dev,
-        **kws["expand_add"],
+        **expand_kw,
     )
     return t
 
@@ -742,7 +946,10 @@ def backward(
     place when given) with the host work shared. Returns the flat fp32 gradient [dA | dB | dE]
     (:func:`grad_offsets`: one memset), or with ``separate`` the three fp32 buffers (dA, dB, dE) of
     their own (three memsets: the registered op's outputs may not alias one another). The caller has
-    checked the devices, as for :func:`forward`."""
+    checked the devices, as for :func:`forward`.
+
+    Wide layers (:func:`split_plan` on d) run the split-D grad_rank into an fp32 workspace [S, N, r]
+    of ge partials that dA_dx sums as it loads: the same two launches."""
     n, k = x.shape
     r, d = lora_A.shape[0], g.shape[1]
     dev = x.device
@@ -755,11 +962,17 @@ def backward(
     else:
         db_off, de_off, size = grad_offsets(r, k, d)
         dA = dB = dE = out = torch.zeros(size, dtype=torch.float32, device=dev)
-    ge = torch.empty((n, r), dtype=torch.float32, device=dev)
+    s, chunk = _plan_split(n, d, GRAD_BLOCK_D, dev) if d > _NARROW or FORCE_SPLIT else _UNSPLIT
+    if s > 1:
+        ge = torch.empty((s, n, r), dtype=torch.float32, device=dev)
+        grid, grad_kw, da_kw = (cdiv(n, BLOCK_N), s), kws["grad_rank_split"], kws["dA_dx_split"]
+    else:
+        ge = torch.empty((n, r), dtype=torch.float32, device=dev)
+        grid, grad_kw, da_kw = (cdiv(n, BLOCK_N),), kws["grad_rank"], kws["dA_dx"]
     thresh, inv_keep, has_dropout = dropout_args(dropout_p)
     _launch.launch(
         _grad_rank_kernel,
-        (cdiv(n, BLOCK_N),),
+        grid,
         g,
         t,
         lora_E,
@@ -776,8 +989,9 @@ def backward(
         scaling,
         db_off,
         de_off,
+        chunk,
         _device=dev,
-        **kws["grad_rank"],
+        **grad_kw,
     )
     _launch.launch(
         _dA_dx_kernel,
@@ -798,8 +1012,9 @@ def backward(
         inv_keep,
         has_dropout,
         int(dx is not None),
+        s,
         _device=dev,
-        **kws["dA_dx"],
+        **da_kw,
     )
     return out
 
@@ -815,7 +1030,10 @@ def compile_variants():
     Pointer dtypes follow DTYPE_PAIRS, R_PAD follows RANK_PADS, DOT_PREC for fp32 adapters "tf32"
     (torch's TF32 switch on) and, on a half base, "bf16x3" (torch's full-fp32 default; an fp32 base
     then runs the torch implementation, see ``ops/adapter_linear._pick``); dropout and need-dx are runtime
-    flags (one binary serves both values). Integer arguments get the specialisation a contiguous
+    flags (one binary serves both values); each layer kernel also comes split (``SPLIT``, name suffix
+    ",split": the split-K shrink, the expand-add summing its partials, the split-D grad_rank, the
+    dA_dx summing its partials), whose chunk widths are multiples of the tile width (16-divisible
+    even where K / D are not). Integer arguments get the specialisation a contiguous
     LLaMA-shaped launch gets (unit column strides become constexpr 1; pointers, leading strides and
     the widths K / D 16-divisible); ``bench/compile_check.py`` also compiles the widths unaligned.
     """
@@ -848,114 +1066,129 @@ def compile_variants():
     ]:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
         for rp in RANK_PADS if prec != "bf16x3" else (16,):
-            common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec}
-            yield (
-                f"shrink[{tag},R{rp}]",
-                _shrink_kernel,
-                {
-                    "X": p(base),
-                    "A": p(adt),
-                    "T": "*fp32",
-                    "SEED": "*i64",
-                    "N": "i32",
-                    "K": "i32",
-                    "R": "i32",
-                    "stride_xn": "i32",
-                    "stride_xk": "constexpr",
-                    "thresh": "i32",
-                    "inv_keep": "fp32",
-                    "has_dropout": "i32",
-                    "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr",
-                    "BLOCK_K": "constexpr",
-                    "UPCAST": "constexpr",
-                    "DOT_PREC": "constexpr",
-                },
-                dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
-                {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES},
-            )
-            yield (
-                f"expand_add[{tag},R{rp}]",
-                _expand_add_kernel,
-                {
-                    "T": "*fp32",
-                    "E": p(adt),
-                    "RK": "*fp32",
-                    "B": p(adt),
-                    "OUT": p(base),
-                    "N": "i32",
-                    "D": "i32",
-                    "R": "i32",
-                    "stride_on": "i32",
-                    "scaling": "fp32",
-                    "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr",
-                    "BLOCK_D": "constexpr",
-                    "UPCAST": "constexpr",
-                    "DOT_PREC": "constexpr",
-                },
-                dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D),
-                num_warps(rp),
-            )
-            yield (
-                f"grad_rank[{tag},R{rp}]",
-                _grad_rank_kernel,
-                {
-                    "G": p(base),
-                    "T": "*fp32",
-                    "E": p(adt),
-                    "RK": "*fp32",
-                    "B": p(adt),
-                    "GE": "*fp32",
-                    "DB": "*fp32",
-                    "DE": "*fp32",
-                    "N": "i32",
-                    "D": "i32",
-                    "R": "i32",
-                    "stride_gn": "i32",
-                    "stride_gd": "constexpr",
-                    "scaling": "fp32",
-                    "db_off": "i32",
-                    "de_off": "i32",
-                    "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr",
-                    "BLOCK_D": "constexpr",
-                    "UPCAST": "constexpr",
-                    "DOT_PREC": "constexpr",
-                },
-                dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
-                num_warps(rp),
-            )
-            yield (
-                f"dA_dx[{tag},R{rp}]",
-                _dA_dx_kernel,
-                {
-                    "X": p(base),
-                    "GE": "*fp32",
-                    "A": p(adt),
-                    "DX": p(base),
-                    "DA": "*fp32",
-                    "SEED": "*i64",
-                    "N": "i32",
-                    "K": "i32",
-                    "R": "i32",
-                    "stride_xn": "i32",
-                    "stride_xk": "constexpr",
-                    "stride_dxn": "i32",
-                    "thresh": "i32",
-                    "inv_keep": "fp32",
-                    "has_dropout": "i32",
-                    "need_dx": "i32",
-                    "R_PAD": "constexpr",
-                    "BLOCK_N": "constexpr",
-                    "BLOCK_K": "constexpr",
-                    "ROW_BLOCKS": "constexpr",
-                    "UPCAST": "constexpr",
-                    "DOT_PREC": "constexpr",
-                },
-                dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
-                {"num_warps": num_warps(rp), "num_stages": DA_STAGES},
-            )
+            for split in (False, True):
+                common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec, "SPLIT": split}
+                sfx = ",split" if split else ""
+                yield (
+                    f"shrink[{tag},R{rp}{sfx}]",
+                    _shrink_kernel,
+                    {
+                        "X": p(base),
+                        "A": p(adt),
+                        "T": "*fp32",
+                        "SEED": "*i64",
+                        "N": "i32",
+                        "K": "i32",
+                        "R": "i32",
+                        "stride_xn": "i32",
+                        "stride_xk": "constexpr",
+                        "thresh": "i32",
+                        "inv_keep": "fp32",
+                        "has_dropout": "i32",
+                        "k_chunk": "i32",
+                        "R_PAD": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_K": "constexpr",
+                        "UPCAST": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "SPLIT": "constexpr",
+                    },
+                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
+                    {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES},
+                )
+                yield (
+                    f"expand_add[{tag},R{rp}{sfx}]",
+                    _expand_add_kernel,
+                    {
+                        "T": "*fp32",
+                        "E": p(adt),
+                        "RK": "*fp32",
+                        "B": p(adt),
+                        "OUT": p(base),
+                        "T_SUM": "*fp32",
+                        "N": "i32",
+                        "D": "i32",
+                        "R": "i32",
+                        "stride_on": "i32",
+                        "scaling": "fp32",
+                        "n_split": "i32",
+                        "R_PAD": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_D": "constexpr",
+                        "UPCAST": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "SPLIT": "constexpr",
+                    },
+                    dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D),
+                    num_warps(rp),
+                )
+                yield (
+                    f"grad_rank[{tag},R{rp}{sfx}]",
+                    _grad_rank_kernel,
+                    {
+                        "G": p(base),
+                        "T": "*fp32",
+                        "E": p(adt),
+                        "RK": "*fp32",
+                        "B": p(adt),
+                        "GE": "*fp32",
+                        "DB": "*fp32",
+                        "DE": "*fp32",
+                        "N": "i32",
+                        "D": "i32",
+                        "R": "i32",
+                        "stride_gn": "i32",
+                        "stride_gd": "constexpr",
+                        "scaling": "fp32",
+                        "db_off": "i32",
+                        "de_off": "i32",
+                        "d_chunk": "i32",
+                        "R_PAD": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_D": "constexpr",
+                        "UPCAST": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "SPLIT": "constexpr",
+                    },
+                    dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
+                    (
+                        {"num_warps": num_warps(rp), "num_stages": GRAD_SPLIT_BF16X3_STAGES}
+                        if split and prec == "bf16x3"
+                        else num_warps(rp)
+                    ),
+                )
+                yield (
+                    f"dA_dx[{tag},R{rp}{sfx}]",
+                    _dA_dx_kernel,
+                    {
+                        "X": p(base),
+                        "GE": "*fp32",
+                        "A": p(adt),
+                        "DX": p(base),
+                        "DA": "*fp32",
+                        "SEED": "*i64",
+                        "N": "i32",
+                        "K": "i32",
+                        "R": "i32",
+                        "stride_xn": "i32",
+                        "stride_xk": "constexpr",
+                        "stride_dxn": "i32",
+                        "thresh": "i32",
+                        "inv_keep": "fp32",
+                        "has_dropout": "i32",
+                        "need_dx": "i32",
+                        "n_split": "i32",
+                        "R_PAD": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_K": "constexpr",
+                        "ROW_BLOCKS": "constexpr",
+                        "UPCAST": "constexpr",
+                        "DOT_PREC": "constexpr",
+                        "SPLIT": "constexpr",
+                    },
+                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
+                    {"num_warps": num_warps(rp), "num_stages": DA_STAGES},
+                )
 
 
 __all__ = [
