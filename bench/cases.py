@@ -7,6 +7,9 @@ times, our tokens/s / PEFT tokens/s for throughput, PEFT bytes / our bytes for m
 is better). ``spread`` is the largest (max - min) / median over the rounds among the contenders.
 The training-step rows add ``base``, the same model without adapters (the floor, see
 ``common.make_contender``), and ``<contender>_vs_base``: the contender's step time / the base's.
+The eager fp32 step rows add ``peft_patched``, PEFT's own AdaLoRA built under ``af.patch_peft()``,
+and ``peft_patched_vs_ours``: its step time / ours (target <= 1.05), with the lowest and highest of
+that ratio taken round by round (``peft_patched_vs_ours_lo`` / ``_hi``).
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from torch import nn
 from .common import (
     MASK_STEP,
     NOMASK_STEP,
+    PATCHED,
     PROJECTIONS,
     STEP_CONTENDERS,
+    STEP_CONTENDERS_PATCHED,
     LlamaShape,
     Timing,
     _sync,
     adapter_params,
     alternate,
     cache_flusher,
+    contender_context,
     layer_fwd_bwd,
     llama,
     make_contender,
@@ -181,6 +187,9 @@ GPU = Plan(
 )
 
 
+_ROW_KINDS = ("ours", "peft_adalora", "peft_lora", PATCHED, "base")  # the value columns of a row
+
+
 def _row(section, case, metric, unit, vals: dict, timing: Timing | None = None, higher_is_better=False, **meta):
     """One table row. With ``timing``, the rounds' samples are kept in the row's unit (``samples``,
     for the plot's error bars and the JSON) with each contender's lowest and highest round
@@ -189,7 +198,7 @@ def _row(section, case, metric, unit, vals: dict, timing: Timing | None = None, 
     contender's (> 1: the contender costs more than the model without adapters)."""
     row = {"section": section, "case": case, "metric": metric, "unit": unit}
     ours = vals.get("ours")
-    for k in ("ours", "peft_adalora", "peft_lora", "base"):
+    for k in _ROW_KINDS:
         row[k] = vals.get(k)
     for k, col in (("peft_adalora", "x_adalora"), ("peft_lora", "x_lora")):
         v = vals.get(k)
@@ -198,15 +207,26 @@ def _row(section, case, metric, unit, vals: dict, timing: Timing | None = None, 
         else:
             row[col] = ours / v if higher_is_better else v / ours
     base = vals.get("base")
-    for k in ("ours", "peft_adalora", "peft_lora"):
+    for k in ("ours", "peft_adalora", "peft_lora", PATCHED):
         v = vals.get(k)
         ok = base is not None and v is not None and base > 0 and v > 0
         row[f"{k}_vs_base"] = (base / v if higher_is_better else v / base) if ok else None
+    # the patched PEFT contender against our native path, as _vs_base reads (> 1: it costs more than ours)
+    v = vals.get(PATCHED)
+    ok = ours is not None and v is not None and ours > 0 and v > 0
+    row[f"{PATCHED}_vs_ours"] = (ours / v if higher_is_better else v / ours) if ok else None
+    row[f"{PATCHED}_vs_ours_lo"] = row[f"{PATCHED}_vs_ours_hi"] = None
+    if ok and timing is not None and PATCHED in timing.samples and "ours" in timing.samples:
+        # round by round: the two alternate, so one round's figures are a pair under the same load. The
+        # samples are times in every row, so the pairs read as the ratio does (patched time / ours).
+        pairs = [p / o for p, o in zip(timing.samples[PATCHED], timing.samples["ours"]) if o > 0 and p > 0]
+        if pairs:
+            row[f"{PATCHED}_vs_ours_lo"], row[f"{PATCHED}_vs_ours_hi"] = min(pairs), max(pairs)
     row["spread"] = max(timing.spread(n) for n in timing.samples) if timing is not None else None
     # best round per contender, in the row's unit (CSV/JSON only): on a shared, busy machine the
     # minimum is the better estimate of the uncontended figure; the table shows medians
     samples = {}
-    for k in ("ours", "peft_adalora", "peft_lora", "base"):
+    for k in _ROW_KINDS:
         best = lo = hi = None
         if timing is not None and k in timing.samples and vals.get(k) is not None:
             med = timing.median(k)
@@ -598,46 +618,58 @@ def _step_rows(
     autocast=False,
     variant="fp32",
     quant4=False,
+    kinds=STEP_CONTENDERS,
 ) -> list:
-    """One alternation of the four contenders' training steps (base, ours, PEFT AdaLoRA, PEFT
-    LoRA): step time and throughput rows, then our penalty + update_and_allocate share (``share``)
-    and the activation memory of one forward (``memory``)."""
+    """One alternation of the contenders' training steps (``kinds``: base, ours, PEFT AdaLoRA, PEFT
+    LoRA, and PEFT AdaLoRA under ``af.patch_peft()`` where ``kinds`` names ``peft_patched``): step
+    time and throughput rows, then our penalty + update_and_allocate share (``share``) and the
+    activation memory of one forward (``memory``). With ``peft_patched``, every other contender is
+    built and run with PEFT's patching suspended (``common.contender_context``), and PEFT is unpatched
+    before this returns."""
     torch.manual_seed(3)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     fns, parts, models = {}, {}, {}
-    for kind in STEP_CONTENDERS:
-        fns[kind], parts[kind], models[kind] = _step_fn(
-            kind, shape, plan, device, p, ids, inner, dtype=dtype, autocast=autocast, quant4=quant4
-        )
-    t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=inner, tick=tick)
-    case = _step_case(shape, plan.r, p)
-    meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": variant}
-    med = {k: t.median(k) for k in fns}
-    rows = [
-        _row(section, case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
-        _row(
-            section,
-            case,
-            "throughput",
-            "tok/s",
-            {k: shape.tokens / v for k, v in med.items()},
-            t,
-            higher_is_better=True,
-            **meta,
-        ),
-    ]
-    if share:
-        rows += _share_rows(section, case, parts["ours"], plan, inner, device, meta)
-        tick()
-    if memory:
-        # activation memory of one forward (loss included), parameters left out
-        vals = {}
-        for kind, m in models.items():
-            with saved_bytes_counter(exclude=list(m.parameters())) as c:
-                out = m(input_ids=ids, labels=ids)
-            vals[kind] = c["bytes"] / 2**20
-            del out
-        rows.append(_row("memory", case, "saved for backward / step", "MiB", vals, **meta))
+    try:
+        for kind in kinds:
+            with contender_context(kind):
+                fns[kind], parts[kind], models[kind] = _step_fn(
+                    kind, shape, plan, device, p, ids, inner, dtype=dtype, autocast=autocast, quant4=quant4
+                )
+        t = alternate(fns, device, plan.repeats, plan.warmup, fixed_inner=inner, tick=tick, around=contender_context)
+        case = _step_case(shape, plan.r, p)
+        meta = {"hidden": shape.hidden, "layers": shape.layers, "p": p, "variant": variant}
+        med = {k: t.median(k) for k in fns}
+        rows = [
+            _row(section, case, "step time", "ms", {k: v * 1e3 for k, v in med.items()}, t, **meta),
+            _row(
+                section,
+                case,
+                "throughput",
+                "tok/s",
+                {k: shape.tokens / v for k, v in med.items()},
+                t,
+                higher_is_better=True,
+                **meta,
+            ),
+        ]
+        if share:
+            with contender_context("ours"):
+                rows += _share_rows(section, case, parts["ours"], plan, inner, device, meta)
+            tick()
+        if memory:
+            # activation memory of one forward (loss included), parameters left out
+            vals = {}
+            for kind, m in models.items():
+                with contender_context(kind), saved_bytes_counter(exclude=list(m.parameters())) as c:
+                    out = m(input_ids=ids, labels=ids)
+                vals[kind] = c["bytes"] / 2**20
+                del out
+            rows.append(_row("memory", case, "saved for backward / step", "MiB", vals, **meta))
+    finally:
+        if PATCHED in kinds:
+            import adalora_fast as af
+
+            af.unpatch_peft()
     del fns, parts, models
     _free()
     return rows
@@ -646,11 +678,23 @@ def _step_rows(
 def step_cases(plan: Plan, device, tick) -> list:
     """The training step: the fp32 size sweep (both dropouts), a bf16 base with fp32 adapters,
     fp32 under ``torch.autocast(bfloat16)``, and each contender under ``torch.compile``; every
-    row against the base model (no adapters) alternated in the same rounds."""
+    row against the base model (no adapters) alternated in the same rounds. The fp32 sweep also
+    times PEFT's AdaLoRA under ``af.patch_peft()`` (``peft_patched``) in the same rounds; the other
+    step sections leave it out (it adds a fifth contender's time to each row)."""
     rows = []
     for size in plan.step_sizes:
         for j, p in enumerate(size.dropouts):
-            rows += _step_rows("train step", size.shape, plan, device, p, size.inner, tick, share=size.share and j == 0)
+            rows += _step_rows(
+                "train step",
+                size.shape,
+                plan,
+                device,
+                p,
+                size.inner,
+                tick,
+                share=size.share and j == 0,
+                kinds=STEP_CONTENDERS_PATCHED,
+            )
     for p in plan.dtype_dropouts:
         rows += _step_rows(
             "train step (bf16 base)",

@@ -19,7 +19,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CONTENDERS = ("ours", "peft_adalora", "peft_lora")
 # the training-step comparisons add the same model without adapters, the floor (see make_contender)
 STEP_CONTENDERS = ("base",) + CONTENDERS
+# the eager fp32 step rows add PEFT's own AdaLoRA run by adalora_fast (af.patch_peft()), last
+PATCHED = "peft_patched"
+STEP_CONTENDERS_PATCHED = STEP_CONTENDERS + (PATCHED,)
 # their names and colours in tables and pictures: report.LABELS, report.COLORS
 
 
@@ -189,25 +192,34 @@ def alternate(
     fixed_inner: Optional[int] = None,
     tick: Optional[Callable[[], None]] = None,
     before: Optional[Callable[[str], None]] = None,
+    around: Optional[Callable[[str], ContextManager]] = None,
 ) -> Timing:
     """Warm each contender up, then time them in turn (A B C A B C ...) for ``repeats`` rounds.
     With ``before``, ``before(name)`` runs untimed before every call of contender ``name`` (at
-    most 10 calls per sample then)."""
+    most 10 calls per sample then). With ``around``, the warm-up and each sample of contender
+    ``name`` run inside ``with around(name):``, entered and left outside the timed calls
+    (:func:`contender_context`: PEFT patched for one contender, PEFT's own code for the others)."""
     res = Timing()
+
+    def ctx(name):
+        return around(name) if around is not None else contextlib.nullcontext()
+
     for name, fn in contenders.items():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        if fixed_inner is not None:
-            res.inner[name] = fixed_inner
-        else:
-            t = time_sample(fn, 1, device)
-            res.inner[name] = max(1, min(10 if before else 1000, math.ceil(min_sample_s / max(t, 1e-7))))
+        with ctx(name):
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+            if fixed_inner is not None:
+                res.inner[name] = fixed_inner
+            else:
+                t = time_sample(fn, 1, device)
+                res.inner[name] = max(1, min(10 if before else 1000, math.ceil(min_sample_s / max(t, 1e-7))))
         res.samples[name] = []
     for _ in range(repeats):
         for name, fn in contenders.items():
             prep = (lambda n=name: before(n)) if before is not None else None
-            res.samples[name].append(time_sample(fn, res.inner[name], device, prep))
+            with ctx(name):
+                res.samples[name].append(time_sample(fn, res.inner[name], device, prep))
         if tick is not None:
             tick()
     return res
@@ -278,8 +290,27 @@ def _embeddings_output_requires_grad(module, inputs, output):
     return output.requires_grad_(True)
 
 
+def contender_context(kind: str) -> ContextManager:
+    """The context every call of contender ``kind`` runs in (its build, warm-up, timed samples and
+    memory pass). ``peft_patched`` runs while ``af.patch_peft()`` is active; every other contender
+    inside ``peft_patch.suspended()``, so that PEFT AdaLoRA runs PEFT's own code (not even through
+    the patched methods' per-object dispatch) and no contender's optimizer step goes through the
+    patch's global optimizer hook. Nothing when PEFT is not patched."""
+    if kind == PATCHED:
+        return contextlib.nullcontext()
+    from adalora_fast import peft_patch
+
+    return peft_patch.suspended()
+
+
 def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha: int = 32, causal_lm: bool = True):
     """Wrap ``base`` with one contender's adapters. Returns (model, update_fn or None).
+
+    ``kind="peft_patched"``: PEFT AdaLoRA built exactly as ``peft_adalora`` (same config), after
+    ``adalora_fast.patch_peft()``, which stays active: the caller runs the other contenders inside
+    :func:`contender_context` and calls ``adalora_fast.unpatch_peft()`` when done. It steps as the
+    PEFT contender does, with ``model.base_model.update_and_allocate(step)`` (the first explicit call
+    hands the schedule to the caller; the automatic optimizer-hook schedule then stands down).
 
     ``kind="base"`` is the floor of the training-step comparisons: the same model with no adapters,
     every weight frozen, and the *output of the input embeddings* made to require grad (a forward
@@ -313,7 +344,11 @@ def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha:
         import peft
 
         task = {"task_type": "CAUSAL_LM"} if causal_lm else {}
-        if kind == "peft_adalora":
+        if kind == PATCHED:
+            import adalora_fast as af
+
+            af.patch_peft()
+        if kind in ("peft_adalora", PATCHED):
             cfg = peft.AdaLoraConfig(
                 init_r=r,
                 target_r=max(1, (2 * r) // 3),
@@ -324,6 +359,11 @@ def make_contender(kind: str, base, r: int, dropout: float, targets, lora_alpha:
                 **task,
             )
             m = peft.get_peft_model(base, cfg)
+            from adalora_fast import peft_patch
+
+            # the plain contender must be PEFT's own model, the patched one accelerated
+            if (peft_patch.state_of(m) is not None) != (kind == PATCHED):
+                raise RuntimeError(f"{kind} built {'un' if kind == PATCHED else ''}accelerated: see contender_context")
             return m, m.base_model.update_and_allocate
         if kind == "peft_lora":
             cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets, **task)

@@ -1,14 +1,24 @@
-"""One adapted layer, forward and forward+backward: adalora_fast vs PEFT AdaLoRA vs PEFT LoRA."""
+"""One adapted layer, forward and forward+backward: adalora_fast vs PEFT AdaLoRA vs PEFT LoRA, and
+PEFT AdaLoRA's layer under ``af.patch_peft()`` (our op behind PEFT's layer)."""
 
 import pytest
 import torch
 
 from .cases import _one_layer
-from .common import adapter_params, layer_fwd_bwd
+from .common import PATCHED, adapter_params, layer_fwd_bwd
 
 N = 512
 SHAPES = [(512, 512), (512, 1376)]
-KINDS = ["ours", "peft_adalora", "peft_lora"]
+KINDS = ["ours", "peft_adalora", "peft_lora", PATCHED]
+
+
+@pytest.fixture(autouse=True)
+def _peft_unpatched_after():
+    """The patched contender's build leaves PEFT patched; the next test's PEFT layers must be PEFT's own."""
+    yield
+    import adalora_fast as af
+
+    af.unpatch_peft()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -2,13 +2,24 @@
 contender, the targets and the figure (error bars, legends, the load warning), from small fake
 results. ``python -m pytest bench -q -k report`` runs only these."""
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from . import cases, report
-from .common import MASK_STEP, PROJECTIONS, LlamaShape, Timing, llama, make_contender
+from .common import (
+    MASK_STEP,
+    PATCHED,
+    PROJECTIONS,
+    STEP_CONTENDERS_PATCHED,
+    LlamaShape,
+    Timing,
+    contender_context,
+    llama,
+    make_contender,
+)
 
 KINDS = ("base", "ours", "peft_adalora", "peft_lora")
 
@@ -156,6 +167,106 @@ def test_targets_and_their_bounds():
     assert share["value"] == pytest.approx(1.5) and share["met"]
     assert sum("(orth penalty + update_and_allocate)" in name for name in ts) == 1
     assert not any("orth penalty fwd+bwd" in name for name in ts)  # the isolated penalty target is retired
+    assert not any("PEFT patched" in name for name in ts)  # only rows that timed the patched contender
+
+
+# PEFT AdaLoRA under af.patch_peft(): median 114 against ours 111
+PATCHED_ROUNDS = {**ROUNDS, PATCHED: [112.0, 118.0, 111.0, 114.0, 139.0]}
+
+
+def test_patched_contender_against_ours_in_the_row_table_csv_and_targets(tmp_path):
+    import csv
+
+    r = _step_row(256, 0.1, "fp32", PATCHED_ROUNDS)
+    pairs = [p / o for p, o in zip(PATCHED_ROUNDS[PATCHED], ROUNDS["ours"])]
+    assert r[PATCHED] == pytest.approx(114.0)
+    assert r["peft_patched_vs_ours"] == pytest.approx(114.0 / 111.0)
+    assert (r["peft_patched_vs_ours_lo"], r["peft_patched_vs_ours_hi"]) == (
+        pytest.approx(min(pairs)),
+        pytest.approx(max(pairs)),
+    )
+    assert r["peft_patched_vs_base"] == pytest.approx(114.0 / 101.0)
+    assert (r["peft_patched_lo"], r["peft_patched_hi"]) == (pytest.approx(111.0), pytest.approx(139.0))
+    # the throughput row reads the same (our tok/s over its tok/s = its time over ours)
+    t = _timing({k: [x / 1e3 for x in v] for k, v in PATCHED_ROUNDS.items()})
+    tp = cases._row("train step", "c", "throughput", "tok/s", {k: 512 / t.median(k) for k in t.samples}, t, True)
+    assert tp["peft_patched_vs_ours"] == pytest.approx(114.0 / 111.0)
+    assert tp["peft_patched_vs_ours_lo"] == pytest.approx(min(pairs))
+    text = report.table([r])
+    assert "PEFT patched" in text and "patched/ours" in text
+    assert f"{114.0 / 111.0:.3f} [{min(pairs):.2f}-{max(pairs):.2f}]" in text
+    path = str(tmp_path / "x.csv")
+    report.write_csv([r], path, {"plan": "fake"})
+    with open(path) as f:
+        row = next(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert float(row["peft_patched"]) == pytest.approx(114.0)
+    assert float(row["peft_patched_vs_ours"]) == pytest.approx(114.0 / 111.0)
+    slow = _step_row(1024, 0.0, "fp32", {**ROUNDS, PATCHED: [x * 1.2 for x in ROUNDS["ours"]]})
+    ts = {t["target"]: t for t in report.targets([r, slow], [])}
+    fast = ts["step hidden 256 x8 p=0.1: PEFT patched / ours time"]
+    assert fast["goal"] == "<= 1.05" and fast["met"] and fast["value"] == pytest.approx(114.0 / 111.0)
+    assert fast["note"] == f"rounds {min(pairs):.3f}-{max(pairs):.3f}"
+    late = ts["step hidden 1024 x8 p=0: PEFT patched / ours time"]
+    assert late["value"] == pytest.approx(1.2) and not late["met"]
+
+
+def test_contender_context_keeps_peft_adalora_peft_own_code():
+    """The patched contender runs with PEFT patched; PEFT AdaLoRA (and the others) with the patching
+    suspended: PEFT's original methods, and a PEFT model built there is not accelerated."""
+    from peft.tuners.adalora import SVDLinear
+
+    import adalora_fast as af
+    from adalora_fast import peft_patch
+
+    original = SVDLinear.__dict__["forward"]
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, vocab=64, seq=8, batch=2)
+    cpu = torch.device("cpu")
+    try:
+        with contender_context(PATCHED):
+            patched, _ = make_contender(PATCHED, llama(shape, cpu), 4, 0.1, PROJECTIONS)
+        assert peft_patch.state_of(patched) is not None and SVDLinear.__dict__["forward"] is not original
+        with contender_context("peft_adalora"):
+            assert SVDLinear.__dict__["forward"] is original and not peft_patch.is_patched()
+            plain, _ = make_contender("peft_adalora", llama(shape, cpu), 4, 0.1, PROJECTIONS)
+        assert peft_patch.state_of(plain) is None and peft_patch.state_of(patched) is not None
+        with pytest.raises(RuntimeError, match="peft_adalora built accelerated"):
+            make_contender("peft_adalora", llama(shape, cpu), 4, 0.1, PROJECTIONS)  # outside its context
+    finally:
+        af.unpatch_peft()
+    assert SVDLinear.__dict__["forward"] is original
+
+
+def test_step_rows_time_the_patched_contender_beside_peft_own_and_unpatch(monkeypatch):
+    """A whole step alternation with the patched contender, shrunk: its figures and ratio in the rows,
+    PEFT AdaLoRA's layers never reaching the patched forward (not even its per-object dispatch), our
+    op running the patched model's layers, and PEFT unpatched afterwards."""
+    from peft.tuners.adalora import SVDLinear
+
+    from adalora_fast import peft_patch
+
+    calls = {"accelerated": 0, "peft's own": 0}
+    dispatch = peft_patch._svd_linear_forward
+
+    def spy(self, x, *args, **kwargs):
+        calls["accelerated" if self.__dict__.get(peft_patch._ATTR) else "peft's own"] += 1
+        return dispatch(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(peft_patch, "_svd_linear_forward", spy)  # what patch_peft() installs
+    original = SVDLinear.__dict__["forward"]
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, vocab=64, seq=8, batch=2)
+    plan = dataclasses.replace(cases.QUICK, repeats=2, warmup=1)
+    rows = cases._step_rows(
+        "train step", shape, plan, torch.device("cpu"), 0.1, 2, lambda: None, kinds=STEP_CONTENDERS_PATCHED
+    )
+    step = next(r for r in rows if r["metric"] == "step time")
+    assert step[PATCHED] > 0 and len(step["samples"][PATCHED]) == 2
+    assert step["peft_patched_vs_ours"] == pytest.approx(step[PATCHED] / step["ours"])
+    assert step["peft_patched_vs_ours_lo"] <= step["peft_patched_vs_ours_hi"]
+    mem = next(r for r in rows if r["section"] == "memory")
+    assert mem[PATCHED] == pytest.approx(mem["ours"], rel=0.05)  # our op saves what ours saves
+    # warm-up + 2 rounds x 2 steps + the memory pass, 7 layers each: all through our op
+    assert calls == {"accelerated": 7 * (1 + 2 * 2 + 1), "peft's own": 0}
+    assert not peft_patch.is_patched() and SVDLinear.__dict__["forward"] is original
 
 
 def test_busy_warning_from_the_load_or_a_wild_round():
@@ -182,7 +293,7 @@ def _curve():
 @pytest.fixture(scope="module")
 def fig():
     rows = [
-        _step_row(128, 0.1, "fp32", ROUNDS),
+        _step_row(128, 0.1, "fp32", PATCHED_ROUNDS),  # the patched contender in one row only: gaps elsewhere
         _step_row(256, 0.0, "fp32", ROUNDS),
         _step_row(256, 0.1, "bf16 base", ROUNDS, section="train step (bf16 base)"),
     ]
