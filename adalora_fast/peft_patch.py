@@ -158,76 +158,81 @@ def fallback_reason(layer: nn.Module, x: Optional[torch.Tensor] = None) -> Optio
     """Why ``layer`` (a PEFT AdaLoRA layer) runs PEFT's own forward now; None when our op runs it.
 
     ``x``: the input, when the reason may depend on it (PEFT's ``cast_input_dtype_enabled=False``)."""
+    return _op_args(layer, x)[0]
+
+
+def _param(module: nn.Module, name: str):
+    # a module's parameter without nn.Module.__getattr__ (~0.4 us a lookup, and this runs per layer call);
+    # an attribute that is not a registered parameter (FSDP1's views, a plain tensor) the usual way
+    p = module._parameters
+    return p[name] if name in p else getattr(module, name)
+
+
+def _op_args(layer: nn.Module, x: Optional[torch.Tensor]) -> tuple:
+    """(None, the arguments of ``ops.adapter_linear`` after x) when our op runs this call of ``layer``,
+    else (why PEFT's own forward runs, None): :func:`fallback_reason`'s checks, each submodule and
+    parameter read once from the module's own dicts."""
     P = _peft_classes()
-    if not isinstance(layer, P["AdaLoraLayer"]):
-        raise TypeError(f"expected a PEFT AdaLoRA layer, got {type(layer).__name__}")
     if type(layer) is not P["SVDLinear"]:
+        if not isinstance(layer, P["AdaLoraLayer"]):
+            raise TypeError(f"expected a PEFT AdaLoRA layer, got {type(layer).__name__}")
         if isinstance(layer, P["SVDLinear"]):
-            return f"{type(layer).__name__} is a subclass of SVDLinear (its own behaviour is kept)"
-        return f"{type(layer).__name__} is not fused (PEFT's forward for this layer kind)"
+            return f"{type(layer).__name__} is a subclass of SVDLinear (its own behaviour is kept)", None
+        return f"{type(layer).__name__} is not fused (PEFT's forward for this layer kind)", None
     if not layer.__dict__.get(_ATTR):
-        return "not accelerated"
+        return "not accelerated", None
     if layer.disable_adapters:
-        return "adapters disabled"
+        return "adapters disabled", None
     if layer.merged:
-        return "merged"
+        return "merged", None
     active = layer.active_adapters
     if len(active) != 1:
-        return f"several active adapters ({', '.join(map(str, active))})"
+        return f"several active adapters ({', '.join(map(str, active))})", None
     a = active[0]
-    if a not in layer.lora_A:
-        return "active adapter not on this layer"
+    mods = layer._modules
+    lora_A = mods["lora_A"]
+    if a not in lora_A:
+        return "active adapter not on this layer", None
     if layer.r[a] == 0:
-        return "rank 0"
-    base = layer.base_layer
+        return "rank 0", None
+    base = mods["base_layer"]
     if type(base) not in P["fused_bases"]:
-        return f"base layer {type(base).__name__} is not fused (only torch.nn.Linear and transformers' Conv1D)"
+        return f"base layer {type(base).__name__} is not fused (only torch.nn.Linear and transformers' Conv1D)", None
     if bool(layer.fan_in_fan_out) != (P["Conv1D"] is not None and type(base) is P["Conv1D"]):
-        return f"fan_in_fan_out={layer.fan_in_fan_out} does not match the {type(base).__name__} base layer"
+        return f"fan_in_fan_out={layer.fan_in_fan_out} does not match the {type(base).__name__} base layer", None
     if _base_has_hooks(base):
-        return "the base layer has hooks or a replaced forward (accelerate offloading, DeepSpeed ZeRO-3, ...)"
-    drop = layer.lora_dropout[a]
+        return "the base layer has hooks or a replaced forward (accelerate offloading, DeepSpeed ZeRO-3, ...)", None
+    drop = mods["lora_dropout"]._modules[a]
     if type(drop) not in (nn.Dropout, nn.Identity):
-        return f"dropout module {type(drop).__name__} (only torch.nn.Dropout and Identity are fused)"
-    if not all(_plain(t) for t in (base.weight, base.bias, layer.lora_A[a], layer.lora_E[a], layer.lora_B[a])):
-        return "tensor subclasses (FSDP2 DTensors, quantised weights)"
-    if x is not None and not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != layer.lora_A[a].dtype:
-        return "cast_input_dtype_enabled=False with an input dtype other than the adapter's"
-    return None
+        return f"dropout module {type(drop).__name__} (only torch.nn.Dropout and Identity are fused)", None
+    weight, bias = _param(base, "weight"), _param(base, "bias")
+    A, E, B = _param(lora_A, a), _param(mods["lora_E"], a), _param(mods["lora_B"], a)
+    if not (_plain(weight) and _plain(bias) and _plain(A) and _plain(E) and _plain(B)):
+        return "tensor subclasses (FSDP2 DTensors, quantised weights)", None
+    if x is not None and not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != A.dtype:
+        return "cast_input_dtype_enabled=False with an input dtype other than the adapter's", None
+    p = drop.p if type(drop) is nn.Dropout else 0.0
+    ranknum = _param(mods["ranknum"], a)
+    return None, (weight, bias, A, E, B, layer.scaling[a], ranknum, p, drop.training, bool(layer.fan_in_fan_out))
 
 
 def _svd_linear_forward(self, x, *args, **kwargs):
     orig = _ORIGINALS[(_PEFT["SVDLinear"], "forward")]
     if not self.__dict__.get(_ATTR):
         return orig(self, x, *args, **kwargs)
-    why = "extra forward arguments" if (args or kwargs) else fallback_reason(self, x)
+    why, call = ("extra forward arguments", None) if (args or kwargs) else _op_args(self, x)
+    if why is None:
+        return ops.adapter_linear(x, *call)
     if why == "rank 0" and len(self.active_adapters) == 1:
         return self.base_layer(x)  # a layer compacted to rank 0: PEFT's forward would add a term of zeros
-    if why is not None:
-        if why not in _QUIET:
-            _warn_once(
-                "layer:" + why,
-                f"adalora_fast: a PEFT AdaLoRA layer runs PEFT's own forward (same results, "
-                f"PEFT's speed): {why}. adalora_fast.peft_patch.explain(model) lists every "
-                "layer's reason.",
-            )
-        return orig(self, x, *args, **kwargs)
-    a = self.active_adapters[0]
-    base = self.base_layer
-    drop = self.lora_dropout[a]
-    return ops.adapter_linear(
-        x,
-        base.weight,
-        base.bias,
-        self.lora_A[a],
-        self.lora_E[a],
-        self.lora_B[a],
-        self.scaling[a],
-        self.ranknum[a],
-        drop.p if type(drop) is nn.Dropout else 0.0,
-        drop.training,
-        bool(self.fan_in_fan_out),
-    )
+    if why not in _QUIET:
+        _warn_once(
+            "layer:" + why,
+            f"adalora_fast: a PEFT AdaLoRA layer runs PEFT's own forward (same results, "
+            f"PEFT's speed): {why}. adalora_fast.peft_patch.explain(model) lists every "
+            "layer's reason.",
+        )
+    return orig(self, x, *args, **kwargs)
 
 
 def explain(model: nn.Module) -> dict:
