@@ -7,7 +7,8 @@ measured on a GPU. Roofline per op: time = max(bytes / 3.0 TB/s, FLOPs / peak), 
 for bf16/fp16 operands and 395 TFLOP/s for TF32. Launch overheads are not in the times; the launch
 counts are listed separately.
 
-Our four layer kernels also get (:func:`kernel_table`) a bandwidth bound at 90 % and 70 % of the
+Our four layer kernels also get (:func:`kernel_table`, unsplit; :func:`split_table`, the split-K shrink
+and split-D grad_rank the launchers pick at these shapes) a bandwidth bound at 90 % and 70 % of the
 3.0 TB/s roofline (what real kernels reach) and an issue bound read from their sm_90 SASS
 (``bench/compile_check.py``): warp instructions = warps x (instructions per tile x tiles +
 the rest of the program x programs), issued at one per cycle per scheduler,
@@ -16,6 +17,7 @@ the rest of the program x programs), issued at one per cycle per scheduler,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -37,24 +39,42 @@ def t_us(nbytes, flops, peak="bf16"):
     return max(nbytes / BW, flops / PEAK[peak]) * 1e6
 
 
-def ours(k, d):
-    """[(phase, op, bytes, flops)] of our path for one adapted layer (bf16 autocast, p > 0)."""
+def split_factors(k, d):
+    """(S_k, S_d): the ways the shipped plan (``kernels/triton_ops/adapter_linear.split_plan``) splits
+    the shrink over k and grad_rank over d at N tokens on the H100's SMS."""
+    from adalora_fast.kernels import adapter_linear as ka
+
+    return ka.split_plan(N, k, ka.BLOCK_K, SMS)[0], ka.split_plan(N, d, ka.GRAD_BLOCK_D, SMS)[0]
+
+
+def ours(k, d, split=False):
+    """[(phase, op, bytes, flops)] of our path for one adapted layer (bf16 autocast, p > 0); with
+    ``split`` the split-K shrink / split-D grad_rank the plan picks at these shapes (fp32 partials
+    [S, N, r]: written by the producer, read by the consumer, which also writes the summed t)."""
+    sk, sd = split_factors(k, d) if split else (1, 1)
+    tag_k = f" (split-K, S={sk})" if sk > 1 else ""
+    tag_d = f" (split-D, S={sd})" if sd > 1 else ""
     return [
         ("fwd", "x Wᵀ + b (cuBLAS)", H * (N * k + d * k + N * d + d), 2 * N * k * d),
-        ("fwd", "_shrink_kernel: t = dropout(x) Aᵀ", H * N * k + H * R * k + 4 * N * R, 2 * N * k * RP),
-        ("fwd", "_expand_add_kernel: out += (t⊙e) Bᵀ", 2 * H * N * d + 4 * N * R + H * d * R, 2 * N * d * RP),
+        ("fwd", f"_shrink_kernel{tag_k}: t = dropout(x) Aᵀ", H * N * k + H * R * k + 4 * N * R * sk, 2 * N * k * RP),
+        (
+            "fwd",
+            f"_expand_add_kernel{' (sums the partials, writes t)' if sk > 1 else ''}: out += (t⊙e) Bᵀ",
+            2 * H * N * d + 4 * N * R * sk + (4 * N * R if sk > 1 else 0) + H * d * R,
+            2 * N * d * RP,
+        ),
         ("bwd", "dx = g W (cuBLAS)", H * (N * d + d * k + N * k), 2 * N * k * d),
         ("bwd", "memset fp32 dA/dB/dE accumulator", 4 * (R * k + d * R + R), 0),
         (
             "bwd",
-            "_grad_rank_kernel: gB, dB, dE, ge (1 pass over g)",
-            H * N * d + 4 * N * R + 4 * N * R + 4 * cdiv(N, 64) * d * R,
+            f"_grad_rank_kernel{tag_d}: gB, dB, dE, ge (1 pass over g)",
+            H * N * d + 4 * N * R + 4 * N * R * sd + 4 * cdiv(N, 64) * (d + sd) * R,
             4 * N * d * RP,
         ),
         (
             "bwd",
-            "_dA_dx_kernel: dA, dx += (1 pass over x, RMW dx)",
-            H * N * k + 2 * H * N * k + 4 * N * R + 4 * cdiv(N, 64) * R * k,
+            f"_dA_dx_kernel{' (sums the ge partials)' if sd > 1 else ''}: dA, dx += (1 pass over x, RMW dx)",
+            H * N * k + 2 * H * N * k + 4 * N * R * sd + 4 * cdiv(N, 64) * R * k,
             4 * N * k * RP,
         ),
         ("bwd", "cast accumulator to bf16", 6 * (R * k + d * R + R), 0),
@@ -91,8 +111,9 @@ BW_FACTORS = (0.9, 0.7)  # achievable share of the copy roofline
 SASS_CONFIG = "bfloat16/bfloat16,R16"  # bf16 autocast: x, g and the adapters bf16; r = 12 pads to 16
 
 
-def sass_counts(path=None) -> dict:
-    """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths).
+def sass_counts(path=None, split=False) -> dict:
+    """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths), the
+    unsplit ones or with ``split`` the split ones (name suffix ",split").
     ``path``: a ``bench.compile_check --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
     if path is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,26 +135,135 @@ def sass_counts(path=None) -> dict:
     return {
         r["kernel"]: r
         for r in results
-        if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{SASS_CONFIG}]")
+        if r["arch"] == 90
+        and r.get("aligned", True)
+        and r["name"].endswith(f"[{SASS_CONFIG}{',split' if split else ''}]")
     }
 
 
-def launch_shape(kernel: str, k: int, d: int):
+def launch_shape(kernel: str, k: int, d: int, split=False):
     """(programs, tiles, warps per program) of one launch at N tokens (the grids of
-    kernels/triton_ops/adapter_linear.py)."""
+    kernels/triton_ops/adapter_linear.py); ``split``: the split-K shrink / split-D grad_rank grids
+    (S x the programs, the same tiles)."""
+    sk, sd = split_factors(k, d) if split else (1, 1)
     return {
-        "_shrink_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(k, 64), 4),
+        "_shrink_kernel": (cdiv(N, 64) * sk, cdiv(N, 64) * cdiv(k, 64), 4),
         "_expand_add_kernel": (cdiv(N, 64) * cdiv(d, 128), cdiv(N, 64) * cdiv(d, 128), 4),
-        "_grad_rank_kernel": (cdiv(N, 64), cdiv(N, 64) * cdiv(d, 64), 4),
+        "_grad_rank_kernel": (cdiv(N, 64) * sd, cdiv(N, 64) * cdiv(d, 64), 4),
         "_dA_dx_kernel": (cdiv(N, 64) * cdiv(k, 128), cdiv(N, 64) * cdiv(k, 128), 4),
     }[kernel]
 
 
-def issue_us(rec: dict, programs: int, tiles: int, warps: int) -> float:
+def issue_us(rec: dict, programs: int, tiles: int, warps: int, partials: int = 0) -> float:
+    """The issue bound. ``partials`` > 0: a consumer of split partials (one tile per program; its
+    only loop sums the partials 1 .. partials-1, so the body, counted once in ``insns``, runs
+    partials - 1 times)."""
+    if partials:
+        warp_insns = warps * programs * (rec["insns"] + (partials - 2) * rec["loop_insns"])
+        return warp_insns / (SMS * SCHEDULERS * CLOCK) * 1e6
     per_tile = rec["loop_insns"] or rec["insns"]
     rest = rec["insns"] - rec["loop_insns"] if rec["loop_insns"] else 0
     warp_insns = warps * (per_tile * tiles + rest * programs)
     return warp_insns / (SMS * SCHEDULERS * CLOCK) * 1e6
+
+
+# sm_90 per SM: 64 K registers (allocated per warp in units of 256, i.e. 8 per thread), 227 KB of
+# shared memory per block and 228 KB per SM (1 KB of it reserved per block), 32 blocks, 64 warps
+REGS_SM, SMEM_SM, BLOCKS_SM, WARPS_SM = 65536, 233472, 32, 64
+
+
+def resident(rec: dict, warps: int = 4) -> int:
+    """Programs of one binary that fit on an SM at once (registers, shared memory, blocks, warps)."""
+    regs = -(-rec["registers"] // 8) * 8 * 32 * warps
+    smem = rec["static_shared"] + rec["dyn_shared"] + 1024
+    return min(REGS_SM // regs, SMEM_SM // smem, BLOCKS_SM, WARPS_SM // warps)
+
+
+# What one H100 measured for the unsplit kernels (python -m bench.gpu_check, 2026-11-22, bf16, r = 12,
+# dropout 0.1, N = 8192; kernels/COST.md "Measured on an H100"), µs
+MEASURED_H100 = {
+    (4096, 4096): {
+        "_shrink_kernel": 108.8,
+        "_expand_add_kernel": 79.9,
+        "_grad_rank_kernel": 130.0,
+        "_dA_dx_kernel": 146.7,
+    },
+    (4096, 11008): {
+        "_shrink_kernel": 110.2,
+        "_expand_add_kernel": 164.0,
+        "_grad_rank_kernel": 230.3,
+        "_dA_dx_kernel": 143.3,
+    },
+    (11008, 4096): {
+        "_shrink_kernel": 220.4,
+        "_expand_add_kernel": 79.6,
+        "_grad_rank_kernel": 108.2,
+        "_dA_dx_kernel": 308.5,
+    },
+}
+SPLIT_KERNELS = ("_shrink_kernel", "_grad_rank_kernel")
+
+
+def split_table(counts: dict, split_counts: dict):
+    """Markdown: per shape and kernel, the split path's programs, programs resident per SM, bytes,
+    bandwidth bounds, issue bound and latency bound, and the prediction (the largest of them).
+
+    The latency bound of the split shrink / grad_rank is the H100's measured unsplit time scaled by
+    the programs per SM (unsplit 128 programs on 132 SMs: one 4-warp program, one warp per
+    scheduler; split S x as many, all resident at once): the assumption that the unsplit kernels
+    were bound by one warp per scheduler stalling on its own dependences and loads, which S warps
+    per scheduler interleave. Not measured. The consumers (expand-add, dA_dx) keep their grids; their
+    rows add the partials' bytes and their summing loop's instructions. The last rows per shape:
+    the prediction summed, and the sum "anchored" on the H100's measured expand-add and dA_dx (which
+    ran 1.0-1.4x their bandwidth bound) with the split shrink and grad_rank predicted."""
+    out = [
+        (
+            "| layer (k→d) | kernel | S | programs | resident/SM | programs/SM | MB | bw µs @90% | bw µs @70% "
+            "| issue µs | latency µs | predicted µs | measured unsplit µs |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    totals = {}
+    for k, d in SHAPES:
+        rows = ours(k, d, split=True)
+        sk, sd = split_factors(k, d)
+        lo = hi = a_lo = a_hi = 0.0
+        for kernel, idx in KERNEL_ROWS.items():
+            b = rows[idx][2]
+            rec = split_counts[kernel]
+            programs, tiles, warps = launch_shape(kernel, k, d, split=True)
+            s = {"_shrink_kernel": sk, "_grad_rank_kernel": sd}.get(kernel, 1)
+            partials = {"_expand_add_kernel": sk, "_dA_dx_kernel": sd}.get(kernel, 1)
+            bw90, bw70 = (b / (BW * f) * 1e6 for f in BW_FACTORS)
+            iss = issue_us(rec, programs, tiles, warps, partials if partials > 1 else 0)
+            fit = resident(rec, warps)
+            per_sm = programs / SMS
+            meas = MEASURED_H100[(k, d)][kernel]
+            lat = 0.0
+            if kernel in SPLIT_KERNELS:
+                unsplit_per_sm = min(launch_shape(kernel, k, d)[0], SMS) / SMS
+                lat = meas * unsplit_per_sm / min(per_sm, fit)
+            p_lo, p_hi = max(bw90, iss, lat), max(bw70, iss, lat)
+            lo, hi = lo + p_lo, hi + p_hi
+            if kernel in SPLIT_KERNELS:
+                a_lo, a_hi = a_lo + p_lo, a_hi + p_hi
+            else:
+                a_lo, a_hi = a_lo + meas, a_hi + meas
+            out.append(
+                f"| {k}→{d} | {kernel} | {s} | {programs} | {fit} | {per_sm:.2f} | {b / 1e6:.1f} | {bw90:.1f} | "
+                f"{bw70:.1f} | {iss:.1f} | {f'{lat:.1f}' if lat else '–'} | {p_lo:.1f}–{p_hi:.1f} | {meas:.1f} |"
+            )
+        small = sum(t_us(b, f) for ph, op, b, f in rows if "memset" in op or "cast" in op) / BW_FACTORS[1]
+        meas_sum = sum(MEASURED_H100[(k, d)].values())
+        totals[(k, d)] = (lo + small, hi + small, a_lo, a_hi, meas_sum)
+        out.append(
+            f"| {k}→{d} | predicted sum (+ memset, cast) | | | | | | | | | | **{lo + small:.0f}–{hi + small:.0f}** | |"
+        )
+        out.append(
+            f"| {k}→{d} | anchored sum: split shrink + grad_rank predicted, expand-add + dA_dx as measured "
+            f"| | | | | | | | | | **{a_lo:.0f}–{a_hi:.0f}** | **{meas_sum:.0f}** (sum of the four) |"
+        )
+    return "\n".join(out), totals
 
 
 KERNEL_ROWS = {"_shrink_kernel": 1, "_expand_add_kernel": 2, "_grad_rank_kernel": 5, "_dA_dx_kernel": 6}
@@ -171,7 +301,12 @@ def layer_tables():
     out = []
     for k, d in SHAPES:
         out.append(f"\n### Adapted layer k={k} → d={d}, N={N}, r={R}, bf16 autocast, lora_dropout > 0\n")
-        for name, fn in (("ours", ours), ("PEFT", peft)):
+        split = functools.partial(ours, split=True)
+        for name, fn in (
+            ("ours", ours),
+            ("ours, split (what the launchers pick at these shapes)", split),
+            ("PEFT", peft),
+        ):
             rows = fn(k, d)
             out.append(f"\n**{name}**\n\n| phase | op | MB moved | GFLOP | predicted µs |\n|---|---|---|---|---|")
             tot = {"fwd": [0, 0, 0.0], "bwd": [0, 0, 0.0]}
@@ -270,5 +405,8 @@ if __name__ == "__main__":
     sass = sys.argv[sys.argv.index("--sass") + 1] if "--sass" in sys.argv else None
     print(layer_tables())
     print(step_tables())
+    counts = sass_counts(sass)
     print("\n## Per kernel: bandwidth bound vs issue bound (sm_90 SASS, " + SASS_CONFIG + ")\n")
-    print(kernel_table(sass_counts(sass))[0])
+    print(kernel_table(counts)[0])
+    print("\n## Split kernels: bandwidth, issue and latency bounds (sm_90 SASS, " + SASS_CONFIG + ",split)\n")
+    print(split_table(counts, sass_counts(sass, split=True))[0])

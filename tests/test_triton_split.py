@@ -38,6 +38,8 @@ def test_split_plan_at_llama_7b_shapes_fills_one_wave():
     assert ka.split_plan(8192, 11008, ka.GRAD_BLOCK_D, sms) == (4, 43 * 64)
     assert ka.split_plan(4096, 4096, ka.BLOCK_K, sms) == (8, 512)  # 64 row tiles: SPLIT_MAX
     assert ka.split_plan(16384, 4096, ka.BLOCK_K, sms) == (2, 2048)
+    assert ka.split_plan(16896, 4096, ka.BLOCK_K, sms) == (2, 2048)  # 264 row tiles: 2 x 264 <= 528
+    assert ka.split_plan(16897, 4096, ka.BLOCK_K, sms) == (1, 0)  # 265: a second way would not fit
     assert ka.split_plan(33792, 4096, ka.BLOCK_K, sms) == (1, 0)  # 528 row tiles fill the wave alone
     assert ka.split_plan(8192, 4096, ka.BLOCK_K, 108) == (3, 22 * 64)  # an A100: 432 // 128 = 3 ways
 

@@ -26,6 +26,14 @@ Backward with g = dout [N, d] (any strides, stride 0 included):
   + one memset of the flat fp32 [r·k + d·r + r] accumulator of dA, dB, dE (fp32 atomics; dA at 0, dB
   at r·k, dE at r·k + d·r), + one cast of it when the adapter dtype is half.
 
+Split-K / split-D (:func:`split_plan`; wide layers whose cdiv(N, 64) row tiles leave SMs idle, e.g.
+N = 8192 at k or d >= 4096 on an H100): the shrink and grad_rank launch S programs per row tile, each
+over a chunk of whole tiles of the width, and write fp32 partials [S, N, r] of t / ge (4·S·N·r bytes);
+the expand-add / dA_dx sum them in the fixed order s = 0 .. S-1 as they load them (the expand-add
+then writes t). Still 2 launches each way, no atomics for t or ge, the forward deterministic; S = 1
+is the single-pass kernels above, compiled to the same binaries. kernels/COST.md has the bytes,
+the grids per SM and the predicted times.
+
 Dropout keep mask: element (n, c) of x [N, k] is kept iff a 16-bit uniform value is >= thresh =
 round(p·65536) (keep probability 1 - thresh/65536, within 8e-6 of 1-p); one Philox-4x32-10 call
 (``tl.randint4x(seed, counter)``, counter = n·ceil(k/8) + c//8) yields the 16-bit values of 8
@@ -65,9 +73,9 @@ DA_STAGES = 2
 # each over a chunk of whole tiles. S is sized so that the grid fills one wave of
 # SPLIT_PROGRAMS_PER_SM resident programs per SM (4: the sm_90 limit of the shrink's 5-stage shared
 # memory, 4 x 52 KB, and of grad_rank's registers, 4 x 116 x 128 threads; more programs than fit
-# would leave a second, mostly empty wave), with at least SPLIT_MIN_TILES tiles per chunk (the
-# partials then cost <= 1/8 of a tile's bytes per tile walked: r·4 B per row per chunk against
-# BLOCK·2 B per row per tile) and at most SPLIT_MAX ways.
+# would leave a second, mostly empty wave), with at least SPLIT_MIN_TILES tiles per chunk (a
+# partial's r·4 bytes per row and chunk against >= 8 x 64 x 2 bytes of bf16 x or g per row walked:
+# <= 1/16 at r <= 16, 1/4 at r = 64) and at most SPLIT_MAX ways.
 SPLIT_PROGRAMS_PER_SM = 4
 SPLIT_MIN_TILES = 8
 SPLIT_MAX = 8
@@ -643,7 +651,8 @@ def split_plan(rows: int, width: int, block: int, sms: int, force=None) -> tuple
     row_tiles = cdiv(rows, BLOCK_N), tiles = cdiv(width, block): the most ways that still fit one
     wave of resident programs, each walking >= SPLIT_MIN_TILES tiles; then S = cdiv(tiles, chunk) so
     that no split is empty. N = 8192 on 132 SMs: 528 // 128 = 4 ways (512 programs) at k or d = 4096
-    (16 tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N >= 33792 (264 row tiles): 1.
+    (16 tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N = 16384: 2; N > 16896 (265 row
+    tiles or more): 1.
     ``force`` (tests, :data:`FORCE_SPLIT`): S = force, capped at ``tiles``, then made non-empty the
     same way (force 3 on 4 tiles gives chunks of 2 tiles: S = 2)."""
     tiles = -(-width // block)
