@@ -76,6 +76,20 @@ def test_width_d_specialised(kernel):
     assert "N" in _no_spec(kernel) and "D" not in _no_spec(kernel)
 
 
+def test_split_arguments_specialisation():
+    """The partial count of the split consumers picks no binary (one for every S); the chunk widths
+    of the split producers keep Triton's %16 specialisation: they are multiples of the 64-column
+    tile (0 unsplit), so they always fall in one key, and their divisibility reaches the chunk
+    starts (128-bit loads, tests/test_triton_compile.py)."""
+    for kernel in (ka._expand_add_kernel, ka._dA_dx_kernel):
+        assert "n_split" in _no_spec(kernel)
+    for kernel, chunk in ((ka._shrink_kernel, "k_chunk"), (ka._grad_rank_kernel, "d_chunk")):
+        assert chunk in set(kernel.arg_names) and chunk not in _no_spec(kernel)
+    for rows, width, force in [(8192, 4096, None), (8192, 11008, None), (70, 300, 3), (5, 4100, 7)]:
+        chunk = ka.split_plan(rows, width, 64, 132, force)[1]
+        assert chunk % 64 == 0 and chunk % 16 == 0 and chunk != 1
+
+
 def test_dropout_p_one_drops_everything():
     dev = TRITON_DEVICE
     torch.manual_seed(0)

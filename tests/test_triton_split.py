@@ -265,3 +265,26 @@ def test_forced_factor_one_runs_the_unsplit_kernels(use_backend, monkeypatch):
     out1 = torch.zeros(64, 1024, device=DEV)
     ka.expand_add(out1, t1, E, B, rk, 4.0)
     assert torch.equal(t, t1) and torch.equal(out, out1)
+
+
+def test_registered_op_splits_too(use_backend, monkeypatch):
+    """The registered op's path (a dispatch mode routes the call there; its backward keeps dA, dB, dE
+    in buffers of their own) runs the same split launchers: the eager path's numbers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    use_backend("triton")
+    monkeypatch.setattr(ka, "FORCE_SPLIT", 3)
+    x, W, b, A, E, B, rk, go = _inputs(70, 300, 330, 12, torch.float32, seed=4)
+    rec = _Grids(monkeypatch)
+    out, grads = _run(ops.adapter_linear, x, W, b, A, E, B, rk, go, 0.1, None)
+    with Passthrough():
+        out2, grads2 = _run(ops.adapter_linear, x, W, b, A, E, B, rk, go, 0.1, None)
+    assert type(out2.grad_fn).__name__ == "_AdapterLinearAutogradBackward"
+    assert rec.grids["_shrink_kernel"] == [(2, 3)] * 2 and rec.grids["_grad_rank_kernel"] == [(2, 3)] * 2
+    assert torch.equal(out, out2)
+    for name, a, e in zip(("dx", "dA", "dE", "dB"), grads2, grads):
+        assert_close(a, e, what=name)
