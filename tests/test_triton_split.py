@@ -100,14 +100,17 @@ class _Grids:
         monkeypatch.setattr(_launch, "launch", rec)
 
 
-def _inputs(N, k, d, r, dtype, seed):
+def _inputs(N, k, d, r, dtype, seed, adapter_dtype=None):
+    """One layer's inputs: base (x, W, b, the output gradient) in ``dtype``, adapters in
+    ``adapter_dtype`` (default ``dtype``)."""
+    adt = adapter_dtype or dtype
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, k, generator=g).to(dtype)
     W = (torch.randn(d, k, generator=g) / k**0.5).to(dtype)
     b = (torch.randn(d, generator=g) * 0.1).to(dtype)
-    A = (torch.randn(r, k, generator=g) / k**0.5).to(dtype)
-    E = torch.randn(r, 1, generator=g).to(dtype)
-    B = (torch.randn(d, r, generator=g) * 0.5).to(dtype)
+    A = (torch.randn(r, k, generator=g) / k**0.5).to(adt)
+    E = torch.randn(r, 1, generator=g).to(adt)
+    B = (torch.randn(d, r, generator=g) * 0.5).to(adt)
     go = torch.randn(N, d, generator=g).to(dtype)
     return x, W, b, A, E, B, torch.tensor([float(r)]), go
 
@@ -133,14 +136,25 @@ SPLITS = [
 @pytest.mark.parametrize("force,N,k,d", SPLITS)
 @pytest.mark.parametrize("r", [1, 12], ids=lambda r: f"r{r}")
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d, r, p, dtype):
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        (torch.float16, None),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+    ids=["fp32", "bf16", "fp16", "bf16-base-fp32-adapters", "fp16-base-fp32-adapters"],
+)
+def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d, r, p, dtype, adapter_dtype):
     """Forward and dx, dA, dE, dB of the forced-split layer against reference.py on the keep mask
-    the kernels draw; the grids show the split happened (shrink (row tiles, S_k), grad_rank
-    (row tiles, S_d)) with no extra launch."""
+    the kernels draw (every (base, adapter) dtype pair the kernels take); the grids show the split
+    happened (shrink (row tiles, S_k),
+    grad_rank (row tiles, S_d)) with no extra launch. Tolerance: the base dtype's."""
     use_backend("triton")
     monkeypatch.setattr(ka, "FORCE_SPLIT", force)
-    x, W, b, A, E, B, rk, go = _inputs(N, k, d, r, dtype, seed=force * 100 + r)
+    x, W, b, A, E, B, rk, go = _inputs(N, k, d, r, dtype, seed=force * 100 + r, adapter_dtype=adapter_dtype)
     rec = _Grids(monkeypatch)
     out, grads = _run(ops.adapter_linear, x, W, b, A, E, B, rk, go, p, None)
     sk = ka.split_plan(N, k, ka.BLOCK_K, 132, force)[0]
@@ -158,6 +172,17 @@ def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d,
     assert_close(out, rout, dtype, "forward")
     for name, a, e in zip(("dx", "dA", "dE", "dB"), grads, rgrads):
         assert_close(a, e, dtype, name)
+
+
+def test_strided_x_split():
+    """x read through a column stride by the split shrink (the chunk offsets in int64 too)."""
+    torch.manual_seed(6)
+    xt = torch.randn(300, 70, device=DEV)
+    x = xt.t()  # [70, 300], strides (1, 70)
+    A = torch.randn(12, 300, device=DEV) / 300**0.5
+    parts = ka.shrink(x, A, 0.0, None, split=3)
+    assert parts.shape == (3, 70, 12)
+    assert_close(parts.sum(0), x @ A.t(), what="t")
 
 
 @pytest.mark.parametrize("r", [1, 12, 20], ids=lambda r: f"r{r}")  # R_PAD 16, 16, 64
