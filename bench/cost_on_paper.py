@@ -41,10 +41,11 @@ def t_us(nbytes, flops, peak="bf16"):
 
 def split_factors(k, d):
     """(S_k, S_d): the ways the shipped plan (``kernels/triton_ops/adapter_linear.split_plan``) splits
-    the shrink over k and grad_rank over d at N tokens on the H100's SMS."""
+    the shrink over k and grad_rank over d at N tokens on an H100 (SMS x 4 resident programs)."""
     from adalora_fast.kernels import adapter_linear as ka
 
-    return ka.split_plan(N, k, ka.BLOCK_K, SMS)[0], ka.split_plan(N, d, ka.GRAD_BLOCK_D, SMS)[0]
+    slots = SMS * ka.SPLIT_PROGRAMS_PER_SM
+    return ka.split_plan(N, k, ka.BLOCK_K, slots)[0], ka.split_plan(N, d, ka.GRAD_BLOCK_D, slots)[0]
 
 
 def ours(k, d, split=False):

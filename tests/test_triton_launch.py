@@ -86,7 +86,7 @@ def test_split_arguments_specialisation():
     for kernel, chunk in ((ka._shrink_kernel, "k_chunk"), (ka._grad_rank_kernel, "d_chunk")):
         assert chunk in set(kernel.arg_names) and chunk not in _no_spec(kernel)
     for rows, width, force in [(8192, 4096, None), (8192, 11008, None), (70, 300, 3), (5, 4100, 7)]:
-        chunk = ka.split_plan(rows, width, 64, 132, force)[1]
+        chunk = ka.split_plan(rows, width, 64, 132 * 4, force)[1]
         assert chunk % 64 == 0 and chunk % 16 == 0 and chunk != 1
 
 

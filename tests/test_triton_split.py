@@ -28,34 +28,37 @@ DEV = TRITON_DEVICE
 
 
 # ----------------------------------------------------------------------------- the host's choice
+H100_SLOTS = 132 * 4  # 132 SMs, 4 resident split programs each
+
+
 def test_split_plan_at_llama_7b_shapes_fills_one_wave():
-    """N = 8192 on 132 SMs: 128 row tiles, 528 resident programs: 4 ways at every 7B width (512
+    """N = 8192 on an H100: 128 row tiles, 528 resident programs: 4 ways at every 7B width (512
     programs), chunks of whole tiles, the last one the remainder at 11008."""
-    sms = 132
-    assert ka.split_plan(8192, 4096, ka.BLOCK_K, sms) == (4, 1024)
-    assert ka.split_plan(8192, 11008, ka.BLOCK_K, sms) == (4, 43 * 64)  # 172 tiles: 43, 43, 43, 43
-    assert ka.split_plan(8192, 4096, ka.GRAD_BLOCK_D, sms) == (4, 1024)
-    assert ka.split_plan(8192, 11008, ka.GRAD_BLOCK_D, sms) == (4, 43 * 64)
-    assert ka.split_plan(4096, 4096, ka.BLOCK_K, sms) == (8, 512)  # 64 row tiles: SPLIT_MAX
-    assert ka.split_plan(16384, 4096, ka.BLOCK_K, sms) == (2, 2048)
-    assert ka.split_plan(16896, 4096, ka.BLOCK_K, sms) == (2, 2048)  # 264 row tiles: 2 x 264 <= 528
-    assert ka.split_plan(16897, 4096, ka.BLOCK_K, sms) == (1, 0)  # 265: a second way would not fit
-    assert ka.split_plan(33792, 4096, ka.BLOCK_K, sms) == (1, 0)  # 528 row tiles fill the wave alone
-    assert ka.split_plan(8192, 4096, ka.BLOCK_K, 108) == (3, 22 * 64)  # an A100: 432 // 128 = 3 ways
+    slots = H100_SLOTS
+    assert ka.split_plan(8192, 4096, ka.BLOCK_K, slots) == (4, 1024)
+    assert ka.split_plan(8192, 11008, ka.BLOCK_K, slots) == (4, 43 * 64)  # 172 tiles: 43, 43, 43, 43
+    assert ka.split_plan(8192, 4096, ka.GRAD_BLOCK_D, slots) == (4, 1024)
+    assert ka.split_plan(8192, 11008, ka.GRAD_BLOCK_D, slots) == (4, 43 * 64)
+    assert ka.split_plan(4096, 4096, ka.BLOCK_K, slots) == (8, 512)  # 64 row tiles: SPLIT_MAX
+    assert ka.split_plan(16384, 4096, ka.BLOCK_K, slots) == (2, 2048)
+    assert ka.split_plan(16896, 4096, ka.BLOCK_K, slots) == (2, 2048)  # 264 row tiles: 2 x 264 <= 528
+    assert ka.split_plan(16897, 4096, ka.BLOCK_K, slots) == (1, 0)  # 265: a second way would not fit
+    assert ka.split_plan(33792, 4096, ka.BLOCK_K, slots) == (1, 0)  # 528 row tiles fill the wave alone
+    assert ka.split_plan(8192, 4096, ka.BLOCK_K, 108 * 3) == (2, 2048)  # an A100: 324 // 128 = 2 ways
 
 
 def test_split_plan_keeps_small_layers_unsplit():
     for rows, width in [(16, 64), (64, 48), (8192, 64), (8192, 960), (1, 960), (70, 300), (4096, 1)]:
-        assert ka.split_plan(rows, width, ka.BLOCK_K, 132) == (1, 0), (rows, width)
-    assert ka.split_plan(64, 1024, ka.BLOCK_K, 132) == (2, 512)  # 16 tiles: two chunks of 8
+        assert ka.split_plan(rows, width, ka.BLOCK_K, H100_SLOTS) == (1, 0), (rows, width)
+    assert ka.split_plan(64, 1024, ka.BLOCK_K, H100_SLOTS) == (2, 512)  # 16 tiles: two chunks of 8
 
 
-@pytest.mark.parametrize("sms", [1, 108, 132])
-def test_split_plan_chunks_cover_the_width_and_none_is_empty(sms):
+@pytest.mark.parametrize("slots", [1, 108 * 3, H100_SLOTS])
+def test_split_plan_chunks_cover_the_width_and_none_is_empty(slots):
     for rows in (1, 63, 64, 700, 8192, 20000):
         for width in (1, 63, 64, 65, 960, 961, 1024, 3000, 4096, 4100, 11008):
             for force in (None, 1, 2, 3, 5, 64, 1000):
-                s, chunk = ka.split_plan(rows, width, 64, sms, force)
+                s, chunk = ka.split_plan(rows, width, 64, slots, force)
                 if s == 1:
                     assert chunk == 0
                     continue
@@ -63,26 +66,26 @@ def test_split_plan_chunks_cover_the_width_and_none_is_empty(sms):
                 assert (s - 1) * chunk < width <= s * chunk, (rows, width, force, s, chunk)
                 if force is None:
                     assert s <= ka.SPLIT_MAX and chunk // 64 >= ka.SPLIT_MIN_TILES
-                    assert math.ceil(rows / ka.BLOCK_N) * s <= ka.SPLIT_PROGRAMS_PER_SM * sms
+                    assert math.ceil(rows / ka.BLOCK_N) * s <= slots
                 else:
                     assert s <= force
 
 
 def test_forced_factor_with_a_remainder():
-    assert ka.split_plan(70, 300, 64, 132, 3) == (3, 128)  # 5 tiles: 128 + 128 + 44 columns
-    assert ka.split_plan(70, 330, 64, 132, 3) == (3, 128)  # 6 tiles: 128 + 128 + 74
-    assert ka.split_plan(70, 300, 64, 132, 2) == (2, 192)  # 192 + 108
-    assert ka.split_plan(70, 200, 64, 132, 3) == (2, 128)  # 4 tiles cannot make 3 non-empty chunks
-    assert ka.split_plan(70, 300, 64, 132, 1) == (1, 0)
+    assert ka.split_plan(70, 300, 64, H100_SLOTS, 3) == (3, 128)  # 5 tiles: 128 + 128 + 44 columns
+    assert ka.split_plan(70, 330, 64, H100_SLOTS, 3) == (3, 128)  # 6 tiles: 128 + 128 + 74
+    assert ka.split_plan(70, 300, 64, H100_SLOTS, 2) == (2, 192)  # 192 + 108
+    assert ka.split_plan(70, 200, 64, H100_SLOTS, 3) == (2, 128)  # 4 tiles cannot make 3 non-empty chunks
+    assert ka.split_plan(70, 300, 64, H100_SLOTS, 1) == (1, 0)
 
 
 def test_the_launchers_shortcut_agrees_with_split_plan():
     """_plan_split skips split_plan for widths it never splits (the host path of small layers)."""
     cpu = torch.device("cpu")
-    assert ka.sm_count(cpu) == ka.SPLIT_SMS_CPU == 132
+    assert ka.split_slots(cpu) == ka.SPLIT_SMS_CPU * ka.SPLIT_PROGRAMS_PER_SM == H100_SLOTS
     for rows in (1, 64, 8192):
         for width in range(ka._SPLIT_MAX_UNSPLIT_WIDTH - 70, ka._SPLIT_MAX_UNSPLIT_WIDTH + 140, 7):
-            assert ka._plan_split(rows, width, 64, cpu) == ka.split_plan(rows, width, 64, 132), (rows, width)
+            assert ka._plan_split(rows, width, 64, cpu) == ka.split_plan(rows, width, 64, H100_SLOTS), (rows, width)
 
 
 # ----------------------------------------------------------------------------- the layer against the reference
@@ -150,15 +153,15 @@ SPLITS = [
 def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d, r, p, dtype, adapter_dtype):
     """Forward and dx, dA, dE, dB of the forced-split layer against reference.py on the keep mask
     the kernels draw (every (base, adapter) dtype pair the kernels take); the grids show the split
-    happened (shrink (row tiles, S_k),
-    grad_rank (row tiles, S_d)) with no extra launch. Tolerance: the base dtype's."""
+    happened (shrink (row tiles, S_k), grad_rank (row tiles, S_d)) with no extra launch.
+    Tolerance: the base dtype's."""
     use_backend("triton")
     monkeypatch.setattr(ka, "FORCE_SPLIT", force)
     x, W, b, A, E, B, rk, go = _inputs(N, k, d, r, dtype, seed=force * 100 + r, adapter_dtype=adapter_dtype)
     rec = _Grids(monkeypatch)
     out, grads = _run(ops.adapter_linear, x, W, b, A, E, B, rk, go, p, None)
-    sk = ka.split_plan(N, k, ka.BLOCK_K, 132, force)[0]
-    sd = ka.split_plan(N, d, ka.GRAD_BLOCK_D, 132, force)[0]
+    sk = ka.split_plan(N, k, ka.BLOCK_K, H100_SLOTS, force)[0]
+    sd = ka.split_plan(N, d, ka.GRAD_BLOCK_D, H100_SLOTS, force)[0]
     assert sk > 1 and sd > 1
     rows = -(-N // ka.BLOCK_N)
     assert rec.grids == {

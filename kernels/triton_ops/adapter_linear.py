@@ -70,10 +70,12 @@ DA_STAGES = 2
 # Split-K shrink / split-D grad_rank (:func:`split_plan`): unsplit, both launch cdiv(N, BLOCK_N) programs
 # that walk the whole width, 128 programs for 132 SMs at N = 8192, and the H100 measured them at
 # 1.9-3.4x their bandwidth bound (kernels/COST.md). Split S ways they launch S x as many programs,
-# each over a chunk of whole tiles. S is sized so that the grid fills one wave of
-# SPLIT_PROGRAMS_PER_SM resident programs per SM (4: the sm_90 limit of the shrink's 5-stage shared
-# memory, 4 x 52 KB, and of grad_rank's registers, 4 x 116 x 128 threads; more programs than fit
-# would leave a second, mostly empty wave), with at least SPLIT_MIN_TILES tiles per chunk (a
+# each over a chunk of whole tiles. S is sized so that the grid fills one wave of the programs
+# resident per SM (more than fit would leave a second, mostly empty wave): SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_PROGRAMS_PER_SM_PRE_HOPPER = 3
+# on sm_90 (the split shrink's 5-stage shared memory, 4 x 52 KB of 228 KB; the split grad_rank's
+# 128 registers x 128 threads, 4 x 16 K of 64 K), 3 before it (sm_8x: 164 KB hold 3 of the shrink's
+# 49 KB; grad_rank's 168 registers, 3 x 21 K), with at least SPLIT_MIN_TILES tiles per chunk (a
 # partial's r·4 bytes per row and chunk against >= 8 x 64 x 2 bytes of bf16 x or g per row walked:
 # <= 1/16 at r <= 16, 1/4 at r = 64) and at most SPLIT_MAX ways.
 SPLIT_PROGRAMS_PER_SM = 4
@@ -83,7 +85,7 @@ SPLIT_MAX = 8
 # unaligned-width sm_80 binary kept 8 bytes of stack at ptxas's 168-register cap (the split adds the
 # chunk end as a live register); at 2 none, and ~4 programs per SM hide the latency a stage would.
 GRAD_SPLIT_BF16X3_STAGES = 2
-SPLIT_SMS_CPU = 132  # the SM count the interpreter (CPU tensors) plans for: an H100's, as on the GPU
+SPLIT_SMS_CPU = 132  # the SMs the interpreter (CPU tensors) plans for: an H100's, as on the GPU
 # Tests force a split factor here (an int: the shrink and grad_rank both split that many ways where
 # the width has that many tiles, see split_plan); None: chosen from the shapes and the SM count.
 FORCE_SPLIT = None
@@ -319,7 +321,7 @@ def _shrink_kernel(
     as the memory time and overlaps it. Unsplit, the grid is cdiv(N, BLOCK_N) programs that each
     walk all of k: at N = 8192 128 programs for 132 SMs, one 4-warp program per SM, latency-bound
     (measured 2.6-3.4x the bandwidth bound). Split S ways (:func:`split_plan`: S = 4 at N = 8192 on
-    132 SMs) the grid is 512 programs, ~4 resident per SM (the shared-memory limit of 5 stages:
+    an H100) the grid is 512 programs, ~4 resident per SM (the shared-memory limit of 5 stages:
     4 x 52 KB), each walking k/S; the partials add S·N·r·4 B written here and read back by the
     expand-add (1.6 MB at S = 4, r = 12: 2 % of x's 67 MB; kernels/COST.md).
     """
@@ -626,40 +628,43 @@ _BLOCKS = {
     **{name: dict(b, SPLIT=False) for name, b in _BLOCKS.items()},
     **{name + "_split": dict(b, SPLIT=True) for name, b in _BLOCKS.items()},
 }
-_SMS: dict = {}  # SM count per CUDA device index
+_SLOTS: dict = {}  # split programs resident at once, per CUDA device index
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (cached); :data:`SPLIT_SMS_CPU` for CPU tensors (the
-    interpreter plans the grids an H100 would get)."""
+def split_slots(device: torch.device) -> int:
+    """How many split programs ``device`` holds at once: SMs x :data:`SPLIT_PROGRAMS_PER_SM` (sm_90 and
+    later) or :data:`SPLIT_PROGRAMS_PER_SM_PRE_HOPPER`, read once per device; CPU tensors (the
+    interpreter) plan for an H100: :data:`SPLIT_SMS_CPU` x 4."""
     if device.type != "cuda":
-        return SPLIT_SMS_CPU
+        return SPLIT_SMS_CPU * SPLIT_PROGRAMS_PER_SM
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SMS.get(idx)
+    n = _SLOTS.get(idx)
     if n is None:
-        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        prop = torch.cuda.get_device_properties(idx)
+        per_sm = SPLIT_PROGRAMS_PER_SM if prop.major >= 9 else SPLIT_PROGRAMS_PER_SM_PRE_HOPPER
+        n = _SLOTS[idx] = prop.multi_processor_count * per_sm
     return n
 
 
-def split_plan(rows: int, width: int, block: int, sms: int, force=None) -> tuple:
+def split_plan(rows: int, width: int, block: int, slots: int, force=None) -> tuple:
     """(S, chunk): how many ways the split-K shrink (width k, ``block`` = BLOCK_K) or split-D grad_rank
-    (width d, ``block`` = GRAD_BLOCK_D) divides the width of ``rows`` tokens on ``sms`` SMs, and the
-    columns per split (a multiple of ``block``; the last split takes the remainder). (1, 0): unsplit,
-    today's single-pass kernel.
+    (width d, ``block`` = GRAD_BLOCK_D) divides the width of ``rows`` tokens on a device holding
+    ``slots`` split programs at once (:func:`split_slots`), and the columns per split (a multiple of
+    ``block``; the last split takes the remainder). (1, 0): unsplit, the single-pass kernel.
 
-    S = min(SPLIT_PROGRAMS_PER_SM·sms // row_tiles, tiles // SPLIT_MIN_TILES, SPLIT_MAX) with
-    row_tiles = cdiv(rows, BLOCK_N), tiles = cdiv(width, block): the most ways that still fit one
-    wave of resident programs, each walking >= SPLIT_MIN_TILES tiles; then S = cdiv(tiles, chunk) so
-    that no split is empty. N = 8192 on 132 SMs: 528 // 128 = 4 ways (512 programs) at k or d = 4096
-    (16 tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N = 16384: 2; N > 16896 (265 row
-    tiles or more): 1.
+    S = min(slots // row_tiles, tiles // SPLIT_MIN_TILES, SPLIT_MAX) with row_tiles = cdiv(rows,
+    BLOCK_N), tiles = cdiv(width, block): the most ways that still fit one wave of resident
+    programs, each walking >= SPLIT_MIN_TILES tiles; then S = cdiv(tiles, chunk) so that no split
+    is empty. H100 (528 slots), N = 8192: 528 // 128 = 4 ways (512 programs) at k or d = 4096 (16
+    tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N = 16384: 2; N > 16896 (265 row tiles
+    or more): 1. A100 (324 slots), N = 8192: 2 ways.
     ``force`` (tests, :data:`FORCE_SPLIT`): S = force, capped at ``tiles``, then made non-empty the
     same way (force 3 on 4 tiles gives chunks of 2 tiles: S = 2)."""
     tiles = -(-width // block)
     if force is not None:
         s = min(int(force), tiles)
     else:
-        s = min((SPLIT_PROGRAMS_PER_SM * sms) // -(-rows // BLOCK_N), tiles // SPLIT_MIN_TILES, SPLIT_MAX)
+        s = min(slots // -(-rows // BLOCK_N), tiles // SPLIT_MIN_TILES, SPLIT_MAX)
     if s <= 1:
         return 1, 0
     chunk = -(-tiles // s)
@@ -679,7 +684,7 @@ def _plan_split(rows: int, width: int, block: int, device: torch.device) -> tupl
     without the call into split_plan (the host path of small layers)."""
     if FORCE_SPLIT is None and width <= _SPLIT_MAX_UNSPLIT_WIDTH:
         return 1, 0
-    return split_plan(rows, width, block, sm_count(device), FORCE_SPLIT)
+    return split_plan(rows, width, block, split_slots(device), FORCE_SPLIT)
 
 
 def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
