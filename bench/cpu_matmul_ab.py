@@ -8,6 +8,12 @@ written as ``(te.t() @ g).t().contiguous()`` it runs [r, N] @ [N, d] and copies 
 out. Both are timed alternately per round by thread CPU time (a shared machine's descheduling not
 counted), fp32 and bf16, r = 12 (PEFT's init_r) and 3 (after a 12 -> 3 pruning); printed: medians
 in microseconds, new/old and its range over the rounds. The two agree to the dtype's rounding.
+
+Then the shrink t = x Aᵀ (x [N, k], A [r, k]; gB = g B has the same [N, k] @ [k, r] form), fp32,
+r = 2 ... 16: ``x @ A.t()`` (what the torch path runs) against ``(A @ x.t()).t().contiguous()``,
+and a plain pass over x (``x.sum()``) for scale. The first costs about the same at every r here;
+the second follows r at r <= 3 and is slower than the first at r >= 8 with large k, so neither
+form is chosen by r (that would hard-code one BLAS's behaviour).
 """
 
 from __future__ import annotations
@@ -61,6 +67,21 @@ def main(argv=None) -> int:
                     f"new/old {mn / mo:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
                     flush=True,
                 )
+    print("shrink x Aᵀ, fp32: (A xᵀ)ᵀ / x Aᵀ time by r, and x @ A.t() and one pass over x in us")
+    for n_tok, k in SHAPES:
+        x = torch.randn(n_tok, k)
+        calls = max(5, int(1e7 / (n_tok * k)))
+        cells = []
+        for r in (2, 3, 4, 8, 12, 16):
+            A = torch.randn(r, k)
+            t_a, t_b = [], []
+            for _ in range(args.rounds):
+                t_a.append(_per_call_us(lambda: x @ A.t(), calls))
+                t_b.append(_per_call_us(lambda: (A @ x.t()).t().contiguous(), calls))
+            ma = statistics.median(t_a)
+            cells.append(f"r={r}: {ma:.0f} ({statistics.median(t_b) / ma:.2f})")
+        one_pass = statistics.median(_per_call_us(x.sum, calls) for _ in range(args.rounds))
+        print(f"N={n_tok:5d} k={k:5d}: " + ", ".join(cells) + f"; x.sum() {one_pass:.0f}", flush=True)
     return 0
 
 
