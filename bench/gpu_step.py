@@ -19,7 +19,10 @@ fp32 adapters, and fp32 under bf16 autocast) and a LLaMA-7B-like model (hidden 4
 step (CUDA events, median over samples), the host ms per step (the time the Python step call takes
 to return: the host path while the GPU keeps up), kernels per step and the device ms per step
 (torch.profiler, one profiled step), and ours / LoRA, ours / base. Then ``bench.gpu_check``: the
-four layer kernels at the LLaMA-7B shapes against their predicted bounds (``kernels/COST.md``).
+four layer kernels at the LLaMA-7B shapes against their predicted bounds (``kernels/COST.md``), each
+unsplit and split (the split-K shrink / split-D grad_rank at the factor this device's plan picks, the
+expand-add / dA_dx summing their partials), with its check that the split forms give the unsplit
+results.
 
 Every part checks the remaining budget (``--budget-s``, default 8 minutes) and is skipped, with a
 line saying so, when it would not fit. ``--dry-run`` runs the same code on the CPU with a tiny model,
