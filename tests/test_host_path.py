@@ -60,6 +60,36 @@ def test_eager_takes_the_function_a_dispatch_mode_the_op(use_backend, monkeypatc
         assert_close(a, b, what=n)
 
 
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_autocast_casts_inside_the_one_node(use_backend, monkeypatch, name):
+    """Under autocast the eager layer casts x, the weight and the adapters inside its one autograd
+    node (no cast node per input) and its gradients come back in the inputs' dtypes. Against the
+    layer run on inputs cast beforehand: the same output and dx, bitwise; the adapter gradients the
+    same too on the torch path, and on the Triton path its fp32 accumulators unrounded (rounded to
+    bf16, they are the cast-first run's, bitwise)."""
+    use_backend(name)
+    monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "0")
+    bf = torch.bfloat16
+    x, W, A, E, B, rk = _layer()
+    with torch.autocast("cpu", dtype=bf):
+        out = ops.adapter_linear(x, W, None, A, E, B, 2.0, rk, 0.1, True, seed=5)
+    assert type(out.grad_fn).__name__ == "_AdapterLinearFnBackward" and out.dtype == bf
+    inputs = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
+    assert inputs == ["AccumulateGrad"] * 4, inputs  # x, A, E, B: no ToCopyBackward
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(bf)
+    grads = torch.autograd.grad(out, (x, A, E, B), g)
+    assert all(v.dtype == torch.float32 for v in grads)
+    cast = [v.detach().to(bf).requires_grad_() for v in (x, A, E, B)]
+    ref = ops.adapter_linear(cast[0], W.to(bf), None, *cast[1:], 2.0, rk, 0.1, True, seed=5)
+    assert torch.equal(out, ref)
+    ref_grads = torch.autograd.grad(ref, cast, g)
+    assert torch.equal(grads[0], ref_grads[0].float())
+    for n, a, b in zip(("dA", "dE", "dB"), grads[1:], ref_grads[1:]):
+        assert torch.equal(a.to(bf), b), n
+        if name == "torch":
+            assert torch.equal(a, b.float()), n
+
+
 def test_adapter_grads_are_views_of_one_buffer_with_the_params_layout(use_backend):
     """Triton: dA, dB, dE come from one zeroed fp32 buffer (one memset); autograd keeps the views as
     .grad (strides as the parameters'), and accumulating a second backward adds into them."""

@@ -233,7 +233,7 @@ def _backward_triton(
     )
     if not need_lora:
         return dx, None
-    return dx, (dlora if lora_A.dtype == torch.float32 else dlora.to(lora_A.dtype))
+    return dx, dlora  # fp32: the eager Function casts it once to the parameters' dtype
 
 
 def _backward_triton_op(
@@ -431,21 +431,35 @@ class _AdapterLinearFn(torch.autograd.Function):
     """The eager path: the implementation called directly (no dispatcher hop), the plan picked once in
     forward and kept for backward. Saved: x, t, A, E, B and the seed through ``save_for_backward`` (so
     saved-tensor hooks see x and autograd checks that the adapters were not changed in place); the
-    frozen weight and ranknum as attributes."""
+    frozen weight and ranknum as attributes.
+
+    ``cast`` (autocast's dtype, or None): x, the weight, the bias and the adapters are cast to it
+    here, outside autograd, and the layer computes in it, as the public wrapper's casts would have it;
+    the gradients come back in the inputs' dtypes from this one node (the engine casts dx, dW, db
+    and torch's adapter gradients; the Triton path's fp32 gradient buffer is handed out as it is,
+    unrounded), with no cast node per input."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast=None
+    ):
+        grad_dtype = lora_A.dtype
+        if cast is not None:
+            x, weight = x.to(cast), weight.to(cast)
+            bias = bias.to(cast) if bias is not None else None
+            lora_A, lora_E, lora_B = lora_A.to(cast), lora_E.to(cast), lora_B.to(cast)
         plan = _plan(x, weight, lora_A, lora_E, lora_B, ranknum)
         seed_t = _seed_for(seed, dropout_p, x.device)
         out, t = plan[1](x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed_t)
         ctx.save_for_backward(x, t, lora_A, lora_E, lora_B, seed_t)
-        ctx.state = (plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, bias is not None)  # one attribute
+        # one attribute
+        ctx.state = (plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, bias is not None, grad_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, t, lora_A, lora_E, lora_B, seed = ctx.saved_tensors
-        plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, has_bias = ctx.state
+        plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, has_bias, grad_dtype = ctx.state
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
         g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
@@ -471,10 +485,12 @@ class _AdapterLinearFn(torch.autograd.Function):
                 dx, grads = bwd(*args)
         else:
             dx, grads = bwd(*args)
+        if torch.is_tensor(grads) and grads.dtype != grad_dtype:
+            grads = grads.to(grad_dtype)  # the Triton path's flat fp32 buffer, for half adapters
         dA, dE, dB = _split(grads, lora_A, lora_E, lora_B) if need_lora else (None, None, None)
         dw, db = _base_grads(grad_out, x, weight, need, fan_in_fan_out, has_bias)
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
-                dB if need[5] else None, None, None, None, None, None)  # fmt: skip
+                dB if need[5] else None, None, None, None, None, None, None)  # fmt: skip
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -682,7 +698,10 @@ def adapter_linear(
     number); seed an int or [1] int64 tensor (None: drawn on x's device from torch's generator).
     Dropout applies in training only. Returns [..., d] in the base layer's dtype (autocast's dtype
     under autocast). Under autocast everything runs in the autocast dtype; without it, the adapter
-    term runs in lora_A's dtype.
+    term runs in lora_A's dtype. Eagerly, autocast's casts of x, the weight and the adapters happen
+    inside the layer's one autograd node, so the gradients come back in the inputs' dtypes with no
+    cast node per input; on the Triton path the fp32 adapter gradients are then the kernels' fp32
+    sums, not rounded to the autocast dtype first (PEFT's, and the torch path's, are).
     """
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
@@ -694,12 +713,15 @@ def adapter_linear(
     dev = x.device.type
     if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
-        args = [v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)]
         # autocast off while the layer runs on what it was cast to: only the switch (what
         # torch.autocast(enabled=False) does besides its bookkeeping, a few microseconds per call)
         torch.set_autocast_enabled(dev, False)
         try:
-            out = _run(*args, scaling, ranknum, p, fan_in_fan_out, seed)
+            if _eager(x2, weight, lora_A, lora_E, lora_B):  # the casts inside the one node
+                out = _apply(x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, fan_in_fan_out, seed, cdt)
+            else:
+                args = [v.to(cdt) if v is not None else None for v in (x2, weight, bias, lora_A, lora_E, lora_B)]
+                out = _run(*args, scaling, ranknum, p, fan_in_fan_out, seed)
         finally:
             torch.set_autocast_enabled(dev, True)
     else:
