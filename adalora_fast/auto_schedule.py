@@ -295,8 +295,9 @@ def load_resume_state(acc, folder: str) -> None:
         params[p] = v
     alloc = acc.current_allocator()
     ranks = [int(r) for r in state["ranks"].tolist()] if "ranks" in state else None
-    if ranks != getattr(alloc, "full_ranks", alloc.layout.ranks):
-        raise RuntimeError(f"{path!r}: allocator state for ranks {ranks}, the model's layers have {alloc.layout.ranks}")
+    model_ranks = getattr(alloc, "full_ranks", alloc.layout.ranks)  # a compacted model: the ranks before it
+    if ranks != model_ranks:
+        raise RuntimeError(f"{path!r}: allocator state for ranks {ranks}, the model's layers have {model_ranks}")
     with torch.no_grad():
         for p, v in params.items():
             p.copy_(v.to(p.dtype))

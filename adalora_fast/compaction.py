@@ -116,13 +116,15 @@ def _require_final(alloc: RankAllocator) -> None:
         )
 
 
-def _compact_layers(alloc: RankAllocator, layers, a: str, optimizer, relist) -> "CompactedAllocator":
+def _compact_layers(alloc: RankAllocator, layers, a: str, optimizer, relist, full_keep=None) -> "CompactedAllocator":
     """The work of a compaction, shared by our models and accelerated PEFT ones: each layer of
-    ``layers`` ([(name, layer)] in the allocator's order) resized to its kept triplets, ``optimizer``
-    (or None) brought over, and the allocator that replaces ``alloc`` (over ``relist()``, the
-    layers as the allocator reads them, listed again after the resize)."""
+    ``layers`` ([(name, layer)] in the allocator's order) resized to the triplets ``full_keep``
+    keeps (bool [sum of the full ranks]; default: ``alloc``'s final mask; a checkpoint's when one is
+    loaded), ``optimizer`` (or None) brought over, and the allocator that replaces ``alloc`` (over
+    ``relist()``, the layers as the allocator reads them, listed again after the resize)."""
     full_ranks = list(alloc.layout.ranks)
-    full_keep = alloc._keep
+    if full_keep is None:
+        full_keep = alloc._keep
     flat = full_keep.tolist()
     keeps = [flat[o : o + r] for o, r in zip(alloc.layout.triplet_offsets, full_ranks)]
     # What changes, worked out (and the optimizer checked) before anything is touched.
@@ -212,7 +214,7 @@ def prepare_peft_resume(acc, state: dict, where: str) -> None:
     """Before a resume state saved after compaction (``state``: the allocator's entries, with
     ``compacted``) is copied into an accelerated PEFT model: compact the fresh model (at the full
     ranks, no optimizer yet: the Trainer builds it after loading the model) by the saved mask."""
-    full, kept = _kept_ranks(state)
+    full = _kept_ranks(state)[0]
     alloc = acc.current_allocator()
     if isinstance(alloc, CompactedAllocator):
         if alloc.full_ranks != full or not torch.equal(alloc.full_keep.cpu(), state["keep"].to(torch.bool).cpu()):
@@ -221,9 +223,8 @@ def prepare_peft_resume(acc, state: dict, where: str) -> None:
     if list(alloc.layout.ranks) != full:
         raise RuntimeError(f"{where}: allocator state for ranks {full}, the model's layers have {alloc.layout.ranks}")
     dev = next((p.device for p in alloc.params()), torch.device("cpu"))
-    alloc._keep = state["keep"].to(dev, torch.bool).view(-1).clone()
-    alloc.finalized = True
-    acc.allocator = _compact_layers(alloc, acc._layers(), acc.adapter, None, acc.views)
+    keep = state["keep"].to(dev, torch.bool).view(-1).clone()
+    acc.allocator = _compact_layers(alloc, acc._layers(), acc.adapter, None, acc.views, keep)
 
 
 _DISTRIBUTED_MESSAGE = (
@@ -535,24 +536,19 @@ def prepare_allocator_load(model, sd: dict, where: str) -> None:
                 f"{where}: this model is compacted with another mask than the checkpoint's; load it into a fresh model"
             )
         return
+    dev = next((m.lora_A[a].device for _, m in layers), torch.device("cpu"))
     if current == kept and (isinstance(alloc, CompactedAllocator) or current != full):
-        pass  # the layers already have the saved shapes (load_state_dict of a compacted state dict)
+        # the layers already have the saved shapes (load_state_dict of a compacted state dict)
+        model.rankallocator = CompactedAllocator(alloc, layers, full, keep.to(dev))
     elif current == full and not isinstance(alloc, CompactedAllocator):
         for (name, _), r in zip(layers, kept):  # checked before resizing, so a bad file changes nothing
             t = sd.get(f"adapter.{name}.lora_A")
             if t is not None and t.shape[0] != r:
                 raise ValueError(f"{where}: adapter.{name}.lora_A has {t.shape[0]} rows, its mask keeps {r}")
         _refuse_wrapped(model, alloc)
-        flat, o = keep.tolist(), 0
-        for (_, m), r in zip(layers, full):
-            k = flat[o : o + r]
-            o += r
-            if not all(k):
-                m.resize(a, torch.tensor(k, dtype=torch.bool))
+        model.rankallocator = _compact_layers(alloc, layers, a, None, model.adapted_layers, keep.to(dev))
     else:
         raise ValueError(f"{where} is for ranks {full} compacted to {kept}; this model's layers have ranks {current}")
-    dev = next((m.lora_A[a].device for _, m in layers), torch.device("cpu"))
-    model.rankallocator = CompactedAllocator(alloc, layers, full, keep.to(dev))
 
 
 def register_load_hook(model) -> None:

@@ -223,7 +223,7 @@ def _svd_linear_forward(self, x, *args, **kwargs):
     why, call = ("extra forward arguments", None) if (args or kwargs) else _op_args(self, x)
     if why is None:
         return ops.adapter_linear(x, *call)
-    if why == "rank 0" and len(self.active_adapters) == 1:
+    if why == "rank 0":  # one active adapter (several are another reason, checked before)
         return self.base_layer(x)  # a layer compacted to rank 0: PEFT's forward would add a term of zeros
     if why not in _QUIET:
         _warn_once(
