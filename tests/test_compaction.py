@@ -28,7 +28,7 @@ import torch
 
 import adalora_fast as af
 from adalora_fast import auto_schedule, compaction, peft_patch
-from tiny_models import tiny_llama
+from tiny_models import TokenRows, tiny_llama
 from tolerances import assert_close
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -263,17 +263,7 @@ def test_merge_and_unload_after_compaction():
 # ------------------------------------------------------------------------------------ Trainer
 def _hf_trainer(model, out, callbacks=(), **kw):
     """An HF Trainer over 24 token rows: 12 steps of 2, a checkpoint every 5 steps."""
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
-
-    class Tokens(Dataset):
-        ids = torch.randint(1, 64, (24, 10), generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.ids)
-
-        def __getitem__(self, i):
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
     args = TrainingArguments(
         output_dir=str(out),
@@ -289,7 +279,7 @@ def _hf_trainer(model, out, callbacks=(), **kw):
         seed=7,
         **kw,
     )
-    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+    return Trainer(model=model, args=args, train_dataset=TokenRows(), callbacks=list(callbacks))
 
 
 def _trainer(model, out, compact=True, **kw):
@@ -434,7 +424,7 @@ def _svd_ranks(pm) -> dict:
     return {n: m.lora_A["default"].shape[0] for n, m in pm.base_model.model.named_modules() if isinstance(m, SVDLinear)}
 
 
-def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(unpatch_after):
+def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(tmp_path, unpatch_after):
     """No call in the loop: the schedule runs and compacts at step FINAL; losses and weights equal
     to our native model with update_and_allocate + compact(opt) by hand; the optimizer's state is
     sliced; the model is still PEFT's, and PEFT (unpatched) loads its save with equal logits."""
@@ -472,7 +462,7 @@ def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(un
     pm.eval()
     with torch.no_grad():
         ref = pm(input_ids=ids).logits
-    out = tempfile.mkdtemp()
+    out = str(tmp_path / "patched")
     pm.save_pretrained(out)
     with pytest.warns(UserWarning, match="compacted PEFT AdaLoRA model back to PEFT"):
         af.unpatch_peft()

@@ -244,26 +244,14 @@ import json, os, sys, warnings
 warnings.simplefilter("ignore")
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 import adalora_fast as af
-from tiny_models import tiny_llama
+from tiny_models import TokenRows, tiny_llama
 
 mode, out_dir, result = sys.argv[1], sys.argv[2], sys.argv[3]
 resume = sys.argv[4] if len(sys.argv) > 4 else None
 resume = True if resume == "last" else resume
 torch.set_num_threads(1)
-
-
-class Tokens(Dataset):
-    def __init__(self, n=24):
-        self.ids = torch.randint(1, 64, (n, 8), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class Kill(TrainerCallback):
@@ -293,7 +281,7 @@ args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2, max_
                          save_strategy="steps", save_steps=4, save_total_limit=1, report_to=[], logging_strategy="no",
                          use_cpu=True, disable_tqdm=True, seed=7, dataloader_num_workers=0)
 callback = af.AdaLoraCallback(model)
-trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[Kill(), callback])
+trainer = Trainer(model=model, args=args, train_dataset=TokenRows(length=8), callbacks=[Kill(), callback])
 trainer.train(resume_from_checkpoint=resume)
 json.dump({"rank_pattern": model.rank_pattern, "restored_from": callback.restored_from,
            "last_step": model.rankallocator.last_step}, open(result + ".json", "w"))

@@ -12,26 +12,13 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import adalora_fast as af
-from tiny_models import tiny_llama
+from tiny_models import TokenRows, tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-class Tokens(Dataset):
-    def __init__(self, n=24):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 64, (n, 10), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def test_trainer_runs_schedule_to_target_budget(tmp_path):
@@ -56,7 +43,7 @@ def test_trainer_runs_schedule_to_target_budget(tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[af.AdaLoraCallback(model)]).train()
+        Trainer(model=model, args=args, train_dataset=TokenRows(low=0), callbacks=[af.AdaLoraCallback(model)]).train()
     assert seen == list(range(12))
     rp = model.rank_pattern
     assert rp is not None and len(rp) == 4
@@ -94,25 +81,13 @@ import json, os, sys, warnings
 warnings.simplefilter("ignore")
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 import adalora_fast as af
-from tiny_models import tiny_llama
+from tiny_models import TokenRows, tiny_llama
 
 mode, out_dir, result = sys.argv[1], sys.argv[2], sys.argv[3]
 resume = sys.argv[4] if len(sys.argv) > 4 else None
 torch.set_num_threads(1)
-
-
-class Tokens(Dataset):
-    def __init__(self, n=48):
-        self.ids = torch.randint(1, 64, (n, 10), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class Crash(TrainerCallback):
@@ -129,7 +104,7 @@ args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=2, max_
                          save_strategy="steps", save_steps=4, report_to=[], logging_strategy="no", use_cpu=True,
                          disable_tqdm=True, seed=7, lr_scheduler_type="linear", dataloader_num_workers=0)
 callback = af.AdaLoraCallback(model)
-trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, Crash()])
+trainer = Trainer(model=model, args=args, train_dataset=TokenRows(48), callbacks=[callback, Crash()])
 trainer.train(resume_from_checkpoint=(True if resume == "last" else resume))
 json.dump({"rank_pattern": model.rank_pattern, "restored_from": callback.restored_from,
            "last_step": model.rankallocator.last_step}, open(result + ".json", "w"))
@@ -208,7 +183,7 @@ def test_resumed_runs_end_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch
             assert torch.equal(w[k], ref_w[k]), f"{name}: {k}"
 
 
-class _Tokens(Tokens):
+class _Tokens(TokenRows):
     def __getitem__(self, i):
         return {"input_ids": self.ids[i] % 63 + 1, "labels": self.ids[i] % 63 + 1}
 
@@ -225,7 +200,7 @@ def _trainer(model, out, **kw):
         disable_tqdm=True,
         **kw,
     )
-    return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[af.AdaLoraCallback(model)])
+    return Trainer(model=model, args=args, train_dataset=_Tokens(low=0), callbacks=[af.AdaLoraCallback(model)])
 
 
 def _small():

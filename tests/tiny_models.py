@@ -7,6 +7,8 @@ arguments override or add config fields.
 
 ``train_steps``: the training loop of the schedule tests (AdamW, ``update_and_allocate`` every step).
 
+``TokenRows``: the HF Trainer's training set in the Trainer tests (rows of random token ids).
+
 ``adapter_params``: random A, B, E of every layer of a list of (r, k, d), in the ops' tensor order
 (``ops/layout.tensor_index``), and ``LAYOUT_SHAPES``, a list that exercises the flat layout.
 """
@@ -68,6 +70,20 @@ def train_steps(model, batches, lr: float, forward=None, seed: int | None = None
         losses.append(loss.item())
         patterns.append(model.rank_pattern)
     return losses, patterns
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """``n`` rows of ``length`` token ids in [``low``, ``vocab``), drawn from a generator seeded with 0
+    (the same rows at every call); item i is ``{"input_ids": row i, "labels": row i}``."""
+
+    def __init__(self, n: int = 24, length: int = 10, low: int = 1, vocab: int = 64):
+        self.ids = torch.randint(low, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def adapter_params(shapes, gen: torch.Generator, dtype=torch.float32) -> list:
