@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layer import AdaLoraLayer, AdaLoraLinear, has_dense_weight, is_conv1d, is_plain_linear
+from .layer import AdaLoraLayer, AdaLoraLinear, _param, has_dense_weight, is_conv1d, is_plain_linear
 from .ops.layout import RANKNUM_EPS
 
 __all__ = [
@@ -290,14 +290,15 @@ class AdaLoraLinearUnfused(AdaLoraLayer):
         return out
 
     def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
+        mods = self._modules
         return add_adapter_term(
             self._base_output(x),
             x,
-            self.lora_A[a],
-            self.lora_E[a],
-            self.lora_B[a],
+            _param(mods["lora_A"], a),
+            _param(mods["lora_E"], a),
+            _param(mods["lora_B"], a),
             self.scaling[a],
-            self.ranknum[a],
+            _param(mods["ranknum"], a),
             self.lora_dropout[a],
             self.training,
         )

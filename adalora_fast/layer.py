@@ -77,6 +77,18 @@ def resize_triplets(layer: nn.Module, adapter_name: str, keep: torch.Tensor) -> 
     layer.lora_E[adapter_name] = nn.Parameter(E, requires_grad=rg)
 
 
+_MISSING = object()
+
+
+def _param(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter (or None, as an unset bias is registered): read from
+    the module's parameter dict, without ``nn.Module.__getattr__``'s Python fallback (of the order of
+    a microsecond a read, a dozen reads per layer call on the training step's host path). Anything not
+    in that dict (a parametrized tensor, a plain attribute) goes through ``getattr``."""
+    p = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if p is _MISSING else p
+
+
 class AdaLoraLayer(nn.Module):
     """What every adapted layer shares: PEFT's adapter parameters, their init (PEFT's draws, in
     PEFT's order), ``resize``, merge/unmerge, enabling and disabling, and the attributes of PEFT's
@@ -178,18 +190,17 @@ class AdaLoraLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        a = self.active_adapter
+        # the training step's case first, by plain dict reads (this runs once per layer per step)
+        if not (self.disable_adapters or self.merged_adapters or args or kwargs) and self.r.get(a):
+            return self._adapted_forward(x, a)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged or args or kwargs:
-            if args or kwargs:
-                raise TypeError(f"{type(self).__name__}.forward takes the input tensor only")
-            return self.base_layer(x)
-        a = self.active_adapter
-        if a not in self.lora_A or self.r[a] == 0:
-            return self.base_layer(x)
-        return self._adapted_forward(x, a)
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.forward takes the input tensor only")
+        return self.base_layer(x)  # merged, or no adapter (or rank 0) under the active name
 
     def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
         raise NotImplementedError
@@ -271,16 +282,17 @@ class AdaLoraLinear(AdaLoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _adapted_forward(self, x: torch.Tensor, a: str) -> torch.Tensor:
-        base = self.base_layer
+        mods = self._modules
+        base = mods["base_layer"]
         return ops.adapter_linear(
             x,
-            base.weight,
-            base.bias,
-            self.lora_A[a],
-            self.lora_E[a],
-            self.lora_B[a],
+            _param(base, "weight"),
+            _param(base, "bias"),
+            _param(mods["lora_A"], a),
+            _param(mods["lora_E"], a),
+            _param(mods["lora_B"], a),
             self.scaling[a],
-            self.ranknum[a],
+            _param(mods["ranknum"], a),
             self.lora_dropout[a],
             self.training,
             self.fan_in_fan_out,

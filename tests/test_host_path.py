@@ -157,6 +157,45 @@ def test_ranknum_changed_in_place_is_seen_by_the_next_call(use_backend, monkeypa
     assert_close(after - base, (before - base) * (12.0 + 1e-5) / (3.0 + 1e-5), what="adapter term scaled by 12/3")
 
 
+def test_one_launch_plan_per_layer_step_keyed_by_what_picks_the_binaries(use_backend, monkeypatch):
+    """The forward looks its launch plan up once (kernels/triton_ops/adapter_linear.layer_plan) and hands
+    it to the backward; the plan follows the things that pick binaries or grids: the token count, the
+    dropout rate, torch's fp32 matmul precision and a forced split factor."""
+    use_backend("triton")
+    ka = AL._kernels()
+    calls = []
+    real = ka.layer_plan
+
+    def counted(*a):
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(ka, "layer_plan", counted)
+    x, W, A, E, B, rk = _layer(N=16, k=64, d=64)
+    out = ops.adapter_linear(x, W, None, A, E, B, 2.0, rk, 0.1, True)
+    out.backward(torch.randn_like(out))
+    assert len(calls) == 1, "the backward reuses the forward's plan"
+    lp = real(16, 64, 64, 12, torch.float32, torch.float32, 0.1, x.device)
+    assert real(16, 64, 64, 12, torch.float32, torch.float32, 0.1, x.device) is lp
+    assert real(17, 64, 64, 12, torch.float32, torch.float32, 0.1, x.device) is not lp
+    no_dropout = real(16, 64, 64, 12, torch.float32, torch.float32, 0.0, x.device)
+    assert (no_dropout.has_dropout, lp.has_dropout) == (0, 1)
+    monkeypatch.setattr(ka, "FORCE_SPLIT", 2)
+    split = real(16, 64, 64, 12, torch.float32, torch.float32, 0.1, x.device)
+    assert (split.fwd_split, split.bwd_split, lp.fwd_split) == (1, 1, 1)  # one 64-wide tile: nothing to split
+    wide = real(16, 256, 256, 12, torch.float32, torch.float32, 0.1, x.device)
+    assert (wide.fwd_split, wide.bwd_split) == (2, 2) and wide.fwd_grid == (1, 2)
+    monkeypatch.setattr(ka, "FORCE_SPLIT", None)
+    assert real(16, 256, 256, 12, torch.float32, torch.float32, 0.1, x.device).fwd_split == 1
+    prec = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        tf32 = real(16, 64, 64, 12, torch.float32, torch.float32, 0.1, x.device)
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    assert tf32 is not lp and tf32.shrink_kw["DOT_PREC"] == "tf32" and lp.shrink_kw["DOT_PREC"] == "ieee"
+
+
 def test_kernel_eps_is_the_layouts():
     from adalora_fast.kernels import adapter_linear as ka
     from adalora_fast.ops.layout import RANKNUM_EPS

@@ -172,3 +172,54 @@ def test_partial_resize_equals_masking_E(impl):
 def test_layer_rejects_non_linear_base():
     with pytest.raises(ValueError, match="Embedding"):
         AdaLoraLinear(nn.Embedding(10, 4))
+
+
+def test_the_forward_reads_parametrized_and_replaced_adapters(impl):
+    """The layer reads its tensors from the modules' parameter dicts (no nn.Module.__getattr__ per
+    read); a tensor that is not there, as a parametrization makes it, is read through getattr, and
+    a replaced parameter is the one used."""
+    from torch.nn.utils import parametrize
+
+    layer = AdaLoraLinear(_base("linear", 13, 11, True, seed=30), r=4, lora_alpha=8)
+    _randomise_adapter(layer, 31)
+    dev = device_for(impl)
+    layer.to(dev).eval()
+    x = torch.randn(5, 13, generator=torch.Generator().manual_seed(32)).to(dev)
+
+    def want():
+        a = "default"
+        return reference.adapter_linear(
+            x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A[a], layer.lora_E[a], layer.lora_B[a],
+            layer.scaling[a], layer.ranknum[a], 0.0, False, None,
+        )  # fmt: skip
+
+    class Doubled(nn.Module):
+        def forward(self, v):
+            return 2 * v
+
+    parametrize.register_parametrization(layer.lora_B, "default", Doubled())
+    assert "default" not in layer.lora_B._parameters
+    with torch.no_grad():
+        assert_close(layer(x), want(), what="parametrized lora_B")
+    parametrize.remove_parametrizations(layer.lora_B, "default", leave_parametrized=True)
+    layer.lora_A["default"] = nn.Parameter(torch.randn(4, 13, device=dev))
+    with torch.no_grad():
+        assert_close(layer(x), want(), what="replaced lora_A")
+
+
+def test_an_inactive_or_empty_adapter_runs_the_base_layer(impl):
+    base = _base("linear", 13, 11, True, seed=33)
+    layer = AdaLoraLinear(base, r=4, lora_alpha=8)
+    _randomise_adapter(layer, 34)
+    dev = device_for(impl)
+    layer.to(dev)
+    x = torch.randn(3, 13, generator=torch.Generator().manual_seed(35)).to(dev)
+    with torch.no_grad():
+        assert not torch.equal(layer(x), base(x))
+        layer.active_adapter = "other"  # no adapter of that name
+        assert torch.equal(layer(x), base(x))
+        layer.active_adapter = "default"
+        layer.resize("default", torch.zeros(4, dtype=torch.bool))  # rank 0
+        assert torch.equal(layer(x), base(x))
+    with pytest.raises(TypeError, match="takes the input tensor only"):
+        layer(x, 1)

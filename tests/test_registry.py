@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,6 +27,32 @@ def test_a_forced_implementation_wins_on_every_device(monkeypatch, name):
     assert registry.forced_impl() == name
     for dev in ("cpu", "cuda"):
         assert registry.impl_for(torch.device(dev)) == name
+
+
+def test_the_backend_switch_follows_every_way_of_writing_the_environment(monkeypatch):
+    """forced_impl reads os.environ's own dict (no Python frames per layer call): every write through
+    os.environ shows at the next read, and an unset variable reads as no forced backend."""
+    from unittest import mock
+
+    monkeypatch.delenv("ADALORA_FAST_BACKEND", raising=False)
+    assert registry.forced_impl() == ""
+    os.environ["ADALORA_FAST_BACKEND"] = "reference"
+    try:
+        assert registry.forced_impl() == "reference"
+    finally:
+        del os.environ["ADALORA_FAST_BACKEND"]
+    assert registry.forced_impl() == ""
+    with mock.patch.dict(os.environ, {"ADALORA_FAST_BACKEND": "Torch"}):
+        assert registry.forced_impl() == "torch"
+    assert registry.forced_impl() == ""
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "")  # set but empty: not forced
+    assert registry.forced_impl() == ""
+    os.environ.update(ADALORA_FAST_BACKEND="bogus")
+    try:
+        with pytest.raises(ValueError, match="ADALORA_FAST_BACKEND='bogus'"):
+            registry.forced_impl()
+    finally:
+        os.environ.pop("ADALORA_FAST_BACKEND")
 
 
 def test_an_unknown_backend_name_raises_naming_the_variable(monkeypatch):

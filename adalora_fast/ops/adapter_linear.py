@@ -121,8 +121,9 @@ def _fold_e(lora_E, scaling, ranknum, dtype):
 
 
 # ---------------------------------------------------------------------------------- torch (CPU)
-# Each implementation: forward(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed) -> (out, t) and
-# backward(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora) -> (dx, grads),
+# Each implementation: forward(x, weight, bias, A, E, B, scaling, ranknum, p, fifo, seed) -> (out, t, plan) and
+# backward(g, x, t, weight, A, E, B, scaling, ranknum, p, fifo, seed, need_x, need_lora, plan=None) -> (dx, grads),
+# plan what the forward hands its backward on the eager path (Triton: the layer's launch plan; else None),
 # grads a flat gradient buffer [dA | dB | dE] (Triton on the eager path: one memset, one cast), a tuple
 # (dA, dE, dB) of tensors of their own (torch, reference, and Triton for the registered op, whose outputs
 # may not alias), or None without need_lora; ``seed`` the [1] int64 seed tensor (None at p = 0).
@@ -158,11 +159,25 @@ def _forward_torch(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dr
         out.addmm_(u, lora_B.t())
     else:
         out += u @ lora_B.t()
-    return out, t.float()
+    return out, t.float(), None
 
 
 def _backward_torch(
-    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+    g,
+    x,
+    t,
+    weight,
+    lora_A,
+    lora_E,
+    lora_B,
+    scaling,
+    ranknum,
+    dropout_p,
+    fan_in_fan_out,
+    seed,
+    need_x,
+    need_lora,
+    plan=None,
 ):
     s, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
     t = t.to(lora_A.dtype)
@@ -204,40 +219,66 @@ def _backward_torch(
 
 # ---------------------------------------------------------------------------------- triton (CUDA)
 def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed):
-    ka = _kernels()
-    w = weight.t() if fan_in_fan_out else weight
-    out = F.linear(x, w, bias)  # contiguous [N, d], base dtype
-    n, r = x.shape[0], lora_A.shape[0]
+    ka = _ka  # loaded by _plan's checks
+    out = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)  # contiguous [N, d], base dtype
+    (n, k), r = x.shape, lora_A.shape[0]
     if r == 0 or n == 0:
-        return out, out.new_zeros((n, r), dtype=torch.float32)
+        return out, out.new_zeros((n, r), dtype=torch.float32), None
+    lp = ka.layer_plan(n, k, out.shape[1], r, lora_A.dtype, x.dtype, dropout_p, x.device)
     t = ka.forward(
-        x, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, out
+        x, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, out, lp
     )
-    return out, t
+    return out, t, lp
 
 
 def _backward_triton(
-    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+    g,
+    x,
+    t,
+    weight,
+    lora_A,
+    lora_E,
+    lora_B,
+    scaling,
+    ranknum,
+    dropout_p,
+    fan_in_fan_out,
+    seed,
+    need_x,
+    need_lora,
+    plan=None,
 ):
-    ka = _kernels()
-    w = weight.t() if fan_in_fan_out else weight  # [d, k]
-    n, k = x.shape
-    r, d = lora_A.shape[0], lora_B.shape[0]
-    dx = g @ w if need_x else None  # base term (cuBLAS), [N, k] contiguous
-    if r == 0 or n == 0:
-        size = ka.grad_offsets(r, k, d)[2]
-        return dx, (torch.zeros(size, dtype=lora_A.dtype, device=x.device) if need_lora else None)
+    ka = _ka
+    dx = g @ (weight.t() if fan_in_fan_out else weight) if need_x else None  # base term (cuBLAS), [N, k] contiguous
+    if plan is None:  # the forward's plan is None at r = 0 or N = 0 (and for a backward whose forward ran torch)
+        (n, k), r, d = x.shape, lora_A.shape[0], lora_B.shape[0]
+        if r == 0 or n == 0:
+            size = ka.grad_offsets(r, k, d)[2]
+            return dx, (torch.zeros(size, dtype=lora_A.dtype, device=x.device) if need_lora else None)
     # one fp32 accumulator for dA, dB and dE (one memset), zeroed for the atomics
     dlora = ka.backward(
-        g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, dx
-    )
-    if not need_lora:
-        return dx, None
-    return dx, dlora  # fp32: the eager Function casts it once to the parameters' dtype
+        g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, dx,
+        lp=plan,
+    )  # fmt: skip
+    return dx, (dlora if need_lora else None)  # fp32: the eager Function casts it once to the parameters' dtype
 
 
 def _backward_triton_op(
-    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+    g,
+    x,
+    t,
+    weight,
+    lora_A,
+    lora_E,
+    lora_B,
+    scaling,
+    ranknum,
+    dropout_p,
+    fan_in_fan_out,
+    seed,
+    need_x,
+    need_lora,
+    plan=None,
 ):
     """The registered backward op's Triton implementation: dA, dE, dB in buffers of their own."""
     ka = _kernels()
@@ -277,11 +318,25 @@ def _forward_reference(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum
     xa = x.to(lora_A.dtype)
     if keep is not None:
         xa = xa * keep.to(xa.dtype) / (1.0 - dropout_p)
-    return out, (xa @ lora_A.t()).float()
+    return out, (xa @ lora_A.t()).float(), None
 
 
 def _backward_reference(
-    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora
+    g,
+    x,
+    t,
+    weight,
+    lora_A,
+    lora_E,
+    lora_B,
+    scaling,
+    ranknum,
+    dropout_p,
+    fan_in_fan_out,
+    seed,
+    need_x,
+    need_lora,
+    plan=None,
 ):
     from .. import reference as ref
 
@@ -364,8 +419,10 @@ def _plan(x, weight, lora_A, lora_E, lora_B, ranknum) -> tuple:
         lora_B.dtype,
         lora_A.shape[0],
         forced,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.get_float32_matmul_precision(),
+        # torch.are_deterministic_algorithms_enabled() and torch.get_float32_matmul_precision() without
+        # their Python frames (this key is built on every layer call)
+        torch._C._get_deterministic_algorithms(),
+        torch._C._get_float32_matmul_precision(),
         lora_A.device,
         lora_E.device,
         lora_B.device,
@@ -405,7 +462,7 @@ def _split(grads, lora_A, lora_E, lora_B) -> tuple:
     """(dA, dE, dB) from an implementation's gradients: contiguous views of a flat [dA | dB | dE]
     buffer (no copy; ``as_strided`` costs a third of ``split`` + ``view`` on the host), or the tuple
     as it is. Autograd keeps such views as the parameters' ``.grad`` (their strides match)."""
-    if not torch.is_tensor(grads):
+    if not isinstance(grads, torch.Tensor):
         return grads
     (r, k), d, o = lora_A.shape, lora_B.shape[0], grads.storage_offset()
     return (
@@ -449,46 +506,40 @@ class _AdapterLinearFn(torch.autograd.Function):
             bias = bias.to(cast) if bias is not None else None
             lora_A, lora_E, lora_B = lora_A.to(cast), lora_E.to(cast), lora_B.to(cast)
         plan = _plan(x, weight, lora_A, lora_E, lora_B, ranknum)
-        seed_t = _seed_for(seed, dropout_p, x.device)
-        out, t = plan[1](x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed_t)
+        if dropout_p and seed is None:  # the training step's case, without _seed_for's call
+            seed_t = torch.randint(0, _SEED_HIGH, (1,), device=x.device)
+        else:
+            seed_t = _seed_for(seed, dropout_p, x.device)
+        out, t, aux = plan[1](
+            x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed_t
+        )
         ctx.save_for_backward(x, t, lora_A, lora_E, lora_B, seed_t)
         # one attribute
-        ctx.state = (plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, bias is not None, grad_dtype)
+        ctx.state = (plan, aux, weight, ranknum, scaling, dropout_p, fan_in_fan_out, bias is not None, grad_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, t, lora_A, lora_E, lora_B, seed = ctx.saved_tensors
-        plan, weight, ranknum, scaling, dropout_p, fan_in_fan_out, has_bias, grad_dtype = ctx.state
+        plan, aux, weight, ranknum, scaling, dropout_p, fan_in_fan_out, has_bias, grad_dtype = ctx.state
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
         g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
-        bwd = _backward_plan(plan, x.device)[2]
-        args = (
-            g,
-            x,
-            t,
-            weight,
-            lora_A,
-            lora_E,
-            lora_B,
-            scaling,
-            ranknum,
-            dropout_p,
-            fan_in_fan_out,
-            seed,
-            need[0],
-            need_lora,
-        )
+        if plan[0] == "triton" and x.is_cuda and torch._C._get_deterministic_algorithms():
+            plan, aux = _backward_plan(plan, x.device), None
+        args = (g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need[0],
+                need_lora, aux)  # fmt: skip
         if torch.is_autocast_enabled(x.device.type):  # a backward run inside an autocast region
             with no_autocast(x.device):
-                dx, grads = bwd(*args)
+                dx, grads = plan[2](*args)
         else:
-            dx, grads = bwd(*args)
-        if torch.is_tensor(grads) and grads.dtype != grad_dtype:
+            dx, grads = plan[2](*args)
+        if type(grads) is torch.Tensor and grads.dtype != grad_dtype:
             grads = grads.to(grad_dtype)  # the Triton path's flat fp32 buffer, for half adapters
         dA, dE, dB = _split(grads, lora_A, lora_E, lora_B) if need_lora else (None, None, None)
-        dw, db = _base_grads(grad_out, x, weight, need, fan_in_fan_out, has_bias)
+        dw, db = (
+            _base_grads(grad_out, x, weight, need, fan_in_fan_out, has_bias) if need[1] or need[2] else (None, None)
+        )
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dE if need[4] else None,
                 dB if need[5] else None, None, None, None, None, None, None)  # fmt: skip
 
@@ -534,7 +585,7 @@ def _adapter_linear_kernel(x, weight, bias, lora_A, lora_E, lora_B, scaling, ran
     elif seed is not None and seed_t.data_ptr() == seed.data_ptr():
         seed_t = seed_t.clone()  # an op's output may not alias its input
     with no_autocast(x.device):
-        out, t = plan[1](
+        out, t, _ = plan[1](
             x,
             weight,
             bias,
@@ -706,12 +757,17 @@ def adapter_linear(
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"adapter_linear: dropout_p={dropout_p} must lie in [0, 1)")
-    if not torch.is_tensor(ranknum):
+    if not isinstance(ranknum, torch.Tensor):
         ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
     scaling, fan_in_fan_out = float(scaling), bool(fan_in_fan_out)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     dev = x.device.type
-    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+    if not (dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)):
+        if _eager(x2, weight, lora_A, lora_E, lora_B):  # the training step: _run's first branch, one call less
+            out = _apply(x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, fan_in_fan_out, seed)
+        else:
+            out = _run(x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, fan_in_fan_out, seed)
+    else:
         cdt = torch.get_autocast_dtype(dev)
         # autocast off while the layer runs on what it was cast to: only the switch (what
         # torch.autocast(enabled=False) does besides its bookkeeping, a few microseconds per call)
@@ -724,6 +780,4 @@ def adapter_linear(
                 out = _run(*args, scaling, ranknum, p, fan_in_fan_out, seed)
         finally:
             torch.set_autocast_enabled(dev, True)
-    else:
-        out = _run(x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, fan_in_fan_out, seed)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])

@@ -25,11 +25,25 @@ AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------------- dispatch
+# os.environ keeps the encoded variables in its own dict, ``_data``, which every write through
+# os.environ (monkeypatch.setenv, mock.patch.dict included) updates: one C-level lookup there costs a
+# fraction of os.environ.get's four Python frames, and forced_impl runs on every layer call.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else None
+
+
 def forced_impl() -> str:
     """``ADALORA_FAST_BACKEND`` ('' when unset). Read by the op implementations when they run, which is
     never inside a traced region (a registered op is opaque to ``torch.compile``), and by
     ``adapter_linear._plain_under_compile`` while torch.compile traces a layer (a forced one keeps the op)."""
-    forced = os.environ.get(_ENV, "").strip().lower()
+    if _ENVIRON_DATA is not None and _ENV_KEY is not None:
+        raw = _ENVIRON_DATA.get(_ENV_KEY)
+        if raw is None:  # unset: the common case returns first
+            return ""
+        forced = os.environ.decodevalue(raw)
+    else:
+        forced = os.environ.get(_ENV, "")
+    forced = forced.strip().lower()
     if forced and forced not in IMPLS:
         raise ValueError(f"{_ENV}={forced!r}: expected one of {', '.join(IMPLS)}")
     return forced

@@ -887,14 +887,63 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     )
 
 
+class LayerPlan:
+    """Everything the four launches of one layer configuration take besides its tensors: grids,
+    split factors and chunk widths, constexprs and compile options, the dropout arguments and the
+    flat gradient buffer's layout. Built once per configuration (:func:`layer_plan`), so a layer
+    step's launches cost their calls and no host arithmetic."""
+
+    __slots__ = (
+        "fwd_split", "fwd_chunk", "fwd_grid", "shrink_kw", "expand_grid", "expand_kw",
+        "bwd_split", "bwd_chunk", "grad_grid", "grad_kw", "da_grid", "da_kw",
+        "thresh", "inv_keep", "has_dropout", "db_off", "de_off", "size",
+    )  # fmt: skip
+
+    def __init__(self, n: int, k: int, d: int, r: int, a_dtype, x_dtype, dropout_p: float, device):
+        kws = layer_kwargs(a_dtype, r, x_dtype)
+        gn = cdiv(n, BLOCK_N)
+        # d = 0: no expand-add program would sum split partials into t
+        s, self.fwd_chunk = _plan_split(n, k, BLOCK_K, device) if d and (k > _NARROW or FORCE_SPLIT) else _UNSPLIT
+        self.fwd_split, self.fwd_grid = s, ((gn, s) if s > 1 else (gn,))
+        self.shrink_kw, self.expand_kw = (
+            kws["shrink_split" if s > 1 else "shrink"],
+            kws["expand_add_split" if s > 1 else "expand_add"],
+        )
+        self.expand_grid = (gn, cdiv(d, EXPAND_BLOCK_D))
+        s, self.bwd_chunk = _plan_split(n, d, GRAD_BLOCK_D, device) if d > _NARROW or FORCE_SPLIT else _UNSPLIT
+        self.bwd_split, self.grad_grid = s, ((gn, s) if s > 1 else (gn,))
+        self.grad_kw, self.da_kw = (
+            kws["grad_rank_split" if s > 1 else "grad_rank"],
+            kws["dA_dx_split" if s > 1 else "dA_dx"],
+        )
+        self.da_grid = (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K))
+        self.thresh, self.inv_keep, self.has_dropout = dropout_args(dropout_p)
+        self.db_off, self.de_off, self.size = grad_offsets(r, k, d)
+
+
+_LAYER_PLANS: dict = {}
+
+
+def layer_plan(n: int, k: int, d: int, r: int, a_dtype, x_dtype, dropout_p: float, device) -> LayerPlan:
+    """The :class:`LayerPlan` of N = ``n`` tokens through a [d, k] layer at rank ``r``, cached per
+    configuration (the dot precision and a forced split factor included: both pick binaries)."""
+    key = (n, k, d, r, a_dtype, x_dtype, dropout_p, device, torch._C._get_float32_matmul_precision(), FORCE_SPLIT)
+    lp = _LAYER_PLANS.get(key)
+    if lp is None:
+        if len(_LAYER_PLANS) >= 4096:  # token counts that change every batch
+            _LAYER_PLANS.clear()
+        lp = _LAYER_PLANS[key] = LayerPlan(n, k, d, r, a_dtype, x_dtype, dropout_p, device)
+    return lp
+
+
 # forward() and backward() write the launches of the single-kernel launchers above out again on
 # purpose: calling those would add Python calls per launch to the host path these two exist to
 # shorten (bench/README.md, "Host path"). A change to a kernel's arguments goes in both places.
-def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, out) -> torch.Tensor:
+def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, out, lp=None) -> torch.Tensor:
     """The layer's two forward launches (:func:`shrink`, then :func:`expand_add` into ``out`` in place)
-    with the host work shared: one call per layer step on the eager path. Returns t [N, r] fp32.
-    The caller has checked that x, A, E, B, ranknum and out share one device (the launches skip
-    the per-argument device check).
+    with the host work shared (:func:`layer_plan`, or ``lp``, the caller's): one call per layer step on
+    the eager path. Returns t [N, r] fp32. The caller has checked that x, A, E, B, ranknum and out share one device
+    (the launches skip the per-argument device check).
 
     Wide layers (:func:`split_plan`; k > 960 and N small enough that the unsplit grid leaves SMs
     idle: N = 8192 at k = 4096 on an H100) run the split-K shrink into an fp32 workspace [S, N, r]
@@ -902,20 +951,14 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
     n, k = x.shape
     r, d = lora_A.shape[0], out.shape[1]
     dev = x.device
-    kws = layer_kwargs(lora_A.dtype, r, x.dtype)
-    # the width test inline: the host path of small layers pays no call (d = 0: no expand-add program sums t)
-    s, chunk = _plan_split(n, k, BLOCK_K, dev) if d and (k > _NARROW or FORCE_SPLIT) else _UNSPLIT
+    if lp is None:
+        lp = layer_plan(n, k, d, r, lora_A.dtype, x.dtype, dropout_p, dev)
     t = torch.empty((n, r), dtype=torch.float32, device=dev)
-    thresh, inv_keep, has_dropout = dropout_args(dropout_p)
-    gn = cdiv(n, BLOCK_N)
-    if s > 1:
-        ws = torch.empty((s, n, r), dtype=torch.float32, device=dev)
-        grid, shrink_kw, expand_kw = (gn, s), kws["shrink_split"], kws["expand_add_split"]
-    else:
-        ws, grid, shrink_kw, expand_kw = t, (gn,), kws["shrink"], kws["expand_add"]
+    s = lp.fwd_split
+    ws = torch.empty((s, n, r), dtype=torch.float32, device=dev) if s > 1 else t
     _launch.launch(
         _shrink_kernel,
-        grid,
+        lp.fwd_grid,
         x,
         lora_A,
         ws,
@@ -923,18 +966,17 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
         n,
         k,
         r,
-        x.stride(0),
-        x.stride(1),
-        thresh,
-        inv_keep,
-        has_dropout,
-        chunk,
+        *x.stride(),
+        lp.thresh,
+        lp.inv_keep,
+        lp.has_dropout,
+        lp.fwd_chunk,
         _device=dev,
-        **shrink_kw,
+        **lp.shrink_kw,
     )
     _launch.launch(
         _expand_add_kernel,
-        (gn, cdiv(d, EXPAND_BLOCK_D)),
+        lp.expand_grid,
         ws,
         lora_E,
         ranknum,
@@ -948,45 +990,53 @@ def forward(x, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float
         scaling,
         s,
         _device=dev,
-        **expand_kw,
+        **lp.expand_kw,
     )
     return t
 
 
 def backward(
-    g, x, t, lora_A, lora_E, lora_B, ranknum, scaling: float, dropout_p: float, seed, dx, separate: bool = False
+    g,
+    x,
+    t,
+    lora_A,
+    lora_E,
+    lora_B,
+    ranknum,
+    scaling: float,
+    dropout_p: float,
+    seed,
+    dx,
+    separate: bool = False,
+    lp=None,
 ):
     """The layer's two backward launches (:func:`grad_rank`, then :func:`dA_dx`, adding into ``dx`` in
-    place when given) with the host work shared. Returns the flat fp32 gradient [dA | dB | dE]
-    (:func:`grad_offsets`: one memset), or with ``separate`` the three fp32 buffers (dA, dB, dE) of
-    their own (three memsets: the registered op's outputs may not alias one another). The caller has
-    checked the devices, as for :func:`forward`.
+    place when given) with the host work shared (:func:`layer_plan`, or ``lp``: the forward's). Returns the flat fp32 gradient
+    [dA | dB | dE] (:func:`grad_offsets`: one memset), or with ``separate`` the three fp32 buffers
+    (dA, dB, dE) of their own (three memsets: the registered op's outputs may not alias one
+    another). The caller has checked the devices, as for :func:`forward`.
 
     Wide layers (:func:`split_plan` on d) run the split-D grad_rank into an fp32 workspace [S, N, r]
     of ge partials that dA_dx sums as it loads: the same two launches."""
     n, k = x.shape
     r, d = lora_A.shape[0], g.shape[1]
     dev = x.device
-    kws = layer_kwargs(lora_A.dtype, r, x.dtype)
-    _launch.check_deterministic("the adapter backward (dA, dB, dE)")
+    if lp is None:
+        lp = layer_plan(n, k, d, r, lora_A.dtype, x.dtype, dropout_p, dev)
+    if torch._C._get_deterministic_algorithms():  # torch.are_deterministic_algorithms_enabled(), one frame less
+        _launch.check_deterministic("the adapter backward (dA, dB, dE)")
     if separate:
         dA, dB, dE = (torch.zeros(shape, dtype=torch.float32, device=dev) for shape in ((r, k), (d, r), (r,)))
         db_off = de_off = 0
         out = dA, dB, dE
     else:
-        db_off, de_off, size = grad_offsets(r, k, d)
-        dA = dB = dE = out = torch.zeros(size, dtype=torch.float32, device=dev)
-    s, chunk = _plan_split(n, d, GRAD_BLOCK_D, dev) if d > _NARROW or FORCE_SPLIT else _UNSPLIT
-    if s > 1:
-        ge = torch.empty((s, n, r), dtype=torch.float32, device=dev)
-        grid, grad_kw, da_kw = (cdiv(n, BLOCK_N), s), kws["grad_rank_split"], kws["dA_dx_split"]
-    else:
-        ge = torch.empty((n, r), dtype=torch.float32, device=dev)
-        grid, grad_kw, da_kw = (cdiv(n, BLOCK_N),), kws["grad_rank"], kws["dA_dx"]
-    thresh, inv_keep, has_dropout = dropout_args(dropout_p)
+        db_off, de_off = lp.db_off, lp.de_off
+        dA = dB = dE = out = torch.zeros(lp.size, dtype=torch.float32, device=dev)
+    s = lp.bwd_split
+    ge = torch.empty((s, n, r) if s > 1 else (n, r), dtype=torch.float32, device=dev)
     _launch.launch(
         _grad_rank_kernel,
-        grid,
+        lp.grad_grid,
         g,
         t,
         lora_E,
@@ -998,18 +1048,17 @@ def backward(
         n,
         d,
         r,
-        g.stride(0),
-        g.stride(1),
+        *g.stride(),
         scaling,
         db_off,
         de_off,
-        chunk,
+        lp.bwd_chunk,
         _device=dev,
-        **grad_kw,
+        **lp.grad_kw,
     )
     _launch.launch(
         _dA_dx_kernel,
-        (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+        lp.da_grid,
         x,
         ge,
         lora_A,
@@ -1019,16 +1068,15 @@ def backward(
         n,
         k,
         r,
-        x.stride(0),
-        x.stride(1),
+        *x.stride(),
         dx.stride(0) if dx is not None else 0,
-        thresh,
-        inv_keep,
-        has_dropout,
+        lp.thresh,
+        lp.inv_keep,
+        lp.has_dropout,
         int(dx is not None),
         s,
         _device=dev,
-        **da_kw,
+        **lp.da_kw,
     )
     return out
 
