@@ -163,22 +163,8 @@ def _forward_torch(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dr
 
 
 def _backward_torch(
-    g,
-    x,
-    t,
-    weight,
-    lora_A,
-    lora_E,
-    lora_B,
-    scaling,
-    ranknum,
-    dropout_p,
-    fan_in_fan_out,
-    seed,
-    need_x,
-    need_lora,
-    plan=None,
-):
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora, plan=None
+):  # fmt: skip
     s, e = _fold_e(lora_E, scaling, ranknum, lora_A.dtype)
     t = t.to(lora_A.dtype)
     w = weight.t() if fan_in_fan_out else weight  # [d, k]
@@ -232,22 +218,8 @@ def _forward_triton(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, d
 
 
 def _backward_triton(
-    g,
-    x,
-    t,
-    weight,
-    lora_A,
-    lora_E,
-    lora_B,
-    scaling,
-    ranknum,
-    dropout_p,
-    fan_in_fan_out,
-    seed,
-    need_x,
-    need_lora,
-    plan=None,
-):
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora, plan=None
+):  # fmt: skip
     ka = _ka
     dx = g @ (weight.t() if fan_in_fan_out else weight) if need_x else None  # base term (cuBLAS), [N, k] contiguous
     if plan is None:  # the forward's plan is None at r = 0 or N = 0 (and for a backward whose forward ran torch)
@@ -264,22 +236,8 @@ def _backward_triton(
 
 
 def _backward_triton_op(
-    g,
-    x,
-    t,
-    weight,
-    lora_A,
-    lora_E,
-    lora_B,
-    scaling,
-    ranknum,
-    dropout_p,
-    fan_in_fan_out,
-    seed,
-    need_x,
-    need_lora,
-    plan=None,
-):
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora, plan=None
+):  # fmt: skip
     """The registered backward op's Triton implementation: dA, dE, dB in buffers of their own."""
     ka = _kernels()
     w = weight.t() if fan_in_fan_out else weight  # [d, k]
@@ -322,22 +280,8 @@ def _forward_reference(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum
 
 
 def _backward_reference(
-    g,
-    x,
-    t,
-    weight,
-    lora_A,
-    lora_E,
-    lora_B,
-    scaling,
-    ranknum,
-    dropout_p,
-    fan_in_fan_out,
-    seed,
-    need_x,
-    need_lora,
-    plan=None,
-):
+    g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need_x, need_lora, plan=None
+):  # fmt: skip
     from .. import reference as ref
 
     keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device, lora_A.dtype, impl="torch") if dropout_p else None
