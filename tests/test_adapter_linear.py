@@ -539,9 +539,10 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     assert (excess <= 1.0).all(), f"the output {excess.max().item():.1f} ulp further from the exact sum than PEFT's"
 
 
-def test_bf16x3_only_where_it_compiles_without_spills(monkeypatch):
-    """bf16x3 on a bf16 base at R_PAD 16; an fp16 base, R_PAD 64, an fp32 base, TF32 allowed or half
-    adapters keep their own precision (on CUDA the full-fp32 ones run the torch implementation)."""
+def test_bf16x3_only_on_a_bf16_base_at_r_pad_16(monkeypatch):
+    """bf16x3 on a bf16 base at R_PAD 16 (where it is compiled, linted and shipped); an fp16 base, R_PAD
+    64, an fp32 base, TF32 allowed or half adapters keep their own precision (on CUDA the full-fp32
+    ones run the torch implementation; kernels/COST.md says why for the first two)."""
     from adalora_fast.kernels import adapter_linear as ka
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16

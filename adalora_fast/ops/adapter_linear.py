@@ -333,8 +333,9 @@ def _pick(device: torch.device, rank: int, dtype: torch.dtype, x_dtype: torch.dt
             # kernels run with fp32-class "bf16x3" products (kernels/triton_ops/adapter_linear._dot; bf16
             # tensor cores: sm_80 and later); any other such layer runs cuBLAS SGEMM in the torch
             # implementation (the same Philox dropout mask): the kernels' FMA dots spill at these tiles,
-            # and so do the split ones at R_PAD 64 or on an fp16 base (bench/compile_check.py). With TF32
-            # allowed, or half adapters, Triton runs.
+            # the bf16x3 ones spill at R_PAD 64, and on an fp16 base they are not enabled (kernels/COST.md,
+            # "fp32 adapters at R_PAD 64 and on an fp16 base"). With TF32 allowed, or half adapters,
+            # Triton runs.
             name = "torch"
     return name
 

@@ -691,10 +691,11 @@ def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
     """The layer kernels' ``DOT_PREC`` for a base of ``x_dtype``, adapters of ``a_dtype``, rank ``r``:
     torch's TF32 switch for fp32 adapters (``_launch.dot_precision``), except that full fp32 ("ieee",
     torch's default) on a bf16 base at R_PAD 16 is "bf16x3" (fp32 products from bf16 tensor-core
-    products, :func:`_dot`; the FMA dots spill at these tiles). At R_PAD 64, or on an fp16 base (whose
-    x and g take two bf16 parts), the split tiles spill (bench/compile_check.py): those layers run the
-    torch implementation on CUDA (``ops/adapter_linear._pick``). Half adapters use the tensor cores as
-    they are. Read at each call: it picks the binary."""
+    products, :func:`_dot`; the FMA dots spill at these tiles). At R_PAD 64 the bf16x3 tiles spill; on
+    an fp16 base (whose x and g take two bf16 parts) they compile clean at R_PAD 16 but are untimed and
+    over the lint's budgets (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an fp16 base"): those
+    layers run the torch implementation on CUDA (``ops/adapter_linear._pick``). Half adapters use the
+    tensor cores as they are. Read at each call: it picks the binary."""
     prec = dot_precision(a_dtype)
     if prec == "ieee" and x_dtype == torch.bfloat16 and pad_rank(r) == 16:
         return "bf16x3"
