@@ -217,7 +217,7 @@ def table(results) -> str:
     for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
         per_tile = r["loop_insns"] or r["insns"]
         lines.append(
-            f"| {r['name']} | sm_{r['arch']} | {r['registers']} | {r['local']} | "
+            f"| {r['name']} | sm_{r['arch']} | {r['registers']} | {r['local'] + r['stack']} | "
             f"{r['static_shared'] + r['dyn_shared']} | {r['hgmma']} | {r['hmma']} | "
             f"{r['membar_gpu']} ({r['membar_gpu_loop']}) | {' '.join(r['atomic_ops']) or '-'} | "
             f"{r['insns']} ({per_tile}) | {_widths(r['loop_loads'] if r['loop_insns'] else r['loads'])} |"

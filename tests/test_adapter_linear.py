@@ -503,18 +503,13 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     """The Triton path's "bf16x3" products (fp32 adapters on a bf16 base at r <= 16 under torch's
     full-fp32 default, ``kernels/triton_ops/adapter_linear._dot``) against an fp64 reference: dA, dE,
     dB within 10x of the error of PEFT's fp32 path (the reference computed with fp32 adapters by
-    torch), and the output as PEFT's rounding of it to the base dtype (see below). An fp16 base
-    (x and g in two bf16 parts) is not shipped (kernels/COST.md): its products are forced here, so
-    the kernels' fp16 arithmetic is checked before it is enabled."""
+    torch), and the output as PEFT's rounding of it to the base dtype (see below). On an fp16 base x
+    and g take two bf16 parts each."""
     from adalora_fast.kernels import adapter_linear as ka
 
     use_backend("triton")
     monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "0")
     assert torch.get_float32_matmul_precision() == "highest"
-    if base_dtype == torch.float16:
-        real = ka.layer_precision
-        monkeypatch.setattr(ka, "layer_precision", lambda x, a, r: "bf16x3" if x == torch.float16 else real(x, a, r))
-        monkeypatch.setattr(ka, "_LAYER_PLANS", {})  # no plan built with the forced precision outlives the test
     assert ka.layer_precision(base_dtype, torch.float32, 12) == "bf16x3"
     from adalora_fast.kernels import _launch
 
@@ -553,16 +548,17 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     assert (excess <= 1.0).all(), f"the output {excess.max().item():.1f} ulp further from the exact sum than PEFT's"
 
 
-def test_bf16x3_only_on_a_bf16_base_at_r_pad_16(monkeypatch):
-    """bf16x3 on a bf16 base at R_PAD 16 (where it is compiled, linted and shipped); an fp16 base, R_PAD
-    64, an fp32 base, TF32 allowed or half adapters keep their own precision (on CUDA the full-fp32
-    ones run the torch implementation; kernels/COST.md says why for the first two)."""
+def test_bf16x3_only_on_a_half_base_at_r_pad_16(monkeypatch):
+    """bf16x3 on a bf16 or fp16 base at R_PAD 16 (where it is compiled, linted and shipped); R_PAD 64,
+    an fp32 base, TF32 allowed or half adapters keep their own precision (on CUDA the full-fp32 ones
+    run the torch implementation; kernels/COST.md says why for R_PAD 64)."""
     from adalora_fast.kernels import adapter_linear as ka
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     assert ka.layer_precision(bf16, f32, 16) == "bf16x3"
     assert ka.layer_precision(bf16, f32, 17) == "ieee"
-    assert ka.layer_precision(f16, f32, 12) == "ieee"
+    assert ka.layer_precision(f16, f32, 12) == "bf16x3"
+    assert ka.layer_precision(f16, f32, 17) == "ieee"
     assert ka.layer_precision(f32, f32, 12) == "ieee"
     assert ka.layer_precision(bf16, bf16, 12) == "tf32"  # half operands: the tensor cores as they are
     old = torch.get_float32_matmul_precision()

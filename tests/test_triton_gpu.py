@@ -7,7 +7,7 @@
   TF32 allowed: the Triton kernels run, within the TF32 tolerance);
 * a layer on a second GPU runs there, with the current device elsewhere (the launch guard);
 * under ``torch.use_deterministic_algorithms(True)`` two backward passes agree bit for bit;
-* fp32 adapters on a bf16 base (r <= 16) run the Triton kernels with "bf16x3" products at torch's
+* fp32 adapters on a bf16 or fp16 base (r <= 16) run the Triton kernels with "bf16x3" products at torch's
   full-fp32 default: dA, dE, dB within 10x of the torch fp32 path's error against fp64, the output as
   that path rounds it but in under 1 % of places;
 * a launch after the first of its specialisation goes straight to the compiled kernel
@@ -123,7 +123,7 @@ def test_deterministic_switch_repeats_bit_for_bit():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("base_dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fp32_adapters_on_a_half_base_run_bf16x3_kernels(base_dtype, restore_precision, monkeypatch):
     from adalora_fast.kernels import _launch
 

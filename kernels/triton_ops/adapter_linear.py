@@ -85,6 +85,10 @@ SPLIT_MAX = 8
 # unaligned-width sm_80 binary kept 8 bytes of stack at ptxas's 168-register cap (the split adds the
 # chunk end as a live register); at 2 none, and ~4 programs per SM hide the latency a stage would.
 GRAD_SPLIT_BF16X3_STAGES = 2
+# An fp16 base's bf16x3 grad_rank (g in two bf16 parts: 5 products per g dot, not 3) reaches 254-255
+# registers at 4 warps on sm_90; 8 warps and one stage keep it at 224-234 (sm_90) / 177-180 (sm_80)
+# with no spills (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an fp16 base").
+GRAD_FP16_BF16X3_WARPS, GRAD_FP16_BF16X3_STAGES = 8, 1
 SPLIT_SMS_CPU = 132  # the SMs the interpreter (CPU tensors) plans for: an H100's, as on the GPU
 # Tests force a split factor here (an int: the shrink and grad_rank both split that many ways where
 # the width has that many tiles, see split_plan); None: chosen from the shapes and the SM count.
@@ -213,7 +217,7 @@ def _bf16_parts(v, UPCAST: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. ``DOT_PREC`` "bf16x3" (fp32 adapters on a bf16 base at R_PAD 16 under torch's
+    """acc + a @ b. ``DOT_PREC`` "bf16x3" (fp32 adapters on a half base at R_PAD 16 under torch's
     full-fp32 default, :func:`layer_precision`; FMA dots spill at these tiles): each fp32 operand
     split into bf16 parts
     (:func:`_bf16_parts`; ``A_PARTS`` / ``B_PARTS`` of them are used: 1 for values exact in bf16, a
@@ -690,14 +694,13 @@ def _plan_split(rows: int, width: int, block: int, device: torch.device) -> tupl
 def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
     """The layer kernels' ``DOT_PREC`` for a base of ``x_dtype``, adapters of ``a_dtype``, rank ``r``:
     torch's TF32 switch for fp32 adapters (``_launch.dot_precision``), except that full fp32 ("ieee",
-    torch's default) on a bf16 base at R_PAD 16 is "bf16x3" (fp32 products from bf16 tensor-core
-    products, :func:`_dot`; the FMA dots spill at these tiles). At R_PAD 64 the bf16x3 tiles spill; on
-    an fp16 base (whose x and g take two bf16 parts) they compile clean at R_PAD 16 but are untimed and
-    over the lint's budgets (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an fp16 base"): those
-    layers run the torch implementation on CUDA (``ops/adapter_linear._pick``). Half adapters use the
-    tensor cores as they are. Read at each call: it picks the binary."""
+    torch's default) on a half base (bf16, or fp16 whose x and g take two bf16 parts) at R_PAD 16 is
+    "bf16x3" (fp32 products from bf16 tensor-core products, :func:`_dot`; the FMA dots spill at these
+    tiles). At R_PAD 64 the bf16x3 tiles spill (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an
+    fp16 base"): those layers run the torch implementation on CUDA (``ops/adapter_linear._pick``).
+    Half adapters use the tensor cores as they are. Read at each call: it picks the binary."""
     prec = dot_precision(a_dtype)
-    if prec == "ieee" and x_dtype == torch.bfloat16 and pad_rank(r) == 16:
+    if prec == "ieee" and x_dtype in (torch.bfloat16, torch.float16) and pad_rank(r) == 16:
         return "bf16x3"
     return prec
 
@@ -706,7 +709,7 @@ def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.floa
     """{kernel: constexprs and compile options} of the four layer kernels for adapters of ``a_dtype``
     at rank ``r`` on a base of ``x_dtype`` (the dot precision: :func:`layer_precision`)."""
     prec = layer_precision(x_dtype, a_dtype, r)
-    key = (a_dtype, r, prec)
+    key = (a_dtype, r, prec, x_dtype)
     kws = _KW.get(key)
     if kws is None:
         rp = pad_rank(r)
@@ -714,10 +717,21 @@ def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.floa
             name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
             for name, blocks in _BLOCKS.items()
         }
-        if prec == "bf16x3":
-            kws["grad_rank_split"]["num_stages"] = GRAD_SPLIT_BF16X3_STAGES
+        for split in (False, True):
+            opts = grad_rank_options(x_dtype, prec, split, rp)
+            kws["grad_rank_split" if split else "grad_rank"].update(opts if isinstance(opts, dict) else {})
         _KW[key] = kws
     return kws
+
+
+def grad_rank_options(x_dtype: torch.dtype, prec: str, split: bool, r_pad: int):
+    """The grad_rank's compile options: num_warps (an int) or a dict with num_stages too, for the
+    launchers and the compile check alike."""
+    if prec == "bf16x3" and x_dtype == torch.float16:
+        return {"num_warps": GRAD_FP16_BF16X3_WARPS, "num_stages": GRAD_FP16_BF16X3_STAGES}
+    if prec == "bf16x3" and split:
+        return {"num_warps": num_warps(r_pad), "num_stages": GRAD_SPLIT_BF16X3_STAGES}
+    return num_warps(r_pad)
 
 
 def launch_kwargs(kernel: str, a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.float32) -> dict:
@@ -1119,13 +1133,17 @@ def compile_variants():
         {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
         NUM_WARPS,
     )
-    # fp32 adapters: the TF32 binaries, and on a bf16 base at R_PAD 16 the bf16x3 ones (torch's
+    # fp32 adapters: the TF32 binaries, and on a half base at R_PAD 16 the bf16x3 ones (torch's
     # full-fp32 default, layer_precision); never the FMA ("ieee") dots, which spill at these 64-wide
     # tiles on sm_90 and sm_80 (those layers run the torch implementation). Half operands ignore DOT_PREC.
     for (base, adt), prec in [
         (pair, pr)
         for pair in DTYPE_PAIRS
-        for pr in (("tf32", "bf16x3") if pair == (torch.bfloat16, torch.float32) else ("tf32",))
+        for pr in (
+            ("tf32", "bf16x3")
+            if pair in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32))
+            else ("tf32",)
+        )
     ]:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
         for rp in RANK_PADS if prec != "bf16x3" else (16,):
@@ -1214,11 +1232,7 @@ def compile_variants():
                         "SPLIT": "constexpr",
                     },
                     dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
-                    (
-                        {"num_warps": num_warps(rp), "num_stages": GRAD_SPLIT_BF16X3_STAGES}
-                        if split and prec == "bf16x3"
-                        else num_warps(rp)
-                    ),
+                    grad_rank_options(base, prec, split, rp),
                 )
                 yield (
                     f"dA_dx[{tag},R{rp}{sfx}]",
