@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layer import AdaLoraLayer, AdaLoraLinear, _param, has_dense_weight, is_conv1d, is_plain_linear
+from .layer import AdaLoraLayer, AdaLoraLinear, has_dense_weight, is_conv1d, is_plain_linear, read_param
 from .ops.layout import RANKNUM_EPS
 
 __all__ = [
@@ -294,11 +294,11 @@ class AdaLoraLinearUnfused(AdaLoraLayer):
         return add_adapter_term(
             self._base_output(x),
             x,
-            _param(mods["lora_A"], a),
-            _param(mods["lora_E"], a),
-            _param(mods["lora_B"], a),
+            read_param(mods["lora_A"], a),
+            read_param(mods["lora_E"], a),
+            read_param(mods["lora_B"], a),
             self.scaling[a],
-            _param(mods["ranknum"], a),
+            read_param(mods["ranknum"], a),
             self.lora_dropout[a],
             self.training,
         )

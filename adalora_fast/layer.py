@@ -80,11 +80,12 @@ def resize_triplets(layer: nn.Module, adapter_name: str, keep: torch.Tensor) -> 
 _MISSING = object()
 
 
-def _param(module: nn.Module, name: str):
+def read_param(module: nn.Module, name: str):
     """``getattr(module, name)`` for a parameter (or None, as an unset bias is registered): read from
     the module's parameter dict, without ``nn.Module.__getattr__``'s Python fallback (of the order of
-    a microsecond a read, a dozen reads per layer call on the training step's host path). Anything not
-    in that dict (a parametrized tensor, a plain attribute) goes through ``getattr``."""
+    a microsecond a read, a dozen reads per layer call on the training step's host path: ours, the
+    unfused bases' and PEFT's patched layers'). Anything not in that dict (a parametrized tensor,
+    FSDP1's views, a plain attribute) goes through ``getattr``."""
     p = module._parameters.get(name, _MISSING)
     return getattr(module, name) if p is _MISSING else p
 
@@ -286,13 +287,13 @@ class AdaLoraLinear(AdaLoraLayer):
         base = mods["base_layer"]
         return ops.adapter_linear(
             x,
-            _param(base, "weight"),
-            _param(base, "bias"),
-            _param(mods["lora_A"], a),
-            _param(mods["lora_E"], a),
-            _param(mods["lora_B"], a),
+            read_param(base, "weight"),
+            read_param(base, "bias"),
+            read_param(mods["lora_A"], a),
+            read_param(mods["lora_E"], a),
+            read_param(mods["lora_B"], a),
             self.scaling[a],
-            _param(mods["ranknum"], a),
+            read_param(mods["ranknum"], a),
             self.lora_dropout[a],
             self.training,
             self.fan_in_fan_out,

@@ -52,6 +52,7 @@ from torch.nn.modules import module as _m
 
 from . import ops
 from .allocator import RankAllocator
+from .layer import read_param
 from .ops.layout import KINDS, split_kinds, tensor_index
 
 # PEFT versions the patch was tested with: [low, high). The patched methods are PEFT internals
@@ -161,13 +162,6 @@ def fallback_reason(layer: nn.Module, x: Optional[torch.Tensor] = None) -> Optio
     return _op_args(layer, x)[0]
 
 
-def _param(module: nn.Module, name: str):
-    # a module's parameter without nn.Module.__getattr__ (~0.4 us a lookup, and this runs per layer call);
-    # an attribute that is not a registered parameter (FSDP1's views, a plain tensor) the usual way
-    p = module._parameters
-    return p[name] if name in p else getattr(module, name)
-
-
 def _op_args(layer: nn.Module, x: Optional[torch.Tensor]) -> tuple:
     """(None, the arguments of ``ops.adapter_linear`` after x) when our op runs this call of ``layer``,
     else (why PEFT's own forward runs, None): :func:`fallback_reason`'s checks, each submodule and
@@ -205,14 +199,14 @@ def _op_args(layer: nn.Module, x: Optional[torch.Tensor]) -> tuple:
     drop = mods["lora_dropout"]._modules[a]
     if type(drop) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(drop).__name__} (only torch.nn.Dropout and Identity are fused)", None
-    weight, bias = _param(base, "weight"), _param(base, "bias")
-    A, E, B = _param(lora_A, a), _param(mods["lora_E"], a), _param(mods["lora_B"], a)
+    weight, bias = read_param(base, "weight"), read_param(base, "bias")
+    A, E, B = read_param(lora_A, a), read_param(mods["lora_E"], a), read_param(mods["lora_B"], a)
     if not (_plain(weight) and _plain(bias) and _plain(A) and _plain(E) and _plain(B)):
         return "tensor subclasses (FSDP2 DTensors, quantised weights)", None
     if x is not None and not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != A.dtype:
         return "cast_input_dtype_enabled=False with an input dtype other than the adapter's", None
     p = drop.p if type(drop) is nn.Dropout else 0.0
-    ranknum = _param(mods["ranknum"], a)
+    ranknum = read_param(mods["ranknum"], a)
     return None, (weight, bias, A, E, B, layer.scaling[a], ranknum, p, drop.training, bool(layer.fan_in_fan_out))
 
 
