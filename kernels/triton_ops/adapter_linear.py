@@ -717,21 +717,20 @@ def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.floa
             name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
             for name, blocks in _BLOCKS.items()
         }
-        for split in (False, True):
-            opts = grad_rank_options(x_dtype, prec, split, rp)
-            kws["grad_rank_split" if split else "grad_rank"].update(opts if isinstance(opts, dict) else {})
+        kws["grad_rank"].update(grad_rank_options(x_dtype, prec, False, rp))
+        kws["grad_rank_split"].update(grad_rank_options(x_dtype, prec, True, rp))
         _KW[key] = kws
     return kws
 
 
-def grad_rank_options(x_dtype: torch.dtype, prec: str, split: bool, r_pad: int):
-    """The grad_rank's compile options: num_warps (an int) or a dict with num_stages too, for the
-    launchers and the compile check alike."""
+def grad_rank_options(x_dtype: torch.dtype, prec: str, split: bool, r_pad: int) -> dict:
+    """The grad_rank's compile options (num_warps, and num_stages where it is not Triton's default),
+    for the launchers and the compile check alike."""
     if prec == "bf16x3" and x_dtype == torch.float16:
         return {"num_warps": GRAD_FP16_BF16X3_WARPS, "num_stages": GRAD_FP16_BF16X3_STAGES}
     if prec == "bf16x3" and split:
         return {"num_warps": num_warps(r_pad), "num_stages": GRAD_SPLIT_BF16X3_STAGES}
-    return num_warps(r_pad)
+    return {"num_warps": num_warps(r_pad)}
 
 
 def launch_kwargs(kernel: str, a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.float32) -> dict:
