@@ -217,7 +217,7 @@ def prepare_peft_resume(acc, state: dict, where: str) -> None:
     full = _kept_ranks(state)[0]
     alloc = acc.current_allocator()
     if isinstance(alloc, CompactedAllocator):
-        if alloc.full_ranks != full or not torch.equal(alloc.full_keep.cpu(), state["keep"].to(torch.bool).cpu()):
+        if not _compacted_by(alloc, full, state["keep"]):
             raise RuntimeError(f"{where}: this model is compacted with another mask than the checkpoint's")
         return
     if list(alloc.layout.ranks) != full:
@@ -487,6 +487,11 @@ def _kept_ranks(sd: dict) -> tuple[list, list]:
     return full, kept
 
 
+def _compacted_by(alloc: "CompactedAllocator", full_ranks: list, keep: torch.Tensor) -> bool:
+    """Whether ``alloc`` compacted layers of ``full_ranks`` by the mask ``keep`` (a checkpoint's)."""
+    return alloc.full_ranks == full_ranks and torch.equal(alloc.full_keep.cpu(), keep.to(torch.bool).view(-1).cpu())
+
+
 def _check_compacted_state(sd: dict, full_ranks, kept_ranks, where: str) -> None:
     if not ("compacted" in sd and bool(sd["compacted"])):
         raise ValueError(
@@ -531,7 +536,7 @@ def prepare_allocator_load(model, sd: dict, where: str) -> None:
         raise ValueError(f"{where} is for {len(full)} adapted layers, this model has {len(layers)}")
     keep = asd["keep"].to(torch.bool).view(-1)
     if isinstance(alloc, CompactedAllocator) and alloc.full_keep is not None:
-        if alloc.full_ranks != full or not torch.equal(alloc.full_keep.cpu(), keep.cpu()):
+        if not _compacted_by(alloc, full, keep):
             raise ValueError(
                 f"{where}: this model is compacted with another mask than the checkpoint's; load it into a fresh model"
             )

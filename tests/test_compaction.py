@@ -212,12 +212,7 @@ def test_save_and_load_both_ways_after_compaction(tmp_path):
     out = str(tmp_path / "ours")
     model.save_pretrained(out, save_allocator_state=True)
     # PEFT loads ours (the full-length pattern resizes its init_r layers to the saved tensors)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(tiny_llama(0), out)
-    pm.eval()
-    with torch.no_grad():
-        assert_close(pm(input_ids=ids).logits, ref, what="PEFT loading a compacted save")
+    pm = _peft_loads(out, ids, ref, "PEFT loading a compacted save")
     # ours loads PEFT's save of it
     pm.save_pretrained(str(tmp_path / "peft"))
     back = af.AdaLoraModel.from_pretrained(tiny_llama(0), str(tmp_path / "peft"))
@@ -418,6 +413,18 @@ def _peft_lora(pm) -> dict:
     return {k: v.detach().clone() for k, v in pm.base_model.named_parameters() if "lora_" in k}
 
 
+def _peft_loads(folder: str, ids, ref, what: str):
+    """PEFT's own from_pretrained of ``folder`` on a fresh tiny LLaMA, in eval mode, its logits for
+    ``ids`` checked against ``ref``; returns the PeftModel."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(tiny_llama(0), folder)
+    pm.eval()
+    with torch.no_grad():
+        assert_close(pm(input_ids=ids).logits, ref, what=what)
+    return pm
+
+
 def _svd_ranks(pm) -> dict:
     from peft.tuners.adalora.layer import SVDLinear
 
@@ -466,12 +473,7 @@ def test_patched_peft_compacts_itself_in_a_plain_loop_as_the_native_path_does(tm
     pm.save_pretrained(out)
     with pytest.warns(UserWarning, match="compacted PEFT AdaLoRA model back to PEFT"):
         af.unpatch_peft()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(tiny_llama(0), out)
-    back.eval()
-    with torch.no_grad():
-        assert_close(back(input_ids=ids).logits, ref, what="unpatched PEFT loading the compacted save")
+    back = _peft_loads(out, ids, ref, "unpatched PEFT loading the compacted save")
     assert _svd_ranks(back) == ranks
 
 
