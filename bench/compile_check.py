@@ -152,11 +152,12 @@ def sass_stats(sass: str) -> dict:
 def unaligned_too(variant) -> bool:
     """Whether a config is also compiled with its widths not multiples of 16 (k = 4100, say: Triton
     builds a second binary with masked, narrower loads). It must compile, spill-free, too: checked
-    at R_PAD 16 for every kernel and dtype pair, which keeps the check's time in bounds; the other
-    rank pad changes the dot, not the loads."""
+    at R_PAD 16 for every kernel and dtype pair, which keeps the check's time in bounds (at R_PAD 64
+    the same tiles change the dot, not the loads), and at R_PAD 64 for the "bf16x3" binaries, whose
+    tiles are their own (kernels/triton_ops/adapter_linear.BF16X3_R64_BLOCKS)."""
     name, fn, sig = variant[:3]
     widths = [n for n in specialised_ints(fn, sig) if not n.startswith("stride")]
-    return bool(widths) and "R64" not in name
+    return bool(widths) and ("R64" not in name or ",bf16x3," in name)
 
 
 def _compile_one(job):
@@ -188,6 +189,7 @@ def _compile_one(job):
         "arch": arch,
         "num_warps": num_warps,
         "num_stages": opts.get("num_stages"),
+        "blocks": {c: v for c, v in consts.items() if c.startswith("BLOCK_") or c == "ROW_BLOCKS"},
         "aligned": aligned,
         "registers": reg,
         "stack": stack,

@@ -499,30 +499,44 @@ def test_impl_fixture_runs_the_named_implementation(impl, monkeypatch):
 # ----------------------------------------------------------------------------- fp32 adapters, half base
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, base_dtype, p):
-    """The Triton path's "bf16x3" products (fp32 adapters on a bf16 base at r <= 16 under torch's
+@pytest.mark.parametrize("r", [12, 40], ids=lambda r: f"r{r}")  # R_PAD 16 and 64 (its narrower tiles)
+def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, base_dtype, p, r):
+    """The Triton path's "bf16x3" products (fp32 adapters on a bf16 or fp16 base under torch's
     full-fp32 default, ``kernels/triton_ops/adapter_linear._dot``) against an fp64 reference: dA, dE,
     dB within 10x of the error of PEFT's fp32 path (the reference computed with fp32 adapters by
     torch), and the output as PEFT's rounding of it to the base dtype (see below). On an fp16 base x
-    and g take two bf16 parts each."""
+    and g take two bf16 parts each. At R_PAD 64 the launches run the narrower tiles of
+    ``BF16X3_R64_BLOCKS``."""
     from adalora_fast.kernels import adapter_linear as ka
 
     use_backend("triton")
     monkeypatch.setenv("ADALORA_FAST_CPU_EXT", "0")
     assert torch.get_float32_matmul_precision() == "highest"
-    assert ka.layer_precision(base_dtype, torch.float32, 12) == "bf16x3"
+    assert ka.layer_precision(base_dtype, torch.float32, r) == "bf16x3"
     from adalora_fast.kernels import _launch
 
-    precs, launch = [], _launch.launch
-    monkeypatch.setattr(
-        _launch, "launch", lambda k, grid, *a, **kw: (precs.append(kw.get("DOT_PREC")), launch(k, grid, *a, **kw))
-    )
-    N, k, d, r, seed = 192, 96, 80, 12, 5
+    precs, blocks, launch = [], set(), _launch.launch
+
+    def record(kernel, grid, *a, **kw):
+        precs.append(kw.get("DOT_PREC"))
+        if kw.get("DOT_PREC"):
+            blocks.add((kernel.__name__, kw.get("BLOCK_K", kw.get("BLOCK_D"))))
+        return launch(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(_launch, "launch", record)
+    N, k, d, seed = 192, 96, 80, 5
     t, ranknum, scaling, go = _make((N,), k, d, r, bias=True, base_dtype=base_dtype, seed=21)
     keep = _keep_for(seed, (N, k), p) if p else None
     ours, ours_g = _run_ops(_clone(t), ranknum, scaling, go, p=p, seed=seed)
     precs = [v for v in precs if v is not None]  # the dropout mask kernel (for the reference) has no dots
     assert len(precs) == 4 and set(precs) == {"bf16x3"}, precs
+    narrow = ka.BF16X3_R64_BLOCKS[base_dtype] if r > 16 else {}
+    assert blocks == {
+        ("_shrink_kernel", narrow.get("shrink", {}).get("BLOCK_K", ka.BLOCK_K)),
+        ("_expand_add_kernel", ka.EXPAND_BLOCK_D),
+        ("_grad_rank_kernel", narrow.get("grad_rank", {}).get("BLOCK_D", ka.GRAD_BLOCK_D)),
+        ("_dA_dx_kernel", narrow.get("dA_dx", {}).get("BLOCK_K", ka.DA_BLOCK_K)),
+    }, blocks
     fp32, fp32_g = _run_ref(_clone(t), ranknum, scaling, go, keep=keep, p=p)
     t64 = {n: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for n, v in t.items()}
     # the fp64 reference from the same gradient both paths get: the output's, rounded to its dtype
@@ -548,17 +562,21 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     assert (excess <= 1.0).all(), f"the output {excess.max().item():.1f} ulp further from the exact sum than PEFT's"
 
 
-def test_bf16x3_only_on_a_half_base_at_r_pad_16(monkeypatch):
-    """bf16x3 on a bf16 or fp16 base at R_PAD 16 (where it is compiled, linted and shipped); R_PAD 64,
-    an fp32 base, TF32 allowed or half adapters keep their own precision (on CUDA the full-fp32 ones
-    run the torch implementation; kernels/COST.md says why for R_PAD 64)."""
+def test_bf16x3_on_a_half_base_at_every_rank_pad(monkeypatch):
+    """bf16x3 for fp32 adapters on a bf16 or fp16 base at full fp32, at R_PAD 16 and 64 (both
+    compiled, linted and shipped; R_PAD 64 on narrower tiles); an fp32 base, TF32 allowed or half
+    adapters keep their own precision (on CUDA the full-fp32 fp32 base runs the torch
+    implementation); a rank above the pads is refused."""
     from adalora_fast.kernels import adapter_linear as ka
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    assert ka.layer_precision(bf16, f32, 16) == "bf16x3"
-    assert ka.layer_precision(bf16, f32, 17) == "ieee"
-    assert ka.layer_precision(f16, f32, 12) == "bf16x3"
-    assert ka.layer_precision(f16, f32, 17) == "ieee"
+    for base in (bf16, f16):
+        for r in (1, 16, 17, 64):
+            assert ka.layer_precision(base, f32, r) == "bf16x3", (base, r)
+        assert ka.layer_kwargs(f32, 17, base)["shrink"]["BLOCK_K"] == ka.BF16X3_R64_BLOCKS[base]["shrink"]["BLOCK_K"]
+        assert ka.layer_kwargs(f32, 16, base)["shrink"]["BLOCK_K"] == ka.BLOCK_K
+    with pytest.raises(NotImplementedError, match="r <= 64"):
+        ka.layer_precision(bf16, f32, 65)
     assert ka.layer_precision(f32, f32, 12) == "ieee"
     assert ka.layer_precision(bf16, bf16, 12) == "tf32"  # half operands: the tensor cores as they are
     old = torch.get_float32_matmul_precision()

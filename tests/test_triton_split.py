@@ -53,19 +53,20 @@ def test_split_plan_keeps_small_layers_unsplit():
     assert ka.split_plan(64, 1024, ka.BLOCK_K, H100_SLOTS) == (2, 512)  # 16 tiles: two chunks of 8
 
 
+@pytest.mark.parametrize("block", [64, 32, 16])  # the tiles of the width the launchers use
 @pytest.mark.parametrize("slots", [1, 108 * 3, H100_SLOTS])
-def test_split_plan_chunks_cover_the_width_and_none_is_empty(slots):
+def test_split_plan_chunks_cover_the_width_and_none_is_empty(slots, block):
     for rows in (1, 63, 64, 700, 8192, 20000):
         for width in (1, 63, 64, 65, 960, 961, 1024, 3000, 4096, 4100, 11008):
             for force in (None, 1, 2, 3, 5, 64, 1000):
-                s, chunk = ka.split_plan(rows, width, 64, slots, force)
+                s, chunk = ka.split_plan(rows, width, block, slots, force)
                 if s == 1:
                     assert chunk == 0
                     continue
-                assert chunk % 64 == 0 and chunk > 0
+                assert chunk % block == 0 and chunk > 0
                 assert (s - 1) * chunk < width <= s * chunk, (rows, width, force, s, chunk)
                 if force is None:
-                    assert s <= ka.SPLIT_MAX and chunk // 64 >= ka.SPLIT_MIN_TILES
+                    assert s <= ka.SPLIT_MAX and chunk >= ka.SPLIT_MIN_WIDTH
                     assert math.ceil(rows / ka.BLOCK_N) * s <= slots
                 else:
                     assert s <= force
@@ -83,9 +84,11 @@ def test_the_launchers_shortcut_agrees_with_split_plan():
     """_plan_split skips split_plan for widths it never splits (the host path of small layers)."""
     cpu = torch.device("cpu")
     assert ka.split_slots(cpu) == ka.SPLIT_SMS_CPU * ka.SPLIT_PROGRAMS_PER_SM == H100_SLOTS
-    for rows in (1, 64, 8192):
-        for width in range(ka._SPLIT_MAX_UNSPLIT_WIDTH - 70, ka._SPLIT_MAX_UNSPLIT_WIDTH + 140, 7):
-            assert ka._plan_split(rows, width, 64, cpu) == ka.split_plan(rows, width, 64, H100_SLOTS), (rows, width)
+    for block in (64, 32, 16):
+        for rows in (1, 64, 8192):
+            for width in range(ka._SPLIT_MAX_UNSPLIT_WIDTH - 70, ka._SPLIT_MAX_UNSPLIT_WIDTH + 140, 7):
+                got = ka._plan_split(rows, width, block, cpu)
+                assert got == ka.split_plan(rows, width, block, H100_SLOTS), (block, rows, width)
 
 
 # ----------------------------------------------------------------------------- the layer against the reference
@@ -160,21 +163,29 @@ def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d,
     x, W, b, A, E, B, rk, go = _inputs(N, k, d, r, dtype, seed=force * 100 + r, adapter_dtype=adapter_dtype)
     rec = _Grids(monkeypatch)
     out, grads = _run(ops.adapter_linear, x, W, b, A, E, B, rk, go, p, None)
-    sk = ka.split_plan(N, k, ka.BLOCK_K, H100_SLOTS, force)[0]
-    sd = ka.split_plan(N, d, ka.GRAD_BLOCK_D, H100_SLOTS, force)[0]
+    kws = ka.layer_kwargs(A.dtype, r, dtype)  # the configuration's tiles (narrower for bf16x3 at R_PAD 64)
+    sk = ka.split_plan(N, k, kws["shrink"]["BLOCK_K"], H100_SLOTS, force)[0]
+    sd = ka.split_plan(N, d, kws["grad_rank"]["BLOCK_D"], H100_SLOTS, force)[0]
     assert sk > 1 and sd > 1
     rows = -(-N // ka.BLOCK_N)
     assert rec.grids == {
         "_shrink_kernel": [(rows, sk)],
-        "_expand_add_kernel": [(rows, -(-d // ka.EXPAND_BLOCK_D))],
+        "_expand_add_kernel": [(rows, -(-d // kws["expand_add"]["BLOCK_D"]))],
         "_grad_rank_kernel": [(rows, sd)],
-        "_dA_dx_kernel": [(rows, -(-k // ka.DA_BLOCK_K))],
+        "_dA_dx_kernel": [(rows, -(-k // kws["dA_dx_split"]["BLOCK_K"]))],
     }
     keep = ops.dropout_keep_mask(11, (N, k), p, "cpu") if p else None
     rout, rgrads = _run(reference.adapter_linear, x, W, b, A, E, B, rk, go, p, keep)
     assert_close(out, rout, dtype, "forward")
     for name, a, e in zip(("dx", "dA", "dE", "dB"), grads, rgrads):
         assert_close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_bf16x3_r_pad_64_layer_matches_reference(use_backend, monkeypatch, dtype):
+    """fp32 adapters on a half base at r = 40 (R_PAD 64, bf16x3 on the narrower tiles of
+    ``BF16X3_R64_BLOCKS``), split 3 ways, with dropout: as the test above."""
+    test_split_layer_matches_reference(use_backend, monkeypatch, 3, 70, 300, 330, 40, 0.1, dtype, torch.float32)
 
 
 def test_strided_x_split():

@@ -329,12 +329,11 @@ def _pick(device: torch.device, rank: int, dtype: torch.dtype, x_dtype: torch.dt
                 and torch.cuda.get_device_capability(device) >= (8, 0)
             )
         ):
-            # fp32 adapters under torch's full-fp32 default (no TF32): on a bf16 or fp16 base at r <= 16
-            # the kernels run with fp32-class "bf16x3" products (kernels/triton_ops/adapter_linear._dot;
-            # bf16 tensor cores: sm_80 and later); any other such layer runs cuBLAS SGEMM in the torch
-            # implementation (the same Philox dropout mask): the kernels' FMA dots spill at these tiles,
-            # and the bf16x3 ones at R_PAD 64 (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an fp16
-            # base"). With TF32 allowed, or half adapters, Triton runs.
+            # fp32 adapters under torch's full-fp32 default (no TF32): on a bf16 or fp16 base the kernels
+            # run with fp32-class "bf16x3" products (kernels/triton_ops/adapter_linear._dot; bf16 tensor
+            # cores: sm_80 and later); any other such layer (an fp32 base, or an older GPU) runs cuBLAS
+            # SGEMM in the torch implementation (the same Philox dropout mask): the kernels' FMA dots
+            # spill at these tiles. With TF32 allowed, or half adapters, Triton runs.
             name = "torch"
     return name
 

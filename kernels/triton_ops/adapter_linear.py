@@ -75,11 +75,11 @@ DA_STAGES = 2
 SPLIT_PROGRAMS_PER_SM_PRE_HOPPER = 3
 # on sm_90 (the split shrink's 5-stage shared memory, 4 x 52 KB of 228 KB; the split grad_rank's
 # 128 registers x 128 threads, 4 x 16 K of 64 K), 3 before it (sm_8x: 164 KB hold 3 of the shrink's
-# 49 KB; grad_rank's 168 registers, 3 x 21 K), with at least SPLIT_MIN_TILES tiles per chunk (a
-# partial's r·4 bytes per row and chunk against >= 8 x 64 x 2 bytes of bf16 x or g per row walked:
-# <= 1/16 at r <= 16, 1/4 at r = 64) and at most SPLIT_MAX ways.
+# 49 KB; grad_rank's 168 registers, 3 x 21 K), with at least SPLIT_MIN_WIDTH columns per chunk
+# (8 tiles of 64, 16 of 32, 32 of 16: a partial's r·4 bytes per row and chunk against >= 512 x 2
+# bytes of bf16 x or g per row walked, <= 1/16 at r <= 16, 1/4 at r = 64) and at most SPLIT_MAX ways.
 SPLIT_PROGRAMS_PER_SM = 4
-SPLIT_MIN_TILES = 8
+SPLIT_MIN_WIDTH = 512
 SPLIT_MAX = 8
 # The split-D grad_rank with "bf16x3" products pipelines g in 2 stages, not Triton's default 3: at 3 its
 # unaligned-width sm_80 binary kept 8 bytes of stack at ptxas's 168-register cap (the split adds the
@@ -89,6 +89,16 @@ GRAD_SPLIT_BF16X3_STAGES = 2
 # registers at 4 warps on sm_90; 8 warps and one stage keep it at 224-234 (sm_90) / 177-180 (sm_80)
 # with no spills (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an fp16 base").
 GRAD_FP16_BF16X3_WARPS, GRAD_FP16_BF16X3_STAGES = 8, 1
+# bf16x3 at R_PAD 64 (fp32 adapters at r in (16, 64] on a half base), by base dtype (an fp16 x or g
+# holds two bf16 parts live, a bf16 one one): the shrink's and grad_rank's tiles of the width are
+# narrower, and dA_dx always runs its split binary (with one partial when unsplit: the same sum),
+# which compiles clean at the 128-column tile where the unsplit one spills on sm_80; at the tiles
+# above the shrink, grad_rank and unsplit dA_dx spill (kernels/COST.md, "fp32 adapters at R_PAD 64
+# and on an fp16 base"). The same constexprs for the split and unsplit launches.
+BF16X3_R64_BLOCKS = {
+    torch.bfloat16: {"shrink": {"BLOCK_K": 32}, "grad_rank": {"BLOCK_D": 32}, "dA_dx": {"SPLIT": True}},
+    torch.float16: {"shrink": {"BLOCK_K": 32}, "grad_rank": {"BLOCK_D": 16}, "dA_dx": {"SPLIT": True}},
+}
 SPLIT_SMS_CPU = 132  # the SMs the interpreter (CPU tensors) plans for: an H100's, as on the GPU
 # Tests force a split factor here (an int: the shrink and grad_rank both split that many ways where
 # the width has that many tiles, see split_plan); None: chosen from the shapes and the SM count.
@@ -217,8 +227,8 @@ def _bf16_parts(v, UPCAST: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. ``DOT_PREC`` "bf16x3" (fp32 adapters on a half base at R_PAD 16 under torch's
-    full-fp32 default, :func:`layer_precision`; FMA dots spill at these tiles): each fp32 operand
+    """acc + a @ b. ``DOT_PREC`` "bf16x3" (fp32 adapters on a half base under torch's full-fp32
+    default, :func:`layer_precision`; FMA dots spill at these tiles): each fp32 operand
     split into bf16 parts
     (:func:`_bf16_parts`; ``A_PARTS`` / ``B_PARTS`` of them are used: 1 for values exact in bf16, a
     bf16 base's x or g; 2 for an fp16 base's, exact in two; 3 for fp32 values) and the products of
@@ -656,28 +666,30 @@ def split_plan(rows: int, width: int, block: int, slots: int, force=None) -> tup
     ``slots`` split programs at once (:func:`split_slots`), and the columns per split (a multiple of
     ``block``; the last split takes the remainder). (1, 0): unsplit, the single-pass kernel.
 
-    S = min(slots // row_tiles, tiles // SPLIT_MIN_TILES, SPLIT_MAX) with row_tiles = cdiv(rows,
-    BLOCK_N), tiles = cdiv(width, block): the most ways that still fit one wave of resident
-    programs, each walking >= SPLIT_MIN_TILES tiles; then S = cdiv(tiles, chunk) so that no split
-    is empty. H100 (528 slots), N = 8192: 528 // 128 = 4 ways (512 programs) at k or d = 4096 (16
-    tiles each) and 11008 (43 tiles each); N = 4096: 8 ways; N = 16384: 2; N > 16896 (265 row tiles
-    or more): 1. A100 (324 slots), N = 8192: 2 ways.
+    S = min(slots // row_tiles, tiles // min_tiles, SPLIT_MAX) with row_tiles = cdiv(rows,
+    BLOCK_N), tiles = cdiv(width, block), min_tiles = SPLIT_MIN_WIDTH // block: the most ways that
+    still fit one wave of resident programs, each walking >= SPLIT_MIN_WIDTH columns; then S =
+    cdiv(tiles, chunk) so that no split is empty. H100 (528 slots), N = 8192, 64-column tiles:
+    528 // 128 = 4 ways (512 programs) at k or d = 4096 (16 tiles each) and 11008 (43 tiles each);
+    N = 4096: 8 ways; N = 16384: 2; N > 16896 (265 row tiles or more): 1. A100 (324 slots), N =
+    8192: 2 ways.
     ``force`` (tests, :data:`FORCE_SPLIT`): S = force, capped at ``tiles``, then made non-empty the
     same way (force 3 on 4 tiles gives chunks of 2 tiles: S = 2)."""
     tiles = -(-width // block)
     if force is not None:
         s = min(int(force), tiles)
     else:
-        s = min(slots // -(-rows // BLOCK_N), tiles // SPLIT_MIN_TILES, SPLIT_MAX)
+        s = min(slots // -(-rows // BLOCK_N), tiles // max(1, SPLIT_MIN_WIDTH // block), SPLIT_MAX)
     if s <= 1:
         return 1, 0
     chunk = -(-tiles // s)
     return -(-tiles // chunk), chunk * block
 
 
-# the widest width split_plan never splits without a forced factor (fewer than 2·SPLIT_MIN_TILES
-# tiles): up to it the launchers skip the call
-_SPLIT_MAX_UNSPLIT_WIDTH = (2 * SPLIT_MIN_TILES - 1) * min(BLOCK_K, GRAD_BLOCK_D)
+# a width split_plan never splits without a forced factor, whatever the tile (<= 64 columns): it
+# needs 2 x SPLIT_MIN_WIDTH // block tiles, more than 2 x SPLIT_MIN_WIDTH - block columns; up to it
+# the launchers skip the call
+_SPLIT_MAX_UNSPLIT_WIDTH = 2 * SPLIT_MIN_WIDTH - 64
 
 
 _NARROW, _UNSPLIT = _SPLIT_MAX_UNSPLIT_WIDTH, (1, 0)
@@ -694,32 +706,44 @@ def _plan_split(rows: int, width: int, block: int, device: torch.device) -> tupl
 def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
     """The layer kernels' ``DOT_PREC`` for a base of ``x_dtype``, adapters of ``a_dtype``, rank ``r``:
     torch's TF32 switch for fp32 adapters (``_launch.dot_precision``), except that full fp32 ("ieee",
-    torch's default) on a half base (bf16, or fp16 whose x and g take two bf16 parts) at R_PAD 16 is
-    "bf16x3" (fp32 products from bf16 tensor-core products, :func:`_dot`; the FMA dots spill at these
-    tiles). At R_PAD 64 the bf16x3 tiles spill (kernels/COST.md, "fp32 adapters at R_PAD 64 and on an
-    fp16 base"): those layers run the torch implementation on CUDA (``ops/adapter_linear._pick``).
-    Half adapters use the tensor cores as they are. Read at each call: it picks the binary."""
+    torch's default) on a half base (bf16, or fp16 whose x and g take two bf16 parts) is "bf16x3"
+    (fp32 products from bf16 tensor-core products, :func:`_dot`; the FMA dots spill at these tiles;
+    at R_PAD 64 on narrower tiles, :data:`BF16X3_R64_BLOCKS`). An fp32 base at full fp32 stays
+    "ieee": that layer runs the torch implementation on CUDA (``ops/adapter_linear._pick``). Half
+    adapters use the tensor cores as they are. Read at each call: it picks the binary. ``r`` is
+    checked against the rank pads (:func:`_launch.pad_rank`)."""
+    pad_rank(r)
     prec = dot_precision(a_dtype)
-    if prec == "ieee" and x_dtype in (torch.bfloat16, torch.float16) and pad_rank(r) == 16:
+    if prec == "ieee" and x_dtype in (torch.bfloat16, torch.float16):
         return "bf16x3"
     return prec
 
 
 def layer_kwargs(a_dtype: torch.dtype, r: int, x_dtype: torch.dtype = torch.float32) -> dict:
     """{kernel: constexprs and compile options} of the four layer kernels for adapters of ``a_dtype``
-    at rank ``r`` on a base of ``x_dtype`` (the dot precision: :func:`layer_precision`)."""
+    at rank ``r`` on a base of ``x_dtype`` (the dot precision: :func:`layer_precision`), as the
+    launchers pass them (``UPCAST`` under the interpreter)."""
     prec = layer_precision(x_dtype, a_dtype, r)
     key = (a_dtype, r, prec, x_dtype)
     kws = _KW.get(key)
     if kws is None:
-        rp = pad_rank(r)
-        kws = {
-            name: dict(blocks, R_PAD=rp, UPCAST=INTERPRET, DOT_PREC=prec, num_warps=num_warps(rp))
-            for name, blocks in _BLOCKS.items()
-        }
-        kws["grad_rank"].update(grad_rank_options(x_dtype, prec, False, rp))
-        kws["grad_rank_split"].update(grad_rank_options(x_dtype, prec, True, rp))
-        _KW[key] = kws
+        kws = _KW[key] = kernel_kwargs(x_dtype, pad_rank(r), prec, INTERPRET)
+    return kws
+
+
+def kernel_kwargs(x_dtype: torch.dtype, r_pad: int, prec: str, upcast: bool) -> dict:
+    """{kernel ("shrink", "shrink_split", ...): its constexprs (R_PAD, blocks, UPCAST, DOT_PREC,
+    SPLIT) and compile options (num_warps, num_stages where not Triton's default)} for a base of
+    ``x_dtype`` at rank pad ``r_pad`` and dot precision ``prec``: the one table the launch plans and
+    the compile check (:func:`compile_variants`) read."""
+    narrow = BF16X3_R64_BLOCKS[x_dtype] if prec == "bf16x3" and r_pad > 16 else {}
+    kws = {}
+    for name, blocks in _BLOCKS.items():
+        kw = dict(blocks, R_PAD=r_pad, UPCAST=upcast, DOT_PREC=prec, num_warps=num_warps(r_pad))
+        kw.update(narrow.get(name.removesuffix("_split"), {}))
+        if name.startswith("grad_rank"):
+            kw.update(grad_rank_options(x_dtype, prec, name.endswith("_split"), r_pad))
+        kws[name] = kw
     return kws
 
 
@@ -768,7 +792,8 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed, split:
     :func:`expand_add` takes them as they are (``bench/gpu_check.py`` times both forms)."""
     n, k = x.shape
     r = lora_A.shape[0]
-    s, chunk = split_plan(n, k, BLOCK_K, 1, split) if split > 1 else (1, 0)
+    kws = layer_kwargs(lora_A.dtype, r, x.dtype)
+    s, chunk = split_plan(n, k, kws["shrink"]["BLOCK_K"], 1, split) if split > 1 else (1, 0)
     t = torch.empty((s, n, r) if s > 1 else (n, r), dtype=torch.float32, device=x.device)
     seed = _seed_arg(seed, dropout_p, x.device)
     _launch.launch(
@@ -785,7 +810,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed, split:
         x.stride(1),
         *dropout_args(dropout_p),
         chunk,
-        **launch_kwargs("shrink_split" if s > 1 else "shrink", lora_A.dtype, r, x.dtype),
+        **kws["shrink_split" if s > 1 else "shrink"],
     )
     return t
 
@@ -809,9 +834,10 @@ def expand_add(
     split = t.dim() == 3
     if split and t_sum is None:
         t_sum = torch.empty(t.shape[1:], dtype=torch.float32, device=t.device)
+    kw = launch_kwargs("expand_add_split" if split else "expand_add", lora_B.dtype, r, out.dtype)
     _launch.launch(
         _expand_add_kernel,
-        (cdiv(n, BLOCK_N), cdiv(d, EXPAND_BLOCK_D)),
+        (cdiv(n, BLOCK_N), cdiv(d, kw["BLOCK_D"])),
         t,
         lora_E,
         ranknum,
@@ -824,7 +850,7 @@ def expand_add(
         out.stride(0),
         float(scaling),
         t.shape[0] if split else 1,
-        **launch_kwargs("expand_add_split" if split else "expand_add", lora_B.dtype, r, out.dtype),
+        **kw,
     )
     return t_sum if split else None
 
@@ -838,11 +864,12 @@ def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e), dE [r] += s Σ (g B) ⊙ t (fp32 atomics into
     zeroed fp32 buffers). ge fp32 [N, r], or [S, N, r] for the split-D kernel (S from
     :func:`split_plan` with that factor forced, so pass a workspace of a factor the plan keeps:
-    ``split_plan(N, d, GRAD_BLOCK_D, 1, S)[0] == S``), which writes S partials whose sum is ge
+    ``split_plan(N, d, block, 1, S)[0] == S`` with the configuration's grad_rank block), which writes S partials whose sum is ge
     (:func:`dA_dx` takes them as they are)."""
     n, d = g.shape
     r = lora_B.shape[1]
-    s, chunk = split_plan(n, d, GRAD_BLOCK_D, 1, ge.shape[0]) if ge.dim() == 3 else (1, 0)
+    kws = layer_kwargs(lora_B.dtype, r, g.dtype)
+    s, chunk = split_plan(n, d, kws["grad_rank"]["BLOCK_D"], 1, ge.shape[0]) if ge.dim() == 3 else (1, 0)
     if ge.dim() == 3 and s != ge.shape[0]:
         raise ValueError(f"grad_rank: a workspace of {ge.shape[0]} partials, but d = {d} splits {s} ways")
     _launch.check_deterministic("the adapter backward (dB, dE)")
@@ -866,7 +893,7 @@ def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None
         0,
         0,
         chunk,
-        **launch_kwargs("grad_rank_split" if s > 1 else "grad_rank", lora_B.dtype, r, g.dtype),
+        **kws["grad_rank_split" if s > 1 else "grad_rank"],
     )
 
 
@@ -879,9 +906,10 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
     split = ge.dim() == 3
     _launch.check_deterministic("the adapter backward (dA)")
     seed = _seed_arg(seed, dropout_p, x.device)
+    kw = launch_kwargs("dA_dx_split" if split else "dA_dx", lora_A.dtype, r, x.dtype)
     _launch.launch(
         _dA_dx_kernel,
-        (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K)),
+        (cdiv(n, BLOCK_N * kw["ROW_BLOCKS"]), cdiv(k, kw["BLOCK_K"])),
         x,
         ge,
         lora_A,
@@ -897,7 +925,7 @@ def dA_dx(x, ge, lora_A, dx, dA, dropout_p: float, seed) -> None:
         *dropout_args(dropout_p),
         int(dx is not None),
         ge.shape[0] if split else 1,
-        **launch_kwargs("dA_dx_split" if split else "dA_dx", lora_A.dtype, r, x.dtype),
+        **kw,
     )
 
 
@@ -917,20 +945,24 @@ class LayerPlan:
         kws = layer_kwargs(a_dtype, r, x_dtype)
         gn = cdiv(n, BLOCK_N)
         # d = 0: no expand-add program would sum split partials into t
-        s, self.fwd_chunk = _plan_split(n, k, BLOCK_K, device) if d and (k > _NARROW or FORCE_SPLIT) else _UNSPLIT
+        s, self.fwd_chunk = (
+            _plan_split(n, k, kws["shrink"]["BLOCK_K"], device) if d and (k > _NARROW or FORCE_SPLIT) else _UNSPLIT
+        )
         self.fwd_split, self.fwd_grid = s, ((gn, s) if s > 1 else (gn,))
         self.shrink_kw, self.expand_kw = (
             kws["shrink_split" if s > 1 else "shrink"],
             kws["expand_add_split" if s > 1 else "expand_add"],
         )
-        self.expand_grid = (gn, cdiv(d, EXPAND_BLOCK_D))
-        s, self.bwd_chunk = _plan_split(n, d, GRAD_BLOCK_D, device) if d > _NARROW or FORCE_SPLIT else _UNSPLIT
+        self.expand_grid = (gn, cdiv(d, self.expand_kw["BLOCK_D"]))
+        s, self.bwd_chunk = (
+            _plan_split(n, d, kws["grad_rank"]["BLOCK_D"], device) if d > _NARROW or FORCE_SPLIT else _UNSPLIT
+        )
         self.bwd_split, self.grad_grid = s, ((gn, s) if s > 1 else (gn,))
         self.grad_kw, self.da_kw = (
             kws["grad_rank_split" if s > 1 else "grad_rank"],
             kws["dA_dx_split" if s > 1 else "dA_dx"],
         )
-        self.da_grid = (cdiv(n, BLOCK_N * DA_ROW_BLOCKS), cdiv(k, DA_BLOCK_K))
+        self.da_grid = (cdiv(n, BLOCK_N * self.da_kw["ROW_BLOCKS"]), cdiv(k, self.da_kw["BLOCK_K"]))
         self.thresh, self.inv_keep, self.has_dropout = dropout_args(dropout_p)
         self.db_off, self.de_off, self.size = grad_offsets(r, k, d)
 
@@ -1132,9 +1164,9 @@ def compile_variants():
         {"BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K},
         NUM_WARPS,
     )
-    # fp32 adapters: the TF32 binaries, and on a half base at R_PAD 16 the bf16x3 ones (torch's
-    # full-fp32 default, layer_precision); never the FMA ("ieee") dots, which spill at these 64-wide
-    # tiles on sm_90 and sm_80 (those layers run the torch implementation). Half operands ignore DOT_PREC.
+    # fp32 adapters: the TF32 binaries, and on a half base the bf16x3 ones (torch's full-fp32 default,
+    # layer_precision); never the FMA ("ieee") dots, which spill at these tiles on sm_90 and sm_80 (an
+    # fp32 base at full fp32 runs the torch implementation). Half operands ignore DOT_PREC.
     for (base, adt), prec in [
         (pair, pr)
         for pair in DTYPE_PAIRS
@@ -1145,10 +1177,16 @@ def compile_variants():
         )
     ]:
         tag = f"{str(base)[6:]}/{str(adt)[6:]}" + (f",{prec}" if adt == torch.float32 else "")
-        for rp in RANK_PADS if prec != "bf16x3" else (16,):
+        for rp in RANK_PADS:
+            kws = kernel_kwargs(base, rp, prec, False)
             for split in (False, True):
-                common = {"R_PAD": rp, "UPCAST": False, "DOT_PREC": prec, "SPLIT": split}
                 sfx = ",split" if split else ""
+
+                def kw(name, **fixed):  # (constexprs, compile options) of a kernel from the launchers' table
+                    d = kws[name + ("_split" if split else "")]
+                    opts = {o: d[o] for o in ("num_warps", "num_stages") if o in d}
+                    return dict({c: v for c, v in d.items() if c not in opts}, **fixed), opts
+
                 yield (
                     f"shrink[{tag},R{rp}{sfx}]",
                     _shrink_kernel,
@@ -1173,8 +1211,7 @@ def compile_variants():
                         "DOT_PREC": "constexpr",
                         "SPLIT": "constexpr",
                     },
-                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
-                    {"num_warps": num_warps(rp), "num_stages": SHRINK_STAGES},
+                    *kw("shrink", stride_xk=1),
                 )
                 yield (
                     f"expand_add[{tag},R{rp}{sfx}]",
@@ -1199,8 +1236,7 @@ def compile_variants():
                         "DOT_PREC": "constexpr",
                         "SPLIT": "constexpr",
                     },
-                    dict(common, BLOCK_N=BLOCK_N, BLOCK_D=EXPAND_BLOCK_D),
-                    num_warps(rp),
+                    *kw("expand_add"),
                 )
                 yield (
                     f"grad_rank[{tag},R{rp}{sfx}]",
@@ -1230,8 +1266,7 @@ def compile_variants():
                         "DOT_PREC": "constexpr",
                         "SPLIT": "constexpr",
                     },
-                    dict(common, stride_gd=1, BLOCK_N=BLOCK_N, BLOCK_D=GRAD_BLOCK_D),
-                    grad_rank_options(base, prec, split, rp),
+                    *kw("grad_rank", stride_gd=1),
                 )
                 yield (
                     f"dA_dx[{tag},R{rp}{sfx}]",
@@ -1262,8 +1297,7 @@ def compile_variants():
                         "DOT_PREC": "constexpr",
                         "SPLIT": "constexpr",
                     },
-                    dict(common, stride_xk=1, BLOCK_N=BLOCK_N, BLOCK_K=DA_BLOCK_K, ROW_BLOCKS=DA_ROW_BLOCKS),
-                    {"num_warps": num_warps(rp), "num_stages": DA_STAGES},
+                    *kw("dA_dx", stride_xk=1),
                 )
 
 
