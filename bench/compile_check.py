@@ -154,7 +154,7 @@ def unaligned_too(variant) -> bool:
     builds a second binary with masked, narrower loads). It must compile, spill-free, too: checked
     at R_PAD 16 for every kernel and dtype pair, which keeps the check's time in bounds (at R_PAD 64
     the same tiles change the dot, not the loads), and at R_PAD 64 for the "bf16x3" binaries, whose
-    tiles are their own (kernels/triton_ops/adapter_linear.BF16X3_R64_BLOCKS)."""
+    tiles are their own (kernels/triton_ops/adapter_linear.BF16X3_R64_CONSTEXPRS)."""
     name, fn, sig = variant[:3]
     widths = [n for n in specialised_ints(fn, sig) if not n.startswith("stride")]
     return bool(widths) and ("R64" not in name or ",bf16x3," in name)

@@ -506,7 +506,7 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     dB within 10x of the error of PEFT's fp32 path (the reference computed with fp32 adapters by
     torch), and the output as PEFT's rounding of it to the base dtype (see below). On an fp16 base x
     and g take two bf16 parts each. At R_PAD 64 the launches run the narrower tiles of
-    ``BF16X3_R64_BLOCKS``."""
+    ``BF16X3_R64_CONSTEXPRS``."""
     from adalora_fast.kernels import adapter_linear as ka
 
     use_backend("triton")
@@ -520,7 +520,7 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     def record(kernel, grid, *a, **kw):
         precs.append(kw.get("DOT_PREC"))
         if kw.get("DOT_PREC"):
-            blocks.add((kernel.__name__, kw.get("BLOCK_K", kw.get("BLOCK_D"))))
+            blocks.add((kernel.__name__, kw.get("BLOCK_K", kw.get("BLOCK_D")), kw["SPLIT"]))
         return launch(kernel, grid, *a, **kw)
 
     monkeypatch.setattr(_launch, "launch", record)
@@ -530,12 +530,12 @@ def test_fp32_adapters_on_a_half_base_are_fp32_class(use_backend, monkeypatch, b
     ours, ours_g = _run_ops(_clone(t), ranknum, scaling, go, p=p, seed=seed)
     precs = [v for v in precs if v is not None]  # the dropout mask kernel (for the reference) has no dots
     assert len(precs) == 4 and set(precs) == {"bf16x3"}, precs
-    narrow = ka.BF16X3_R64_BLOCKS[base_dtype] if r > 16 else {}
-    assert blocks == {
-        ("_shrink_kernel", narrow.get("shrink", {}).get("BLOCK_K", ka.BLOCK_K)),
-        ("_expand_add_kernel", ka.EXPAND_BLOCK_D),
-        ("_grad_rank_kernel", narrow.get("grad_rank", {}).get("BLOCK_D", ka.GRAD_BLOCK_D)),
-        ("_dA_dx_kernel", narrow.get("dA_dx", {}).get("BLOCK_K", ka.DA_BLOCK_K)),
+    narrow = ka.BF16X3_R64_CONSTEXPRS[base_dtype] if r > 16 else {}
+    assert blocks == {  # (kernel, tile width, split binary): the layer is too narrow to split
+        ("_shrink_kernel", narrow.get("shrink", {}).get("BLOCK_K", ka.BLOCK_K), False),
+        ("_expand_add_kernel", ka.EXPAND_BLOCK_D, False),
+        ("_grad_rank_kernel", narrow.get("grad_rank", {}).get("BLOCK_D", ka.GRAD_BLOCK_D), False),
+        ("_dA_dx_kernel", ka.DA_BLOCK_K, r > 16),  # at R_PAD 64 the split binary, one partial
     }, blocks
     fp32, fp32_g = _run_ref(_clone(t), ranknum, scaling, go, keep=keep, p=p)
     t64 = {n: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for n, v in t.items()}
@@ -573,7 +573,9 @@ def test_bf16x3_on_a_half_base_at_every_rank_pad(monkeypatch):
     for base in (bf16, f16):
         for r in (1, 16, 17, 64):
             assert ka.layer_precision(base, f32, r) == "bf16x3", (base, r)
-        assert ka.layer_kwargs(f32, 17, base)["shrink"]["BLOCK_K"] == ka.BF16X3_R64_BLOCKS[base]["shrink"]["BLOCK_K"]
+        assert (
+            ka.layer_kwargs(f32, 17, base)["shrink"]["BLOCK_K"] == ka.BF16X3_R64_CONSTEXPRS[base]["shrink"]["BLOCK_K"]
+        )
         assert ka.layer_kwargs(f32, 16, base)["shrink"]["BLOCK_K"] == ka.BLOCK_K
     with pytest.raises(NotImplementedError, match="r <= 64"):
         ka.layer_precision(bf16, f32, 65)

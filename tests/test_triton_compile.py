@@ -88,7 +88,7 @@ TILE_INSN_BUDGET_BF16X3 = {
 # not 3 (its grad_rank also runs 8 warps and one stage: kernels/triton_ops/adapter_linear.grad_rank_options).
 TILE_INSN_BUDGET_BF16X3_FP16 = {**TILE_INSN_BUDGET_BF16X3, "_shrink_kernel": 1120, "_grad_rank_kernel": 950}
 # At R_PAD 64 the bf16x3 shrink, grad_rank and dA_dx run narrower tiles of the width (fewer
-# instructions per tile, more tiles: kernels/triton_ops/adapter_linear.BF16X3_R64_BLOCKS) and stay in
+# instructions per tile, more tiles: kernels/triton_ops/adapter_linear.BF16X3_R64_CONSTEXPRS) and stay in
 # the budgets above; the expand-add keeps its 128-column tile and runs a 4x deeper u · B (6 products
 # of K = 64): its own budget, ~15% above its largest config likewise.
 TILE_INSN_BUDGET_BF16X3_R64 = {"_expand_add_kernel": 1630}

@@ -184,7 +184,7 @@ def test_split_layer_matches_reference(use_backend, monkeypatch, force, N, k, d,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_split_bf16x3_r_pad_64_layer_matches_reference(use_backend, monkeypatch, dtype):
     """fp32 adapters on a half base at r = 40 (R_PAD 64, bf16x3 on the narrower tiles of
-    ``BF16X3_R64_BLOCKS``), split 3 ways, with dropout: as the test above."""
+    ``BF16X3_R64_CONSTEXPRS``), split 3 ways, with dropout: as the test above."""
     test_split_layer_matches_reference(use_backend, monkeypatch, 3, 70, 300, 330, 40, 0.1, dtype, torch.float32)
 
 

@@ -95,7 +95,7 @@ GRAD_FP16_BF16X3_WARPS, GRAD_FP16_BF16X3_STAGES = 8, 1
 # which compiles clean at the 128-column tile where the unsplit one spills on sm_80; at the tiles
 # above the shrink, grad_rank and unsplit dA_dx spill (kernels/COST.md, "fp32 adapters at R_PAD 64
 # and on an fp16 base"). The same constexprs for the split and unsplit launches.
-BF16X3_R64_BLOCKS = {
+BF16X3_R64_CONSTEXPRS = {
     torch.bfloat16: {"shrink": {"BLOCK_K": 32}, "grad_rank": {"BLOCK_D": 32}, "dA_dx": {"SPLIT": True}},
     torch.float16: {"shrink": {"BLOCK_K": 32}, "grad_rank": {"BLOCK_D": 16}, "dA_dx": {"SPLIT": True}},
 }
@@ -708,7 +708,7 @@ def layer_precision(x_dtype: torch.dtype, a_dtype: torch.dtype, r: int) -> str:
     torch's TF32 switch for fp32 adapters (``_launch.dot_precision``), except that full fp32 ("ieee",
     torch's default) on a half base (bf16, or fp16 whose x and g take two bf16 parts) is "bf16x3"
     (fp32 products from bf16 tensor-core products, :func:`_dot`; the FMA dots spill at these tiles;
-    at R_PAD 64 on narrower tiles, :data:`BF16X3_R64_BLOCKS`). An fp32 base at full fp32 stays
+    at R_PAD 64 on narrower tiles, :data:`BF16X3_R64_CONSTEXPRS`). An fp32 base at full fp32 stays
     "ieee": that layer runs the torch implementation on CUDA (``ops/adapter_linear._pick``). Half
     adapters use the tensor cores as they are. Read at each call: it picks the binary. ``r`` is
     checked against the rank pads (:func:`_launch.pad_rank`)."""
@@ -736,7 +736,7 @@ def kernel_kwargs(x_dtype: torch.dtype, r_pad: int, prec: str, upcast: bool) -> 
     SPLIT) and compile options (num_warps, num_stages where not Triton's default)} for a base of
     ``x_dtype`` at rank pad ``r_pad`` and dot precision ``prec``: the one table the launch plans and
     the compile check (:func:`compile_variants`) read."""
-    narrow = BF16X3_R64_BLOCKS[x_dtype] if prec == "bf16x3" and r_pad > 16 else {}
+    narrow = BF16X3_R64_CONSTEXPRS[x_dtype] if prec == "bf16x3" and r_pad > 16 else {}
     kws = {}
     for name, blocks in _BLOCKS.items():
         kw = dict(blocks, R_PAD=r_pad, UPCAST=upcast, DOT_PREC=prec, num_warps=num_warps(r_pad))
