@@ -864,8 +864,8 @@ def grad_rank(g, t, lora_E, lora_B, ranknum, scaling: float, ge, dB, dE) -> None
     """ge = (g B) ⊙ e (written); dB [d, r] += gᵀ(t ⊙ e), dE [r] += s Σ (g B) ⊙ t (fp32 atomics into
     zeroed fp32 buffers). ge fp32 [N, r], or [S, N, r] for the split-D kernel (S from
     :func:`split_plan` with that factor forced, so pass a workspace of a factor the plan keeps:
-    ``split_plan(N, d, block, 1, S)[0] == S`` with the configuration's grad_rank block), which writes S partials whose sum is ge
-    (:func:`dA_dx` takes them as they are)."""
+    ``split_plan(N, d, block, 1, S)[0] == S`` with the configuration's grad_rank block), which
+    writes S partials whose sum is ge (:func:`dA_dx` takes them as they are)."""
     n, d = g.shape
     r = lora_B.shape[1]
     kws = layer_kwargs(lora_B.dtype, r, g.dtype)
