@@ -112,9 +112,10 @@ BW_FACTORS = (0.9, 0.7)  # achievable share of the copy roofline
 SASS_CONFIG = "bfloat16/bfloat16,R16"  # bf16 autocast: x, g and the adapters bf16; r = 12 pads to 16
 
 
-def sass_counts(path=None, split=False) -> dict:
+def sass_counts(path=None, split=False, config=SASS_CONFIG) -> dict:
     """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths), the
-    unsplit ones or with ``split`` the split ones (name suffix ",split").
+    unsplit ones or with ``split`` the split ones (name suffix ",split"); ``config`` names the
+    binaries (the dtype pair, precision and rank pad of ``compile_variants``).
     ``path``: a ``bench.compile_check --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
     if path is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ def sass_counts(path=None, split=False) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "sass.json")
             subprocess.run(
-                [sys.executable, "-m", "bench.compile_check", "--only", SASS_CONFIG, "--json", path],
+                [sys.executable, "-m", "bench.compile_check", "--only", config, "--json", path],
                 cwd=root,
                 env=env,
                 check=True,
@@ -136,9 +137,7 @@ def sass_counts(path=None, split=False) -> dict:
     return {
         r["kernel"]: r
         for r in results
-        if r["arch"] == 90
-        and r.get("aligned", True)
-        and r["name"].endswith(f"[{SASS_CONFIG}{',split' if split else ''}]")
+        if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{config}{',split' if split else ''}]")
     }
 
 

@@ -1,11 +1,12 @@
 """Predicted vs measured time of the layer's Triton kernels on a GPU, unsplit and split.
 
-    python -m bench.gpu_check [--sass RESULTS.json] [--n 8192] [--repeats 50] [--sweep]
+    python -m bench.gpu_check [--sass RESULTS.json] [--n 8192] [--repeats 50] [--sweep] [--adapters fp32]
 
 For each LLaMA-7B layer shape of ``kernels/COST.md`` (k→d = 4096→4096, 4096→11008, 11008→4096;
-N tokens, r = 12, bf16 x / g / adapters, dropout 0.1) it prints, per kernel (shrink, expand-add,
-grad-rank, dA/dx): the bandwidth bound at 90 % and 70 % of 3.0 TB/s, the issue bound from the
-sm_90 SASS (``bench/cost_on_paper.py``), the predicted range, and, on a CUDA GPU, the measured
+N tokens, r = 12, bf16 x / g, bf16 adapters or with ``--adapters fp32`` fp32 ones, dropout 0.1) it
+prints, per kernel (shrink, expand-add, grad-rank, dA/dx): the bandwidth bound at 90 % and 70 % of
+3.0 TB/s, the issue bound from the sm_90 SASS (``bench/cost_on_paper.py``), the predicted range,
+and, on a CUDA GPU, the measured
 median (CUDA events over ``--repeats`` launches after a warm-up), the achieved bandwidth and the
 measured/predicted ratio. A measured time above the predicted range says the kernel is bound by
 something the model leaves out (latency with one warp per scheduler, atomic throughput in L2);
@@ -18,6 +19,11 @@ partials, against ``cost_on_paper``'s split predictions (which add a latency bou
 H100's unsplit measurements, and assume an H100's plan: S is marked where this device's differs).
 Where the plan keeps S = 1 the split rows say so and nothing is timed. Before timing, the split
 forms' t, out, ge, dB, dE, dA and dx are checked against the unsplit ones (``split check``).
+
+``--adapters fp32`` times the binaries of PEFT's default (fp32 adapters on a bf16 base; at torch's
+full-fp32 default their products are "bf16x3"): the issue bound is then their SASS's, the bytes stay
+the bf16 adapters' count (under 0.3 % short of fp32 A and B), and the split rows have no latency
+bound (it is scaled from the bf16 kernels' measurements).
 
 Without a CUDA GPU it prints the predictions only, says so on stderr, and exits with status 2 (so
 a script cannot mistake a CPU run for a measurement). What it measured goes to ``kernels/COST.md``.
@@ -46,25 +52,26 @@ KERNELS = ("_shrink_kernel", "_expand_add_kernel", "_grad_rank_kernel", "_dA_dx_
 # the kernel whose split factor each kernel's split form follows: the shrink's over k (the expand-add
 # sums its partials), the grad_rank's over d (dA_dx sums its partials)
 SPLIT_BY = {"_shrink_kernel": 0, "_expand_add_kernel": 0, "_grad_rank_kernel": 1, "_dA_dx_kernel": 1}
+ADAPTERS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --adapters: the adapters' dtype (x and g bf16)
 
 
-def sass_counts(path=None) -> tuple:
-    """({kernel: record} unsplit, {kernel: record} split) of the sm_90 binaries
+def sass_counts(path=None, config=cop.SASS_CONFIG) -> tuple:
+    """({kernel: record} unsplit, {kernel: record} split) of the sm_90 binaries of ``config``
     (:func:`cost_on_paper.sass_counts`); without ``path`` one ``bench.compile_check`` run serves both."""
     if path is not None:
-        return cop.sass_counts(path), cop.sass_counts(path, split=True)
+        return cop.sass_counts(path, config=config), cop.sass_counts(path, split=True, config=config)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "sass.json")
         subprocess.run(
-            [sys.executable, "-m", "bench.compile_check", "--only", cop.SASS_CONFIG, "--json", path],
+            [sys.executable, "-m", "bench.compile_check", "--only", config, "--json", path],
             cwd=root,
             env=env,
             check=True,
             capture_output=True,
         )
-        return cop.sass_counts(path), cop.sass_counts(path, split=True)
+        return cop.sass_counts(path, config=config), cop.sass_counts(path, split=True, config=config)
 
 
 def predictions(counts, k: int, d: int) -> dict:
@@ -82,12 +89,13 @@ def predictions(counts, k: int, d: int) -> dict:
     return out
 
 
-def split_predictions(split_counts, k: int, d: int) -> dict:
+def split_predictions(split_counts, k: int, d: int, latency: bool = True) -> dict:
     """{kernel: (S, MB, bw µs @90 %, bw µs @70 %, issue µs, latency µs)} of the split path at one
     shape as ``cost_on_paper.split_table`` predicts it (an H100's plan, ``cop.split_factors``): the
     split-K shrink and split-D grad_rank, and the expand-add / dA_dx summing their S partials.
     The latency bound (split shrink / grad_rank only; 0 elsewhere) scales the H100's measured unsplit
-    time (``cop.MEASURED_H100``, N = 8192) by the programs per SM; at another N it is left out."""
+    time (``cop.MEASURED_H100``, N = 8192) by the programs per SM; at another N, or without
+    ``latency`` (kernels other than the measured bf16 ones), it is left out."""
     rows = cop.ours(k, d, split=True)
     sk, sd = cop.split_factors(k, d)
     out = {}
@@ -100,7 +108,7 @@ def split_predictions(split_counts, k: int, d: int) -> dict:
         bw90, bw70 = (b / (cop.BW * f) * 1e6 for f in cop.BW_FACTORS)
         iss = cop.issue_us(rec, programs, tiles, warps, partials if partials > 1 else 0)
         lat = 0.0
-        measured = cop.MEASURED_H100.get((k, d)) if cop.N == 8192 else None
+        measured = cop.MEASURED_H100.get((k, d)) if cop.N == 8192 and latency else None
         if kernel in cop.SPLIT_KERNELS and measured:
             unsplit_per_sm = min(cop.launch_shape(kernel, k, d)[0], cop.SMS) / cop.SMS
             lat = measured[kernel] * unsplit_per_sm / min(programs / cop.SMS, cop.resident(rec, warps))
@@ -140,20 +148,23 @@ def wall_time(fn, repeats: int) -> float:
 _time = cuda_time  # the default timer of measure() and sweep()
 
 
-def _operands(n: int, k: int, d: int, device="cuda", dtype=torch.bfloat16, sk: int = 1, sd: int = 1):
-    """The four kernels' operands at one shape: x [n, k], g / out [n, d], dx [n, k], A, E, B (r = 12)
-    of ``dtype``, ranknum [1] fp32, the seed [1] int64, t / ge [n, r] fp32, the split workspaces
-    tp [sk, n, r] / gep [sd, n, r] fp32 and t_sum [n, r], zeroed fp32 dA / dB / dE; random data,
-    never zeros."""
+def _operands(
+    n: int, k: int, d: int, device="cuda", dtype=torch.bfloat16, sk: int = 1, sd: int = 1, adapter_dtype=None
+):
+    """The four kernels' operands at one shape: x [n, k], g / out [n, d], dx [n, k] of ``dtype``, A,
+    E, B (r = 12) of ``adapter_dtype`` (default ``dtype``), ranknum [1] fp32, the seed [1] int64,
+    t / ge [n, r] fp32, the split workspaces tp [sk, n, r] / gep [sd, n, r] fp32 and t_sum [n, r],
+    zeroed fp32 dA / dB / dE; random data, never zeros."""
     dev, dt, r = torch.device(device), dtype, 12
+    at = adapter_dtype or dtype
     torch.manual_seed(0)
     return types.SimpleNamespace(
         r=r,
         x=torch.randn(n, k, device=dev, dtype=dt),
         g=torch.randn(n, d, device=dev, dtype=dt),
-        A=torch.randn(r, k, device=dev, dtype=dt) * 0.02,
-        E=torch.randn(r, 1, device=dev, dtype=dt),
-        B=torch.randn(d, r, device=dev, dtype=dt) * 0.02,
+        A=torch.randn(r, k, device=dev, dtype=at) * 0.02,
+        E=torch.randn(r, 1, device=dev, dtype=at),
+        B=torch.randn(d, r, device=dev, dtype=at) * 0.02,
         rk=torch.full((1,), 12.0, device=dev),
         seed=torch.tensor([7], dtype=torch.int64, device=dev),
         out=torch.randn(n, d, device=dev, dtype=dt),
@@ -258,9 +269,12 @@ def measure(
     dtype=torch.bfloat16,
     slots: int = None,
     p: float = 0.1,
+    adapter_dtype=None,
 ) -> dict:
-    """The four kernels at one shape (r = 12, dropout ``p``), unsplit and split at the plan's factors
-    on ``device`` (``slots`` overrides ``split_slots(device)``). Returns a dict: "S" (the shrink's
+    """The four kernels at one shape (r = 12, dropout ``p``; x and g of ``dtype``, the adapters of
+    ``adapter_dtype``, default ``dtype``), unsplit and split at the plan's factors on ``device``
+    (``slots`` overrides ``split_slots(device)``; the tiles are the configuration's,
+    ``adapter_linear.layer_kwargs``). Returns a dict: "S" (the shrink's
     and grad_rank's factors, 1 = the plan keeps the kernel unsplit), "unsplit" / "split" ({kernel:
     µs} by ``timer(fn, repeats)``, default CUDA events; split only where S > 1), "pairs" and "wrong"
     (:func:`split_check` and its :func:`mismatches`), "errors" ({what: message} of launches that
@@ -270,13 +284,15 @@ def measure(
     timer = timer or _time
     dev = torch.device(device)
     slots = ka.split_slots(dev) if slots is None else slots
-    (sk, ck), (sd, cd) = ka.split_plan(n, k, ka.BLOCK_K, slots), ka.split_plan(n, d, ka.GRAD_BLOCK_D, slots)
+    kws = ka.layer_kwargs(adapter_dtype or dtype, 12, dtype)
+    bk, bd = kws["shrink"]["BLOCK_K"], kws["grad_rank"]["BLOCK_D"]
+    (sk, ck), (sd, cd) = ka.split_plan(n, k, bk, slots), ka.split_plan(n, d, bd, slots)
     res = {"S": (sk, sd), "unsplit": {}, "split": {}, "pairs": {}, "wrong": [], "errors": {}}
     # the launchers take the factor forced (split_plan(..., 1, S)): it must give the plan's chunks
-    for name, s, c, width, block in (("k", sk, ck, k, ka.BLOCK_K), ("d", sd, cd, d, ka.GRAD_BLOCK_D)):
+    for name, s, c, width, block in (("k", sk, ck, k, bk), ("d", sd, cd, d, bd)):
         if s > 1 and ka.split_plan(n, width, block, 1, s) != (s, c):
             res["errors"][f"plan over {name}"] = f"forcing S = {s} gives {ka.split_plan(n, width, block, 1, s)}"
-    o = _operands(n, k, d, dev, dtype, sk, sd)
+    o = _operands(n, k, d, dev, dtype, sk, sd, adapter_dtype)
     fns = layer_launches(o, p, sk, sd)
     try:
         res["pairs"] = split_check(o, fns)
@@ -487,19 +503,34 @@ def main(argv=None) -> int:
         help="also time every launch configuration of _configs "
         "(4096→4096 and 4096→11008, unsplit) and print the best per kernel",
     )
+    ap.add_argument(
+        "--adapters",
+        choices=sorted(ADAPTERS),
+        default="bf16",
+        help="the adapters' dtype (x and g bf16): bf16 (autocast) or fp32 (PEFT's default: bf16x3 products)",
+    )
     args = ap.parse_args(argv)
     if args.n != cop.N:
         cop.N = args.n
-    counts, split_counts = sass_counts(args.sass)
+    adapter_dtype, config = ADAPTERS[args.adapters], cop.SASS_CONFIG
+    if args.adapters == "fp32":
+        if args.sweep:
+            ap.error("--sweep times the bf16 launch configurations only")
+        from adalora_fast.kernels import adapter_linear as ka
+
+        # the binaries the launchers pick at torch's fp32 matmul precision now: bf16x3 at "highest"
+        config = f"bfloat16/float32,{ka.layer_precision(torch.bfloat16, torch.float32, 12)},R16"
+        print(f"adapters fp32 on a bf16 base: the binaries {config}")
+    counts, split_counts = sass_counts(args.sass, config)
     on_gpu = torch.cuda.is_available()
     print(HEADER)
     for k, d in cop.SHAPES:
         pred = predictions(counts, k, d)
-        split_pred = split_predictions(split_counts, k, d)
+        split_pred = split_predictions(split_counts, k, d, latency=args.adapters == "bf16")
         meas = None
         if on_gpu:
             try:
-                meas = measure(args.n, k, d, args.repeats)
+                meas = measure(args.n, k, d, args.repeats, adapter_dtype=adapter_dtype)
             except Exception as exc:  # noqa: BLE001 -- the other shapes still run
                 print(f"{f'{k}→{d}':>12} measure FAILED: {type(exc).__name__}: {str(exc)[:160]}")
         for line in report(k, d, pred, split_pred, meas):

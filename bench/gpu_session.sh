@@ -8,7 +8,7 @@
 #          and LLaMA-7B-like steps: ms, host ms, kernels per step; then the four kernels against their bounds;
 #          its own budget STEP_S, default 480 s)
 # check  : python -m bench.gpu_check (predicted vs measured time of the four layer kernels at the LLaMA-7B shapes;
-#          SWEEP=1 adds its --sweep over launch configurations)
+#          SWEEP=1 adds its --sweep over launch configurations), then again with --adapters fp32
 # tests  : the Triton tests on CUDA tensors (tests/conftest.py moves them) + tests/test_triton_gpu.py
 # graphs : tests/test_cuda_graphs.py (a layer captured and replayed, with dropout: new masks per replay, torch.manual_seed
 #          repeats them; a whole training step under torch.cuda.graph and torch.compile(mode="reduce-overhead"))
@@ -45,6 +45,8 @@ if has step; then
 fi
 if has check; then
     timeout ${CHECK_S:-150} $PY -m bench.gpu_check --repeats 50 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^sweep"
+    # the same kernels with fp32 adapters (PEFT's default: the "bf16x3" binaries)
+    timeout ${CHECK_S:-150} $PY -m bench.gpu_check --repeats 50 --adapters fp32 2>&1 | tee "$OUT/gpu_check_fp32_adapters.txt"
     stamp check
 fi
 if has tests; then

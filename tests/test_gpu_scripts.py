@@ -34,11 +34,21 @@ def _once(fn, repeats):
     return float(repeats)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_measure_runs_every_launch_and_split_equals_unsplit(dtype):
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.float32)],
+    ids=["bf16", "fp32", "bf16-base-fp32-adapters"],  # the last: gpu_check --adapters fp32 (bf16x3)
+)
+def test_measure_runs_every_launch_and_split_equals_unsplit(dtype, adapter_dtype, monkeypatch):
     assert ka.split_plan(N, K, ka.BLOCK_K, ka.split_slots(DEV)) == (3, 9 * 64)
     assert ka.split_plan(N, D, ka.GRAD_BLOCK_D, ka.split_slots(DEV)) == (2, 9 * 64)
-    m = gc.measure(N, K, D, 1, timer=_once, device=DEV, dtype=dtype)
+    precs, real = set(), ka._launch.launch
+    monkeypatch.setattr(
+        ka._launch, "launch", lambda k, g, *a, **kw: (precs.add(kw.get("DOT_PREC")), real(k, g, *a, **kw))
+    )
+    m = gc.measure(N, K, D, 1, timer=_once, device=DEV, dtype=dtype, adapter_dtype=adapter_dtype)
+    if adapter_dtype is not None:
+        assert precs == {"bf16x3"}, precs  # the binaries PEFT's default runs at torch's full-fp32 default
     assert m["errors"] == {}
     assert m["S"] == (3, 2)
     assert m["unsplit"] == dict.fromkeys(gc.KERNELS, 1.0)
@@ -51,7 +61,8 @@ def test_measure_runs_every_launch_and_split_equals_unsplit(dtype):
         # fp32 tolerance; out and dx are in the operands' dtype
         assert_close(split, unsplit, what=what)
     # the check compared real results, not zeros
-    o = gc._operands(N, K, D, DEV, dtype)
+    o = gc._operands(N, K, D, DEV, dtype, adapter_dtype=adapter_dtype)
+    assert o.A.dtype == o.E.dtype == o.B.dtype == (adapter_dtype or dtype) and o.x.dtype == dtype
     t = o.x.float() @ o.A.float().t()  # no dropout term here: only the magnitude matters
     assert pairs["t"][0].abs().max() > 0.1 * t.abs().max()
     assert pairs["ge"][0].abs().max() > 0 and pairs["dA"][0].abs().max() > 0
@@ -181,14 +192,25 @@ def test_split_predictions_are_cost_on_papers_split_table():
             assert cells[11] == f"{lo:.1f}–{hi:.1f}"
 
 
-def test_main_without_a_gpu_prints_both_forms_and_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(gc, "sass_counts", lambda path=None: (_fake_records(), _fake_records()))
+@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
+def test_main_without_a_gpu_prints_both_forms_and_exits_2(monkeypatch, capsys, adapters):
+    configs = []
+    monkeypatch.setattr(
+        gc,
+        "sass_counts",
+        lambda path=None, config=None: (configs.append(config), (_fake_records(), _fake_records()))[1],
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gc.main([]) == 2
+    assert gc.main(["--adapters", adapters]) == 2
     out, err = capsys.readouterr()
     assert "predictions only" in err
+    # the SASS of the binaries the launchers pick: fp32 adapters on a bf16 base at torch's default: bf16x3
+    assert configs == [cop.SASS_CONFIG if adapters == "bf16" else "bfloat16/float32,bf16x3,R16"]
     for k, d in cop.SHAPES:
         for kn in gc.KERNELS:
             name = kn[1:-7]
             assert f"{k}→{d} {name:<16}   1 " in out
-            assert f"{k}→{d} {name + ' split':<16}   4 " in out
+            (row,) = [r for r in out.splitlines() if r.startswith(f"{f'{k}→{d}':>12} {name + ' split':<16}   4 ")]
+            # the split shrink / grad_rank's latency bound is scaled from the bf16 kernels' H100 times
+            latency = row.split()[8]
+            assert (latency == "–") == (adapters == "fp32" or kn not in cop.SPLIT_KERNELS), row
