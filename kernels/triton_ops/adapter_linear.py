@@ -686,10 +686,10 @@ def split_plan(rows: int, width: int, block: int, slots: int, force=None) -> tup
     return -(-tiles // chunk), chunk * block
 
 
-# a width split_plan never splits without a forced factor, whatever the tile (<= 64 columns): it
-# needs 2 x SPLIT_MIN_WIDTH // block tiles, more than 2 x SPLIT_MIN_WIDTH - block columns; up to it
-# the launchers skip the call
-_SPLIT_MAX_UNSPLIT_WIDTH = 2 * SPLIT_MIN_WIDTH - 64
+# a width split_plan never splits without a forced factor, whatever the tile (at most the widest of
+# BLOCK_K and GRAD_BLOCK_D; narrower ones in BF16X3_R64_CONSTEXPRS): it needs 2 x SPLIT_MIN_WIDTH //
+# block tiles, more than 2 x SPLIT_MIN_WIDTH - block columns; up to it the launchers skip the call
+_SPLIT_MAX_UNSPLIT_WIDTH = 2 * SPLIT_MIN_WIDTH - max(BLOCK_K, GRAD_BLOCK_D)
 
 
 _NARROW, _UNSPLIT = _SPLIT_MAX_UNSPLIT_WIDTH, (1, 0)
