@@ -10,7 +10,8 @@ package shipped beside ours) shows only here. Steps:
    ``csrc/*.cpp`` as ``adalora_fast/csrc/*.cpp``, and no top-level ``kernels`` or ``csrc``;
 3. a new venv, ``pip install torch==2.13.0 <wheel>`` (torch pinned to take the CPU build from local
    disk), then, from a folder outside the checkout, import every ``adalora_fast.kernels`` module and
-   ``transformers.activations`` (which imports Hugging Face's ``kernels``).
+   ``transformers.activations`` (which imports Hugging Face's ``kernels``), and run one eager layer
+   call, whose C++ autograd node must build from the C++ sources the wheel ships.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ import importlib.util
 spec = importlib.util.find_spec("kernels")
 assert spec is None or "adalora_fast" not in (spec.origin or ""), spec
 print("wheel: imported", len(found), "kernel modules from", k.__path__[0])
+# the layer's C++ autograd node builds from the sources the wheel ships (adalora_fast/csrc/)
+import torch
+from adalora_fast import ops
+from adalora_fast.ops import autograd_node
+x, W, A, E, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(2, 1), torch.randn(6, 2)
+A.requires_grad_()
+out = ops.adapter_linear(x, W, None, A, E, B, 2.0, torch.tensor([2.0]), 0.1, True)
+assert out.grad_fn.name() == "AdapterLinearBackward", (out.grad_fn, autograd_node._state)
+assert "site-packages" in str(autograd_node.cpu_ext.source_dir(autograd_node._SOURCES))
+out.sum().backward()
+print("wheel: the C++ autograd node built from", autograd_node.cpu_ext.source_dir(autograd_node._SOURCES))
 """
 
 

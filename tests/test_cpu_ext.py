@@ -105,10 +105,10 @@ def test_an_abandoned_build_lock_is_named(tmp_path, monkeypatch, capsys):
     build = cpp_extension._get_build_directory("adalora_fast_cpu", verbose=False)
     lock = os.path.join(build, "lock")
     open(lock, "w").close()
-    cpu_ext._warn_if_stale_lock(cpp_extension)
+    cpu_ext._warn_if_stale_lock(cpp_extension, "adalora_fast_cpu")
     assert "lock" not in capsys.readouterr().err
     old = time.time() - 2 * cpu_ext._STALE_LOCK_S
     os.utime(lock, (old, old))
-    cpu_ext._warn_if_stale_lock(cpp_extension)
+    cpu_ext._warn_if_stale_lock(cpp_extension, "adalora_fast_cpu")
     err = capsys.readouterr().err
     assert lock in err and "minutes old" in err

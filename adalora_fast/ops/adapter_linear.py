@@ -21,9 +21,12 @@ at every replay), with no host value, no CPU tensor and no host sync on the way.
 
 Two ways in, one implementation:
 
-* **eager** (the training step): :func:`adapter_linear` calls the autograd Function
-  :class:`_AdapterLinearFn` directly, not through the dispatcher: each dispatcher hop into a Python
-  kernel costs host time of the order of a small layer's whole adapter work on a GPU;
+* **eager** (the training step): :func:`adapter_linear` runs the implementation directly, not
+  through the dispatcher (each dispatcher hop into a Python kernel costs host time of the order of
+  a small layer's whole adapter work on a GPU), and gives the output its autograd node: the C++
+  node of ``csrc/adapter_linear_node.cpp`` (:func:`_node_apply`, built on the first eager call,
+  ``ops/autograd_node.py``), or where that is off or cannot be built the Python Function
+  :class:`_AdapterLinearFn` (the same results, more host time);
 * **the registered ops** whenever something must see them: ``torch.compile`` tracing, a
   ``TorchDispatchMode`` (FakeTensor, FlopCounter, the launch-counting tests), functorch
   transforms, tensor subclasses, meta tensors, and direct ``torch.ops.adalora_fast`` calls.
@@ -48,7 +51,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ext
+from . import autograd_node, cpu_ext
 from .layout import RANKNUM_EPS
 from .registry import AUTOCAST_DEVICES, LIB, autograd_inside_op, define_op, forced_impl, impl_for, no_autocast
 
@@ -73,7 +76,7 @@ def _seed_for(seed, p: float, device: torch.device) -> Optional[torch.Tensor]:
     if p == 0.0:
         return None
     if seed is None:
-        return torch.randint(0, _SEED_HIGH, (1,), device=device)
+        return torch.randint(_SEED_HIGH, (1,), device=device)
     if torch.is_tensor(seed):
         return seed.detach().reshape(1).to(device=device, dtype=torch.int64)
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
@@ -232,7 +235,7 @@ def _backward_triton(
         g, x, t, lora_A.contiguous(), lora_E.contiguous(), lora_B.contiguous(), ranknum, scaling, dropout_p, seed, dx,
         lp=plan,
     )  # fmt: skip
-    return dx, (dlora if need_lora else None)  # fp32: the eager Function casts it once to the parameters' dtype
+    return dx, (dlora if need_lora else None)  # fp32: the eager node casts it once to the parameters' dtype
 
 
 def _backward_triton_op(
@@ -427,9 +430,29 @@ def _base_grads(grad_out, x, weight, need, fan_in_fan_out, has_bias) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- eager: the autograd Function
+def _eager_forward(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast):
+    """The eager layer's forward, run with grad mode off by its autograd node (C++ or Python):
+    autocast's casts (``cast``: its dtype, or None), the implementation's plan, the seed, the
+    implementation's forward. Returns (x, weight, bias, A, E, B as computed with, out, t, seed,
+    plan, what the forward hands its backward)."""
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+        lora_A, lora_E, lora_B = lora_A.to(cast), lora_E.to(cast), lora_B.to(cast)
+    plan = _plan(x, weight, lora_A, lora_E, lora_B, ranknum)
+    if dropout_p and seed is None:  # the training step's case, without _seed_for's call
+        # randint(high) draws what randint(0, high) draws, with one argument less to parse
+        seed_t = torch.randint(_SEED_HIGH, (1,), device=x.device)
+    else:
+        seed_t = _seed_for(seed, dropout_p, x.device)
+    out, t, aux = plan[1](x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed_t)
+    return x, weight, bias, lora_A, lora_E, lora_B, out, t, seed_t, plan, aux
+
+
 class _AdapterLinearFn(torch.autograd.Function):
-    """The eager path: the implementation called directly (no dispatcher hop), the plan picked once in
-    forward and kept for backward. Saved: x, t, A, E, B and the seed through ``save_for_backward`` (so
+    """The eager path where the C++ node (:func:`_node_apply`) is off or cannot be built: the
+    implementation called directly (no dispatcher hop), the plan picked once in forward and kept for
+    backward. Saved: x, t, A, E, B and the seed through ``save_for_backward`` (so
     saved-tensor hooks see x and autograd checks that the adapters were not changed in place); the
     frozen weight and ranknum as attributes.
 
@@ -444,17 +467,8 @@ class _AdapterLinearFn(torch.autograd.Function):
         ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast=None
     ):
         grad_dtype = lora_A.dtype
-        if cast is not None:
-            x, weight = x.to(cast), weight.to(cast)
-            bias = bias.to(cast) if bias is not None else None
-            lora_A, lora_E, lora_B = lora_A.to(cast), lora_E.to(cast), lora_B.to(cast)
-        plan = _plan(x, weight, lora_A, lora_E, lora_B, ranknum)
-        if dropout_p and seed is None:  # the training step's case, without _seed_for's call
-            seed_t = torch.randint(0, _SEED_HIGH, (1,), device=x.device)
-        else:
-            seed_t = _seed_for(seed, dropout_p, x.device)
-        out, t, aux = plan[1](
-            x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed_t
+        x, weight, bias, lora_A, lora_E, lora_B, out, t, seed_t, plan, aux = _eager_forward(
+            x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast
         )
         ctx.save_for_backward(x, t, lora_A, lora_E, lora_B, seed_t)
         # one attribute
@@ -492,11 +506,60 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # transform) before the C++ apply: on the eager path (no functorch, plain tensors, see _eager) the
 # C++ apply is called directly, a few microseconds less per layer step
 _fn_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
-_apply = _fn_apply.__get__(None, _AdapterLinearFn) if _fn_apply is not None else _AdapterLinearFn.apply
+_function_apply = _fn_apply.__get__(None, _AdapterLinearFn) if _fn_apply is not None else _AdapterLinearFn.apply
+
+
+# ---------------------------------------------------------------------------------- eager: the C++ autograd node
+_attach = None  # adalora_fast_node.attach once built (autograd_node.attach_fn)
+_is_grad_enabled, _set_grad_enabled = torch._C.is_grad_enabled, torch._C._set_grad_enabled
+_forward_ad = torch.autograd.forward_ad
+
+
+def _swap_if_deterministic(plan: tuple, aux) -> tuple:
+    """(plan, aux) a CUDA backward runs once ``torch.use_deterministic_algorithms`` is on (the C++
+    node calls this only then): :func:`_backward_plan`'s choice."""
+    swapped = _backward_plan(plan, torch.device("cuda"))
+    return (plan, aux) if swapped is plan else (swapped, None)
+
+
+def _node_apply(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast=None):
+    """The eager layer with its autograd node in C++ (``csrc/adapter_linear_node.cpp``): the forward
+    runs here with grad mode off, then ``attach`` makes the node (the same inputs, saved tensors and
+    backward as :class:`_AdapterLinearFn`'s, a fraction of its host time). Under forward-mode AD the
+    Python Function runs, which says it has no forward derivative."""
+    if _forward_ad._current_level >= 0:
+        return _function_apply(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast)  # fmt: skip
+    prev = _is_grad_enabled()
+    _set_grad_enabled(False)
+    try:
+        xc, wc, _, ac, ec, bc, out, t, seed_t, plan, aux = _eager_forward(
+            x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast
+        )
+    finally:
+        _set_grad_enabled(prev)
+    return _attach(
+        out, x, weight, bias, lora_A, lora_E, lora_B, xc, t, ac, ec, bc, seed_t, wc, ranknum, scaling, dropout_p,
+        fan_in_fan_out, plan, aux, lora_A.dtype, _swap_if_deterministic,
+    )  # fmt: skip
+
+
+def _first_apply(*args):
+    """``_apply`` until the first eager call, which picks it for the process: the C++ node (built
+    now, once) or, when it is off or cannot be built, the Python Function."""
+    global _apply, _attach
+    attach = autograd_node.attach_fn()
+    if attach is not None:
+        _attach, _apply = attach, _node_apply
+    else:
+        _apply = _function_apply
+    return _apply(*args)
+
+
+_apply = _first_apply  # the eager entry: _node_apply or _function_apply once picked
 
 
 def _eager(x, weight, lora_A, lora_E, lora_B) -> bool:
-    """Whether a call may take the eager Function: nothing traces it or intercepts dispatch (compile,
+    """Whether a call may take the eager path: nothing traces it or intercepts dispatch (compile,
     jit tracing, a dispatch mode, functorch), plain tensors on the CPU or a GPU."""
     return (
         not torch.compiler.is_compiling()

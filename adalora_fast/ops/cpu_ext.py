@@ -12,6 +12,7 @@ backward) would cost as much as the base matmul. Its keep mask comes from a coun
 torch's generator, so it differs from the pure-torch path's mask for the same seed (both are valid
 dropout, each is consistent between its own forward and backward). ``ADALORA_FAST_CPU_EXT=0``
 disables them; if they cannot be built, a warning says why, once, and the pure-torch paths run.
+:func:`build` is also how ``autograd_node`` builds the layer's C++ autograd node.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ _SOURCES = ("adapter_linear_cpu.cpp", "importance_cpu.cpp", "mask_cpu.cpp")
 _STALE_LOCK_S = 600  # a build takes well under a minute
 
 
-def _warn_if_stale_lock(cpp_extension) -> None:
+def _warn_if_stale_lock(cpp_extension, name: str) -> None:
     """torch's build lock outlives a build killed midway, and every later build then waits for it
     forever without a word: say where it is when it looks abandoned."""
     try:
-        lock = os.path.join(cpp_extension._get_build_directory("adalora_fast_cpu", verbose=False), "lock")
+        lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
         age = time.time() - os.path.getmtime(lock)
     except (AttributeError, OSError):
         return
@@ -47,12 +48,38 @@ def _warn_if_stale_lock(cpp_extension) -> None:
         )
 
 
-def source_dir() -> Optional[Path]:
+def source_dir(sources=_SOURCES) -> Optional[Path]:
+    """The folder holding ``sources``: ``adalora_fast/csrc`` when installed, ``csrc/`` in a checkout."""
     here = Path(__file__).resolve().parent.parent  # adalora_fast/
     for cand in (here / "csrc", here.parent / "csrc"):
-        if all((cand / s).is_file() for s in _SOURCES):
+        if all((cand / s).is_file() for s in sources):
             return cand
     return None
+
+
+def build(name: str, sources: tuple, what: str, extra_cflags: list, extra_ldflags=(), python_module: bool = False):
+    """Build (once, cached by torch in ``TORCH_EXTENSIONS_DIR``) and load the extension ``name`` from
+    ``sources`` in ``csrc/``, saying so on stderr (the first build takes a while). Returns the module
+    (``python_module``) or True; raises what the build raised (a missing compiler or ninja)."""
+    src = source_dir(sources)
+    if src is None:
+        raise FileNotFoundError(f"{', '.join(sources)} not found beside the package")
+    from torch.utils import cpp_extension
+
+    print(
+        f"adalora_fast: loading {what} (compiled once on first use, which takes a while; then cached)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    _warn_if_stale_lock(cpp_extension, name)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(src / s) for s in sources],
+        extra_cflags=list(extra_cflags),
+        extra_ldflags=list(extra_ldflags),
+        is_python_module=python_module,
+        verbose=False,
+    )
 
 
 def enabled() -> bool:
@@ -69,35 +96,22 @@ def available() -> bool:
 
 
 def _load() -> bool:
-    src = source_dir()
-    if src is None:
-        _state["error"] = f"{', '.join(_SOURCES)} not found beside the package"
-    else:
-        try:
-            from torch.utils import cpp_extension
-
-            print(
-                "adalora_fast: loading the C++ CPU kernels (compiled once on first use, which takes a while; then cached)...",
-                file=sys.stderr,
-                flush=True,
-            )
-            _warn_if_stale_lock(cpp_extension)
-            cpp_extension.load(
-                name="adalora_fast_cpu",
-                sources=[str(src / s) for s in _SOURCES],
-                # no fused multiply-add: the allocator's EMA must round as PEFT's torch ops do
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-            torch.ops.adalora_fast_cpu.dropout_shrink  # noqa: B018  (raises if the ops did not register)
-            torch.ops.adalora_fast_cpu.importance_update  # noqa: B018
-            torch.ops.adalora_fast_cpu.keep_mask_to_budget  # noqa: B018
-            torch.ops.adalora_fast_cpu.apply_mask  # noqa: B018
-            return True
-        except Exception as exc:  # a missing compiler or ninja: say so, run the torch path
-            _state["error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        build(
+            "adalora_fast_cpu",
+            _SOURCES,
+            "the C++ CPU kernels",
+            # no fused multiply-add: the allocator's EMA must round as PEFT's torch ops do
+            ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            ["-fopenmp"],
+        )
+        torch.ops.adalora_fast_cpu.dropout_shrink  # noqa: B018  (raises if the ops did not register)
+        torch.ops.adalora_fast_cpu.importance_update  # noqa: B018
+        torch.ops.adalora_fast_cpu.keep_mask_to_budget  # noqa: B018
+        torch.ops.adalora_fast_cpu.apply_mask  # noqa: B018
+        return True
+    except Exception as exc:  # a missing compiler or ninja: say so, run the torch path
+        _state["error"] = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         f"adalora_fast: the C++ CPU kernels are unavailable ({_state['error']}); the CPU path uses torch ops "
         "instead (slower; dropout then draws from torch.bernoulli_, a different but equally valid mask stream). "
