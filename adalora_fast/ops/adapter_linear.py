@@ -512,6 +512,7 @@ _function_apply = _fn_apply.__get__(None, _AdapterLinearFn) if _fn_apply is not 
 # ---------------------------------------------------------------------------------- eager: the C++ autograd node
 _attach = None  # adalora_fast_node.attach once built (autograd_node.attach_fn)
 _is_grad_enabled, _set_grad_enabled = torch._C.is_grad_enabled, torch._C._set_grad_enabled
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _forward_ad = torch.autograd.forward_ad
 
 
@@ -767,7 +768,8 @@ def adapter_linear(
         ranknum = torch.tensor([float(ranknum)], dtype=torch.float32, device=x.device)
     scaling, fan_in_fan_out = float(scaling), bool(fan_in_fan_out)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    dev = x.device.type
+    # no autocast anywhere (one C call) before asking about x's device (a device object and a string)
+    dev = x.device.type if _any_autocast() else None
     if not (dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)):
         if _eager(x2, weight, lora_A, lora_E, lora_B):  # the training step: _run's first branch, one call less
             out = _apply(x2, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, p, fan_in_fan_out, seed)
