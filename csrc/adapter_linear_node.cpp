@@ -39,7 +39,6 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/utils/tensor_dtypes.h>
 #include <torch/csrc/Dtype.h>
 
 namespace {

@@ -6,7 +6,8 @@
 * fp32 adapters follow torch's TF32 switch (full fp32 by default: the torch implementation runs;
   TF32 allowed: the Triton kernels run, within the TF32 tolerance);
 * a layer on a second GPU runs there, with the current device elsewhere (the launch guard);
-* under ``torch.use_deterministic_algorithms(True)`` two backward passes agree bit for bit;
+* under ``torch.use_deterministic_algorithms(True)`` two backward passes agree bit for bit; turned
+  on between a forward and its backward, the backward runs torch ops on the same mask;
 * fp32 adapters on a bf16 or fp16 base (r = 12 and 40) run the Triton kernels with "bf16x3" products at torch's
   full-fp32 default: dA, dE, dB within 10x of the torch fp32 path's error against fp64, the output as
   that path rounds it but in under 1 % of places;
@@ -121,6 +122,24 @@ def test_deterministic_switch_repeats_bit_for_bit():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+def test_deterministic_switch_turned_on_between_forward_and_backward():
+    """A Triton forward whose backward runs after torch.use_deterministic_algorithms(True): the eager
+    node (C++ or Python) runs that backward in torch ops (no atomics, so no error) on the same
+    dropout mask, within bf16 tolerance of the Triton backward."""
+    x, W, A, E, B, go = _inputs(512, 256, 192, 12, torch.bfloat16, "cuda", seed=8)
+    want = _run(x, W, A, E, B, go, 0.1, seed=2)
+    leaves = [v.detach().clone().requires_grad_() for v in (x, A, E, B)]
+    out = ops.adapter_linear(leaves[0], W, None, *leaves[1:], 8.0, torch.tensor([12.0], device="cuda"), 0.1, True, False, 2)  # fmt: skip
+    torch.use_deterministic_algorithms(True)
+    try:
+        out.backward(go)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(out, want[0])
+    for name, a, b in zip(("dx", "dA", "dE", "dB"), [v.grad for v in leaves], want[1:]):
+        assert_close(a.float(), b.float(), what=name, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16], ids=str)
