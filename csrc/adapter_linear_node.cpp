@@ -69,6 +69,14 @@ PyObject* wrap(const at::Tensor& t) {
   return THPVariable_Wrap(t);
 }
 
+// `t` from a tensor or None (left undefined); false for anything else.
+bool optional_tensor(PyObject* o, at::Tensor& t) {
+  if (o == Py_None) return true;
+  if (!THPVariable_Check(o)) return false;
+  t = THPVariable_Unpack(o);
+  return true;
+}
+
 struct AdapterLinearBackward : public Node {
   SavedVariable x_, t_, a_, e_, b_, seed_;
   at::Tensor weight_, ranknum_;
@@ -148,19 +156,23 @@ struct AdapterLinearBackward : public Node {
       for (PyObject* a : args) Py_DECREF(a);
       Py_XDECREF(swapped);
       if (!res) throw python_error();
-      PyObject* pdx = PyTuple_GET_ITEM(res, 0);
-      PyObject* pgrads = PyTuple_GET_ITEM(res, 1);
-      if (pdx != Py_None) dx = THPVariable_Unpack(pdx);
-      if (need_lora && pgrads != Py_None) {
+      PyObject* pgrads = nullptr;
+      bool ok = PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2;
+      if (ok) {
+        pgrads = PyTuple_GET_ITEM(res, 1);
+        ok = optional_tensor(PyTuple_GET_ITEM(res, 0), dx) &&
+             (pgrads == Py_None || THPVariable_Check(pgrads) || (PyTuple_Check(pgrads) && PyTuple_GET_SIZE(pgrads) == 3));
+      }
+      if (ok && need_lora && pgrads != Py_None) {
         if (THPVariable_Check(pgrads)) {
           flat = THPVariable_Unpack(pgrads);
         } else {
-          out[3] = THPVariable_Unpack(PyTuple_GET_ITEM(pgrads, 0));
-          out[4] = THPVariable_Unpack(PyTuple_GET_ITEM(pgrads, 1));
-          out[5] = THPVariable_Unpack(PyTuple_GET_ITEM(pgrads, 2));
+          for (int i = 0; i < 3; ++i) ok = ok && optional_tensor(PyTuple_GET_ITEM(pgrads, i), out[3 + i]);
         }
       }
       Py_DECREF(res);
+      TORCH_CHECK(ok, "adalora_fast: an adapter_linear backward must return (dx or None, None or a flat gradient "
+                      "buffer or a tuple (dA, dE, dB))");
     }
     if (flat.defined()) {
       // views of one buffer [dA | dB | dE] with the parameters' strides: autograd keeps them as .grad

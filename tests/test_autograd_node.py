@@ -194,6 +194,20 @@ def test_an_error_in_the_backward_reaches_the_caller(paths, use_backend, monkeyp
         out.sum().backward()
 
 
+def test_a_malformed_backward_result_is_refused(paths, use_backend, monkeypatch):
+    """The node checks what an implementation's backward hands back before reading it."""
+    use_backend("torch")
+    paths("cpp")
+    fwd, _, op_bwd = AL._IMPLS["torch"]
+    monkeypatch.setattr(AL, "_PLANS", {})
+    monkeypatch.setitem(AL._IMPLS, "torch", (fwd, lambda *a: ([1.0], None), op_bwd))
+    x, W, b, A, E, B, rk = _tensors()
+    A.requires_grad_()
+    out = ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, 0.0, True)
+    with pytest.raises(RuntimeError, match="must return"):
+        out.sum().backward()
+
+
 def test_a_cuda_backward_under_the_deterministic_switch_runs_torch_ops(monkeypatch):
     """What the node asks Python for when torch.use_deterministic_algorithms was turned on between a
     CUDA forward and its backward (it asks only then): the torch implementation, no Triton plan."""
