@@ -17,9 +17,9 @@
 // the same tensors otherwise). `out` (computed with grad mode off) gets the node as its grad_fn when
 // grad mode is on and an input requires grad; else it is returned as it is. `plan` is
 // `(name, forward, eager backward, op backward)`, `aux` what the forward hands its backward,
-// `grad_dtype` the adapters' dtype (torch.dtype), `backward_plan(plan, device)` the Python function
-// that swaps the Triton implementation for torch ops when the deterministic switch was turned on
-// after the forward (`backward_plan(plan, aux) -> (plan, aux)`, called only then). The backward calls
+// `grad_dtype` the adapters' dtype (torch.dtype), `backward_plan(plan, aux) -> (plan, aux)` the
+// Python function that swaps the Triton implementation for torch ops when the deterministic switch
+// was turned on after the forward (called only then, on CUDA). The backward calls
 //
 //   plan[2](g, x, t, weight, A, E, B, scaling, ranknum, dropout_p, fan_in_fan_out, seed,
 //           need_x, need_lora, aux) -> (dx or None, grads)
@@ -105,14 +105,16 @@ struct AdapterLinearBackward : public Node {
     seed_.reset_data();
     weight_.reset();
     ranknum_.reset();
-    if (Py_IsInitialized()) {
+    if ((plan_ || aux_ || backward_plan_) && Py_IsInitialized()) {
       Gil gil;
       drop_python();
     }
   }
 
   ~AdapterLinearBackward() override {
-    if (Py_IsInitialized()) {  // at interpreter exit the references are leaked, as torch's PyNode does
+    // at interpreter exit the references are leaked, as torch's PyNode does; after a backward
+    // (release_variables) there is nothing left to drop and no GIL to take
+    if ((plan_ || aux_ || backward_plan_) && Py_IsInitialized()) {
       Gil gil;
       drop_python();
     }
