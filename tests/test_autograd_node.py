@@ -3,8 +3,8 @@ against the Python ``torch.autograd.Function`` it stands in for (``_AdapterLinea
 the node is off or cannot be built): the same output and gradients, bit for bit, on every
 implementation, with dropout, autocast, ``fan_in_fan_out``, a bias and every mix of inputs that
 need gradients; and the autograd contract a Python Function gives: saved-tensor hooks, version
-checks, ``retain_graph``, errors raised by the backward, no node without grad mode, a backward from
-another thread, references released, forward-mode AD refused. The build failing, or
+checks, ``retain_graph``, activation checkpointing, errors raised by the backward, no node without
+grad mode, a backward from another thread, references released, forward-mode AD refused. The build failing, or
 ``ADALORA_FAST_NODE=0``, leaves the Python Function in place (a warning says so for the former).
 """
 
@@ -180,6 +180,35 @@ def test_saved_tensor_hooks_see_what_the_function_saves(paths, use_backend, name
     assert [dt for _, dt in saved["cpp"]].count(torch.int64) == 1
     for a, b in zip(grads["cpp"], grads["python"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_activation_checkpointing_gives_the_plain_gradients(paths, use_backend, name, reentrant):
+    """torch.utils.checkpoint (what gradient_checkpointing=True runs): the recomputed forward draws
+    the same seed (checkpoint restores the RNG state), so the gradients are the plain run's, bit for
+    bit, through the C++ node and the Python Function alike."""
+    use_backend(name)
+    x0, W, b, A0, E0, B0, rk = _tensors(bias=True)
+
+    def layer(x, A, E, B):
+        return torch.tanh(ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, 0.2, True))
+
+    grads = {}
+    for path in ("cpp", "python"):
+        paths(path)
+        for ckpt in (False, True):
+            leaves = [v.clone().requires_grad_() for v in (x0, A0, E0, B0)]
+            torch.manual_seed(4)
+            if ckpt:
+                out = torch.utils.checkpoint.checkpoint(layer, *leaves, use_reentrant=reentrant)
+            else:
+                out = layer(*leaves)
+            out.sum().backward()
+            grads[path, ckpt] = [v.grad for v in leaves]
+    for key, got in grads.items():
+        for a, b_ in zip(got, grads["cpp", False]):
+            assert torch.equal(a, b_), key
 
 
 def test_an_error_in_the_backward_reaches_the_caller(paths, use_backend, monkeypatch):
