@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import set_impl
+from conftest import device_for, set_impl
 
 from adalora_fast import ops
 
@@ -40,14 +40,17 @@ def paths(monkeypatch):
     return use
 
 
-def _tensors(N=24, k=40, d=32, r=12, bias=False, fifo=False, seed=0):
+def _tensors(N=24, k=40, d=32, r=12, bias=False, fifo=False, seed=0, device="cpu"):
+    """x, W, b, A, E, B, ranknum on ``device`` (``device_for(impl)``: on a GPU machine the "triton"
+    tests build CUDA tensors, so the layer's own node is what they see, not conftest's copies)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, k, generator=g)
     W = torch.randn(d, k, generator=g) / k**0.5
     W = W.t().contiguous() if fifo else W
     b = torch.randn(d, generator=g) if bias else None
     A, E, B = (torch.randn(*s, generator=g).mul(0.5) for s in ((r, k), (r, 1), (d, r)))
-    return x, W, b, A, E, B, torch.tensor([float(r)])
+    out = (x, W, b, A, E, B, torch.tensor([float(r)]))
+    return tuple(v.to(device) if v is not None else None for v in out)
 
 
 # (dropout, fan_in_fan_out, bias, autocast, which inputs need gradients)
@@ -70,7 +73,7 @@ def _call(tensors, p, fifo, autocast, needs, seed):
     torch.manual_seed(seed)  # the seed is drawn from torch's generator
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, p, True, fifo)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, wanted, g)
     return out, out.grad_fn.name(), grads
 
@@ -79,7 +82,7 @@ def _call(tensors, p, fifo, autocast, needs, seed):
 @pytest.mark.parametrize("name", ["torch", "cpp", "triton"])
 def test_node_equals_the_python_function(paths, monkeypatch, name, p, fifo, bias, autocast, needs):
     set_impl(monkeypatch, name)
-    tensors = _tensors(bias=bias, fifo=fifo)
+    tensors = _tensors(bias=bias, fifo=fifo, device=device_for(name))
     results = {}
     for path in ("cpp", "python"):
         paths(path)
@@ -96,7 +99,7 @@ def test_graph_structure_and_grads_as_the_functions(paths, use_backend, name):
     """The same next functions (x, weight, bias, A, E, B in order), and on the Triton path the
     adapter gradients kept as views of one buffer with the parameters' strides."""
     use_backend(name)
-    x, W, b, A, E, B, rk = _tensors(bias=True)
+    x, W, b, A, E, B, rk = _tensors(bias=True, device=device_for(name))
     for v in (x, A, E, B):
         v.requires_grad_()
     kinds = {}
@@ -132,7 +135,7 @@ def test_no_node_without_grad_mode_or_without_inputs_that_need_grads(paths):
 def test_retain_graph_and_backward_twice(paths, use_backend, name):
     use_backend(name)
     paths("cpp")
-    x, W, b, A, E, B, rk = _tensors()
+    x, W, b, A, E, B, rk = _tensors(device=device_for(name))
     A.requires_grad_()
     out = ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, 0.2, True)
     out.sum().backward(retain_graph=True)
@@ -163,7 +166,7 @@ def test_saved_tensor_hooks_see_what_the_function_saves(paths, use_backend, name
     grads = {}
     for path in ("cpp", "python"):
         paths(path)
-        x, W, b, A, E, B, rk = _tensors()
+        x, W, b, A, E, B, rk = _tensors(device=device_for(name))
         for v in (x, A, E, B):
             v.requires_grad_()
         seen = saved[path] = []
@@ -189,7 +192,7 @@ def test_activation_checkpointing_gives_the_plain_gradients(paths, use_backend, 
     the same seed (checkpoint restores the RNG state), so the gradients are the plain run's, bit for
     bit, through the C++ node and the Python Function alike."""
     use_backend(name)
-    x0, W, b, A0, E0, B0, rk = _tensors(bias=True)
+    x0, W, b, A0, E0, B0, rk = _tensors(bias=True, device=device_for(name))
 
     def layer(x, A, E, B):
         return torch.tanh(ops.adapter_linear(x, W, b, A, E, B, 2.0, rk, 0.2, True))
@@ -282,7 +285,7 @@ def test_the_node_lets_go_of_what_it_holds(paths, use_backend, name):
     backward frees them too; the Python objects it refers to (the plans) are not leaked."""
     use_backend(name)
     paths("cpp")
-    x, W, b, A, E, B, rk = _tensors()
+    x, W, b, A, E, B, rk = _tensors(device=device_for(name))
     A.requires_grad_()
 
     def forward():  # (out, a weak reference to the t its node saved)
