@@ -112,11 +112,9 @@ BW_FACTORS = (0.9, 0.7)  # achievable share of the copy roofline
 SASS_CONFIG = "bfloat16/bfloat16,R16"  # bf16 autocast: x, g and the adapters bf16; r = 12 pads to 16
 
 
-def sass_counts(path=None, split=False, config=SASS_CONFIG) -> dict:
-    """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths), the
-    unsplit ones or with ``split`` the split ones (name suffix ",split"); ``config`` names the
-    binaries (the dtype pair, precision and rank pad of ``compile_variants``).
-    ``path``: a ``bench.compile_check --json`` result; otherwise compile_check runs (cached in ~/.triton)."""
+def compile_records(path=None, config=SASS_CONFIG) -> list:
+    """``bench.compile_check``'s records: read from ``path`` (a ``--json`` result), or from one
+    compile_check run of the binaries named ``config`` (cached in ~/.triton)."""
     if path is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -130,13 +128,22 @@ def sass_counts(path=None, split=False, config=SASS_CONFIG) -> dict:
                 capture_output=True,
             )
             with open(path) as f:
-                results = json.load(f)
-    else:
-        with open(path) as f:
-            results = json.load(f)
+                return json.load(f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def sass_counts(path=None, split=False, config=SASS_CONFIG, records=None) -> dict:
+    """{kernel: compile_check record} of the sm_90 binaries the scenario runs (aligned widths), the
+    unsplit ones or with ``split`` the split ones (name suffix ",split"); ``config`` names the
+    binaries (the dtype pair, precision and rank pad of ``compile_variants``). From ``records``
+    (:func:`compile_records`, so one compile_check run serves the unsplit and the split counts), else
+    from :func:`compile_records` of ``path`` (a ``bench.compile_check --json`` result, or None: a run)."""
+    if records is None:
+        records = compile_records(path, config)
     return {
         r["kernel"]: r
-        for r in results
+        for r in records
         if r["arch"] == 90 and r.get("aligned", True) and r["name"].endswith(f"[{config}{',split' if split else ''}]")
     }
 
@@ -405,8 +412,9 @@ if __name__ == "__main__":
     sass = sys.argv[sys.argv.index("--sass") + 1] if "--sass" in sys.argv else None
     print(layer_tables())
     print(step_tables())
-    counts = sass_counts(sass)
+    records = compile_records(sass)
+    counts = sass_counts(records=records)
     print("\n## Per kernel: bandwidth bound vs issue bound (sm_90 SASS, " + SASS_CONFIG + ")\n")
     print(kernel_table(counts)[0])
     print("\n## Split kernels: bandwidth, issue and latency bounds (sm_90 SASS, " + SASS_CONFIG + ",split)\n")
-    print(split_table(counts, sass_counts(sass, split=True))[0])
+    print(split_table(counts, sass_counts(split=True, records=records))[0])

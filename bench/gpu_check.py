@@ -36,11 +36,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import types
 
@@ -58,20 +55,8 @@ ADAPTERS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --adapters: the ad
 def sass_counts(path=None, config=cop.SASS_CONFIG) -> tuple:
     """({kernel: record} unsplit, {kernel: record} split) of the sm_90 binaries of ``config``
     (:func:`cost_on_paper.sass_counts`); without ``path`` one ``bench.compile_check`` run serves both."""
-    if path is not None:
-        return cop.sass_counts(path, config=config), cop.sass_counts(path, split=True, config=config)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "sass.json")
-        subprocess.run(
-            [sys.executable, "-m", "bench.compile_check", "--only", config, "--json", path],
-            cwd=root,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        return cop.sass_counts(path, config=config), cop.sass_counts(path, split=True, config=config)
+    records = cop.compile_records(path, config)
+    return cop.sass_counts(config=config, records=records), cop.sass_counts(split=True, config=config, records=records)
 
 
 def predictions(counts, k: int, d: int) -> dict:
