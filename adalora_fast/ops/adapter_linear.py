@@ -404,6 +404,14 @@ def _backward_plan(plan: tuple, device: torch.device) -> tuple:
     return plan
 
 
+def _swap_if_deterministic(plan: tuple, aux) -> tuple:
+    """(plan, aux) a CUDA backward runs once ``torch.use_deterministic_algorithms`` is on (the eager
+    node, C++ or Python, calls this only then): :func:`_backward_plan`'s choice, with the forward's
+    launch plan dropped when the implementation changed."""
+    swapped = _backward_plan(plan, torch.device("cuda"))
+    return (plan, aux) if swapped is plan else (swapped, None)
+
+
 def _split(grads, lora_A, lora_E, lora_B) -> tuple:
     """(dA, dE, dB) from an implementation's gradients: contiguous views of a flat [dA | dB | dE]
     buffer (no copy; ``as_strided`` costs a third of ``split`` + ``view`` on the host), or the tuple
@@ -482,8 +490,8 @@ class _AdapterLinearFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_lora = need[3] or need[4] or need[5]
         g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a .sum() gradient has stride 0
-        if plan[0] == "triton" and x.is_cuda and torch._C._get_deterministic_algorithms():
-            plan, aux = _backward_plan(plan, x.device), None
+        if x.is_cuda and torch._C._get_deterministic_algorithms():
+            plan, aux = _swap_if_deterministic(plan, aux)
         args = (g, x, t, weight, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, need[0],
                 need_lora, aux)  # fmt: skip
         if torch.is_autocast_enabled(x.device.type):  # a backward run inside an autocast region
@@ -514,13 +522,6 @@ _attach = None  # adalora_fast_node.attach once built (autograd_node.attach_fn)
 _is_grad_enabled, _set_grad_enabled = torch._C.is_grad_enabled, torch._C._set_grad_enabled
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _forward_ad = torch.autograd.forward_ad
-
-
-def _swap_if_deterministic(plan: tuple, aux) -> tuple:
-    """(plan, aux) a CUDA backward runs once ``torch.use_deterministic_algorithms`` is on (the C++
-    node calls this only then): :func:`_backward_plan`'s choice."""
-    swapped = _backward_plan(plan, torch.device("cuda"))
-    return (plan, aux) if swapped is plan else (swapped, None)
 
 
 def _node_apply(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, fan_in_fan_out, seed, cast=None):
